@@ -1,0 +1,81 @@
+// Accesses: mediated users of an IOAS (seed 001; iommufd_access, type1 mdev).
+//
+// Contract
+// - An access is attached to one IOAS for its whole life and keeps it alive.
+// - pin() makes an IOVA range resident and returns host pointers; the pages
+//   stay pinned (and charged once, to the mapping's owner) until unpin() with
+//   exactly the same iova and length, or until the access is destroyed.
+// - read()/write() copy by IOVA, byte-granular, with no long-term pin.
+// - The unmap callback is mandatory. Before an unmap removes a range this
+//   access holds pinned, the callback is called with (iova, length) of the
+//   range being unmapped, with no IOAS lock held, from the unmapping thread.
+//   It must unpin every pin it holds that intersects the range before it
+//   returns (it may call unpin() directly). Only accesses whose pins overlap
+//   the range are called. If pins remain after kUnmapNotifyRetries rounds, the
+//   unmap fails with EDEADLOCK. While a range is being unmapped, new pins and
+//   rw of it fail with EINVAL.
+// - Serialise your own pin-and-record against your callback with your own
+//   lock; the callback can run while pin() is still returning.
+// - Destroying the access unpins everything it still holds; it cannot fail.
+//
+// Errors
+// - EINVAL  no callback; zero length; misaligned pin; unpin with no exact
+//           match; range being unmapped.
+// - EOVERFLOW range wraps.
+// - ENOENT  part of the range is not mapped.
+// - EPERM   prot not allowed by the mapping.
+// - EFAULT, ENOMEM, ENXIO from pinning or copying.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "iomm/ioas.hpp"
+#include "iomm/result.hpp"
+
+namespace iomm {
+
+namespace access {
+struct AccessState;
+}
+
+using UnmapCallback = std::function<void(uint64_t iova, uint64_t length)>;
+
+struct PinnedSegment {
+  uint64_t iova;
+  uint64_t length;
+  void* host;  // nullptr for simulated memory
+};
+
+class Access {
+ public:
+  // Attaching raises the IOAS's IOVA alignment to 4 KiB (EADDRINUSE if a
+  // mapping breaks it).
+  static Result<std::shared_ptr<Access>> create(const std::shared_ptr<Ioas>& ioas,
+                                                UnmapCallback on_unmap);
+  ~Access();
+  Access(const Access&) = delete;
+  Access& operator=(const Access&) = delete;
+
+  // Pin a page-aligned range; one segment per mapping it crosses.
+  Result<std::vector<PinnedSegment>> pin(uint64_t iova, uint64_t length, uint32_t prot);
+  Status unpin(uint64_t iova, uint64_t length);
+
+  Status read(uint64_t iova, void* buf, size_t length);
+  Status write(uint64_t iova, const void* buf, size_t length);
+
+  [[nodiscard]] uint64_t pinned_bytes() const;
+  [[nodiscard]] uint64_t pin_count() const;
+
+  // Internal.
+  access::AccessState& state() noexcept { return *state_; }
+
+ private:
+  explicit Access(std::unique_ptr<access::AccessState> state);
+  std::unique_ptr<access::AccessState> state_;
+};
+
+}  // namespace iomm

@@ -1,0 +1,64 @@
+// Locked-memory accounting (seed 000).
+//
+// Contract
+// - Every pinned page is charged to an owner before the call that pinned it
+//   returns; nothing is deferred. Charging is a compare-and-swap against the
+//   owner's limit and happens *before* the page is locked, so the charge never
+//   exceeds the limit, even transiently, and never goes negative.
+// - A page (see source.hpp for identity) is charged once per owner, however
+//   many mappings, address spaces, domains or accesses hold it. The kernel's
+//   type1 and iommufd charge per mapping; iomm does not.
+// - Modes: none (nothing charged), per_user (one counter per uid, like
+//   iommufd's default) and per_process (one counter per pid, like type1 and
+//   iommufd's MM mode).
+// - The limit is the owner's RLIMIT_MEMLOCK (read at charge time; for another
+//   process via prlimit), unless a limit is configured here. CAP_IPC_LOCK in
+//   the effective set of the mapping thread, captured at map time, makes that
+//   mapping's pages uncharged.
+// - Counters are process-wide: the library is one accounting domain per
+//   process, as the kernel is one per machine.
+// - Thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "iomm/result.hpp"
+
+namespace iomm {
+
+enum class AccountMode { none, per_user, per_process };
+
+const char* to_string(AccountMode mode) noexcept;
+
+// Whose memlock budget pays for a mapping's pins.
+struct OwnerSpec {
+  int pid = 0;   // 0 = this process
+  int uid = -1;  // -1 = the uid of pid (this process's real uid)
+};
+
+// Configure (or with nullopt, clear) the limit in bytes for one owner
+// counter, overriding RLIMIT_MEMLOCK. id is a uid in per_user mode and a pid
+// in per_process mode (0 = this process / its uid). EINVAL for mode none.
+Status set_memlock_limit(AccountMode mode, int id, std::optional<uint64_t> bytes);
+
+struct OwnerCounters {
+  AccountMode mode;
+  int id;                 // uid or pid
+  uint64_t charged_bytes;
+  std::optional<uint64_t> limit_bytes;  // nullopt = unlimited
+};
+
+struct Counters {
+  uint64_t pinned_bytes = 0;    // distinct pages held resident (4 KiB units)
+  uint64_t mlocked_bytes = 0;   // bytes this library mlock()ed and holds
+  uint64_t simulated_pinned_bytes = 0;  // pinned synthetic pages (no memory)
+  uint64_t charged_bytes = 0;   // sum over owners
+  std::vector<OwnerCounters> owners;  // owners with a non-zero charge or a configured limit
+};
+
+// A consistent-enough snapshot (each counter is read atomically).
+Counters counters();
+
+}  // namespace iomm

@@ -1,0 +1,122 @@
+// Software IOMMU domains: a real radix I/O page table and a DMA interface
+// for software devices.
+//
+// Contract
+// - A domain is created detached and is filled by the IOAS it is attached to
+//   (Ioas::attach). It can be attached to one IOAS at a time.
+// - The page table is a radix tree of 512-entry tables. Leaves are 4 KiB,
+//   2 MiB or 1 GiB (as allowed by page_sizes) wherever the IOVA and the host
+//   address are both aligned and the mapping covers the whole leaf.
+// - Readers (translate, dma_read, dma_write) are lock-free: they run inside an
+//   RCU read-side critical section (liburcu). The IOAS clears translations,
+//   waits for a grace period, and only then unpins; a reader never copies
+//   through a pointer into released memory.
+// - A DMA is checked in full before any byte moves: an unmapped IOVA or a
+//   permission mismatch anywhere in the range touches no memory, returns
+//   EFAULT (unmapped) or EPERM (permission), and is recorded as an IOMMU fault
+//   that the owner drains with take_faults().
+// - A DMA to simulated memory returns ENXIO (there is no memory behind it);
+//   this is not an IOMMU fault.
+// - A DMA into a file that shrank under us returns EFAULT instead of SIGBUS.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "iomm/range.hpp"
+#include "iomm/result.hpp"
+
+namespace iomm {
+
+namespace domain {
+class PageTable;
+}
+
+enum Prot : uint32_t { kProtRead = 1U << 0, kProtWrite = 1U << 1 };
+
+inline constexpr uint64_t kPageSize2M = 1ULL << 21;
+inline constexpr uint64_t kPageSize1G = 1ULL << 30;
+
+struct DomainConfig {
+  uint64_t aperture_start = 0;
+  uint64_t aperture_last = (1ULL << 48) - 1;
+  // Smallest mapping granule; a power of two >= 4 KiB. Raises the IOAS's
+  // IOVA alignment when attached.
+  uint64_t min_page_size = kPageSize;
+  // Leaf sizes the table may use: any of 4 KiB | 2 MiB | 1 GiB, must include 4 KiB.
+  uint64_t page_sizes = kPageSize | kPageSize2M | kPageSize1G;
+  // IOVA ranges the device cannot use (e.g. an MSI window).
+  std::vector<IovaRange> reserved;
+  size_t fault_log_capacity = 256;
+};
+
+struct Translation {
+  uint64_t iova = 0;          // the translated IOVA
+  void* host = nullptr;       // host address of that byte; nullptr for simulated memory
+  uint64_t address = 0;       // host address, or synthetic address for simulated memory
+  uint32_t prot = 0;          // kProtRead | kProtWrite
+  uint64_t leaf_size = 0;     // 4 KiB, 2 MiB or 1 GiB
+  uint64_t contiguous = 0;    // bytes from iova to the end of the leaf
+};
+
+enum class FaultReason { not_present, permission, outside_aperture };
+
+const char* to_string(FaultReason reason) noexcept;
+
+struct IommuFault {
+  uint64_t iova = 0;
+  uint32_t requested = 0;  // kProtRead or kProtWrite
+  FaultReason reason = FaultReason::not_present;
+};
+
+struct DomainCounters {
+  uint64_t mapped_bytes = 0;
+  uint64_t leaves_4k = 0;
+  uint64_t leaves_2m = 0;
+  uint64_t leaves_1g = 0;
+  uint64_t table_pages = 0;
+  uint64_t faults = 0;        // total ever recorded
+  uint64_t faults_dropped = 0;  // recorded while the log was full
+};
+
+class Ioas;
+
+class SoftDomain {
+ public:
+  // EINVAL: aperture_start > aperture_last, min_page_size not a power of two
+  // >= 4 KiB, page_sizes without 4 KiB or with other sizes, a reserved range
+  // with start > last.
+  static Result<std::shared_ptr<SoftDomain>> create(const DomainConfig& config);
+  ~SoftDomain();
+  SoftDomain(const SoftDomain&) = delete;
+  SoftDomain& operator=(const SoftDomain&) = delete;
+
+  [[nodiscard]] const DomainConfig& config() const noexcept;
+
+  // Translate one IOVA for the given access (kProtRead or kProtWrite).
+  // Lock-free. The returned host pointer is only guaranteed valid while the
+  // caller holds an iomm::RcuReadGuard (see rcu.hpp) taken before the call.
+  // Errors: EFAULT not mapped, EPERM wrong permission (both recorded as faults).
+  Result<Translation> translate(uint64_t iova, uint32_t access);
+
+  // Device DMA: copy between the IOVA range and buf. All-or-nothing checks.
+  Status dma_read(uint64_t iova, void* buf, size_t length);
+  Status dma_write(uint64_t iova, const void* buf, size_t length);
+
+  // Drain recorded faults, oldest first.
+  std::vector<IommuFault> take_faults();
+  [[nodiscard]] DomainCounters counters() const;
+
+  // Internal: the IOAS fills and clears the table through this.
+  domain::PageTable& page_table() noexcept;
+
+ private:
+  friend class Ioas;
+  struct Impl;
+  explicit SoftDomain(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace iomm

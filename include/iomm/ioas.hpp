@@ -1,0 +1,150 @@
+// I/O address spaces (seed 001; iommufd IOAS semantics).
+//
+// Contract
+// - Ownership: an Ioas is held by shared_ptr. It owns its mappings (areas),
+//   holds the domains attached to it, and is kept alive by its accesses.
+//   Destroying it unmaps everything (notifying accesses first) and detaches
+//   every domain; destruction cannot fail.
+// - Lazy pinning: a mapping pins nothing while the IOAS has no domain. The
+//   first attached domain pins every mapping; accesses pin what they ask for.
+// - All-or-nothing: map, copy, attach and unmap either fully happen or leave
+//   no area, pin, charge or translation behind.
+// - Unmap never splits a mapping: every mapping touching the range must lie
+//   inside it (ENOENT otherwise); holes are fine. Translations are removed
+//   from every domain, then readers are waited for, then pages are unpinned,
+//   then the charge is returned.
+// - Accesses holding pins in a range being unmapped are told to unpin through
+//   their callback, with no IOAS lock held; if pins remain after 100 rounds,
+//   the unmap fails with EDEADLOCK and nothing is unmapped.
+// - Locking: concurrent calls are safe. Maps and unmaps of disjoint ranges
+//   take the tree lock only to reserve and publish; pinning and page-table
+//   filling run outside it. Attach/detach exclude fills.
+//
+// Errors (iommufd's, see docs/design.md for the table)
+// - EOVERFLOW iova or length is UINT64_MAX, or iova + length wraps.
+// - EINVAL    no R/W prot; zero length; misaligned iova/length/offset;
+//             fixed IOVA inside a reserved range.
+// - EEXIST    fixed IOVA overlaps a mapping.
+// - ENOSPC    mapping limit reached, or no free IOVA for an allocation.
+// - EPERM     write prot on a read-only source.
+// - ENOENT    unmap range cuts a mapping or unmaps nothing; copy source not
+//             fully mapped.
+// - EBUSY     unmap of a mapping still being created or removed.
+// - EADDRINUSE reserved/allowed ranges overlap mappings or each other;
+//             raising the alignment conflicts with a mapping.
+// - EFAULT, ENOMEM from pinning (bad address; memlock limit).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "iomm/accounting.hpp"
+#include "iomm/domain.hpp"
+#include "iomm/range.hpp"
+#include "iomm/result.hpp"
+#include "iomm/source.hpp"
+
+namespace iomm {
+
+namespace ioas {
+struct IoasState;
+}
+
+inline constexpr uint32_t kDefaultMaxMappings = 65535;
+inline constexpr int kUnmapNotifyRetries = 100;
+
+struct IoasOptions {
+  AccountMode account_mode = AccountMode::per_process;
+  uint32_t max_mappings = kDefaultMaxMappings;
+  // Whose budget pays for this IOAS's pins (default: this process / its uid).
+  OwnerSpec owner{};
+};
+
+struct MappingInfo {
+  uint64_t iova;
+  uint64_t length;
+  uint32_t prot;
+  SourceKind kind;
+  bool pinned;        // held by the IOAS's domains
+  uint32_t access_pins;  // access pins overlapping it
+};
+
+struct IoasCounters {
+  uint64_t mappings = 0;
+  uint64_t mapped_bytes = 0;
+  uint64_t domains = 0;
+  uint64_t accesses = 0;
+  uint64_t iova_alignment = 1;
+};
+
+class Access;
+
+class Ioas : public std::enable_shared_from_this<Ioas> {
+ public:
+  static Result<std::shared_ptr<Ioas>> create(const IoasOptions& options = {});
+  ~Ioas();
+  Ioas(const Ioas&) = delete;
+  Ioas& operator=(const Ioas&) = delete;
+
+  // Map the whole source with prot (kProtRead | kProtWrite). With iova set,
+  // map exactly there; otherwise allocate (first fit, never 0, aligned to the
+  // smaller of roundup_pow2(length) and the lowest set bit of the backing
+  // address, keeping its offset within the page). Returns the IOVA.
+  Result<uint64_t> map(const MemorySource& source, uint32_t prot,
+                       std::optional<uint64_t> iova = std::nullopt);
+
+  // Unmap every mapping inside [iova, iova + length). Returns bytes unmapped.
+  Result<uint64_t> unmap(uint64_t iova, uint64_t length);
+  // Unmap every mapping. Never fails for lack of memory; may fail with
+  // EDEADLOCK if an access refuses to unpin. Returns bytes unmapped.
+  Result<uint64_t> unmap_all();
+  // Like unmap, but an empty range succeeds with 0 (type1 / compat rule).
+  Result<uint64_t> unmap_range_allow_empty(uint64_t iova, uint64_t length);
+
+  // Map [src_iova, src_iova + length) of src here, sharing the source's
+  // pinned pages: no new pin and no new charge. The source range must be
+  // covered by contiguous, fully created mappings (ENOENT).
+  Result<uint64_t> copy_from(Ioas& src, uint64_t src_iova, uint64_t length, uint32_t prot,
+                             std::optional<uint64_t> iova = std::nullopt);
+
+  // Allowed ranges restrict IOVA allocation only. Replaces the whole list.
+  // EINVAL: start > last or ranges overlap each other; EADDRINUSE: overlaps a
+  // reserved range.
+  Status set_allowed_ranges(std::span<const IovaRange> ranges);
+  // Reserve a range for the user. EINVAL start > last; EADDRINUSE overlaps a
+  // mapping or an allowed range.
+  Status add_reserved(const IovaRange& range);
+  // Remove a user reservation added by add_reserved; ENOENT if none matches.
+  Status remove_reserved(const IovaRange& range);
+  // The usable IOVA ranges: holes between reserved ranges.
+  [[nodiscard]] std::vector<IovaRange> iova_ranges() const;
+
+  // Attach a domain: reserves its aperture complement and reserved regions,
+  // raises the IOVA alignment to its minimum page size, pins every mapping
+  // (if it is the first domain) and fills its page table.
+  // EBUSY attached elsewhere; EINVAL already attached here;
+  // EADDRINUSE an existing mapping or allowed range falls outside the
+  // aperture, in a reserved region, or breaks the new alignment;
+  // EFAULT/ENOMEM from pinning.
+  Status attach(const std::shared_ptr<SoftDomain>& domain);
+  // Detach: clears the domain's page table and unpins what no one else
+  // holds. ENOENT if not attached here.
+  Status detach(const std::shared_ptr<SoftDomain>& domain);
+
+  [[nodiscard]] std::vector<MappingInfo> mappings() const;
+  [[nodiscard]] IoasCounters counters() const;
+  [[nodiscard]] const IoasOptions& options() const noexcept;
+
+  // Internal.
+  ioas::IoasState& state() noexcept { return *state_; }
+
+ private:
+  explicit Ioas(std::unique_ptr<ioas::IoasState> state);
+  std::unique_ptr<ioas::IoasState> state_;
+};
+
+}  // namespace iomm

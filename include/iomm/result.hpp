@@ -1,0 +1,73 @@
+// Errors and results of the iomm public API.
+//
+// Contract: no exception crosses the public API. Every fallible call returns
+// Status or Result<T>; on error it carries a positive errno value and a
+// human-readable message, and the call has had no effect (all-or-nothing).
+#pragma once
+
+#include <cerrno>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <variant>
+
+namespace iomm {
+
+class Error {
+ public:
+  Error(int code, std::string message) : code_(code), message_(std::move(message)) {}
+
+  // A positive errno value (EINVAL, ENOMEM, ...).
+  [[nodiscard]] int code() const noexcept { return code_; }
+  [[nodiscard]] const std::string& message() const noexcept { return message_; }
+  // "EINVAL: message"
+  [[nodiscard]] std::string describe() const;
+
+ private:
+  int code_;
+  std::string message_;
+};
+
+// The symbolic name of an errno value ("EINVAL"), or its number as text.
+const char* errno_name(int code) noexcept;
+
+template <typename T>
+class [[nodiscard]] Result {
+ public:
+  Result(T value) : v_(std::move(value)) {}   // NOLINT(google-explicit-constructor)
+  Result(Error error) : v_(std::move(error)) {}  // NOLINT(google-explicit-constructor)
+
+  [[nodiscard]] bool ok() const noexcept { return v_.index() == 0; }
+  explicit operator bool() const noexcept { return ok(); }
+
+  T& value() & { return std::get<0>(v_); }
+  const T& value() const& { return std::get<0>(v_); }
+  T&& value() && { return std::get<0>(std::move(v_)); }
+  T* operator->() { return &std::get<0>(v_); }
+  const T* operator->() const { return &std::get<0>(v_); }
+  T& operator*() & { return value(); }
+
+  [[nodiscard]] const Error& error() const& { return std::get<1>(v_); }
+  // errno value of the error, or 0 on success.
+  [[nodiscard]] int code() const noexcept { return ok() ? 0 : std::get<1>(v_).code(); }
+
+ private:
+  std::variant<T, Error> v_;
+};
+
+class [[nodiscard]] Status {
+ public:
+  Status() = default;
+  Status(Error error) : error_(std::move(error)), failed_(true) {}  // NOLINT(google-explicit-constructor)
+
+  [[nodiscard]] bool ok() const noexcept { return !failed_; }
+  explicit operator bool() const noexcept { return ok(); }
+  [[nodiscard]] const Error& error() const { return error_; }
+  [[nodiscard]] int code() const noexcept { return failed_ ? error_.code() : 0; }
+
+ private:
+  Error error_{0, {}};
+  bool failed_ = false;
+};
+
+}  // namespace iomm
