@@ -1,0 +1,80 @@
+// Radix I/O page table of a software IOMMU domain.
+//
+// Layout: 512-entry tables of std::atomic<uint64_t>, 9 IOVA bits per level
+// above the 12-bit page offset; enough levels to cover the aperture's last
+// address (4 levels for 48 bits, 6 for the full 64-bit space). An entry is 0
+// (empty), a pointer to the next-level table, or a leaf holding a page-aligned
+// address plus permission bits. Leaves sit at level 0 (4 KiB), 1 (2 MiB) or
+// 2 (1 GiB) when allowed by page_sizes.
+//
+// Concurrency: lookup() is lock-free (acquire loads) and must run inside an
+// RCU read-side section. map() and unmap() of disjoint ranges may run
+// concurrently: next-level tables are installed with compare-and-swap.
+// Intermediate tables are freed only by the destructor, after the owner has
+// waited for readers.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "iomm/result.hpp"
+
+namespace iomm::domain {
+
+struct Leaf {
+  uint64_t address = 0;  // address of the looked-up byte (host VA or synthetic)
+  uint32_t prot = 0;     // kProtRead | kProtWrite
+  bool synthetic = false;  // no host memory behind it (simulated source)
+  uint64_t size = 0;     // leaf size
+  uint64_t remaining = 0;  // bytes from the looked-up byte to the end of the leaf
+};
+
+struct PageTableCounters {
+  uint64_t mapped_bytes = 0;
+  uint64_t leaves_4k = 0;
+  uint64_t leaves_2m = 0;
+  uint64_t leaves_1g = 0;
+  uint64_t table_pages = 0;
+};
+
+class PageTable {
+ public:
+  // page_sizes: bitmask of 4 KiB | 2 MiB | 1 GiB (must include 4 KiB).
+  static Result<std::unique_ptr<PageTable>> create(uint64_t aperture_last, uint64_t page_sizes);
+  ~PageTable();
+  PageTable(const PageTable&) = delete;
+  PageTable& operator=(const PageTable&) = delete;
+
+  // Map [iova, iova + length) to [address, address + length). iova, address
+  // and length are 4 KiB aligned; the range is empty in the table (the IOAS
+  // guarantees this). Uses the largest allowed leaf whose slot is empty and
+  // where iova and address are aligned and the range covers it.
+  // All-or-nothing: ENOMEM when a table cannot be allocated leaves the range
+  // unmapped (tables allocated on the way may stay, empty).
+  Status map(uint64_t iova, uint64_t address, uint64_t length, uint32_t prot, bool synthetic);
+
+  // Clear every leaf in [iova, iova + length). Leaves never straddle the
+  // range, because the IOAS unmaps whole mappings. Returns bytes cleared.
+  // Never fails and never allocates.
+  uint64_t unmap(uint64_t iova, uint64_t length) noexcept;
+
+  // Lock-free lookup of one IOVA. False if nothing is mapped there.
+  bool lookup(uint64_t iova, Leaf* out) const noexcept;
+
+  [[nodiscard]] PageTableCounters counters() const noexcept;
+  [[nodiscard]] unsigned levels() const noexcept { return levels_; }
+
+ private:
+  struct Table;
+  PageTable(Table* root, unsigned levels, uint64_t page_sizes);
+
+  Table* root_;
+  unsigned levels_;
+  uint64_t page_sizes_;
+  std::atomic<uint64_t> mapped_bytes_{0};
+  std::atomic<uint64_t> leaves_[3] = {};
+  std::atomic<uint64_t> table_pages_{1};
+};
+
+}  // namespace iomm::domain
