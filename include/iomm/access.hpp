@@ -7,8 +7,8 @@
 //   exactly the same iova and length, or until the access is destroyed.
 // - read()/write() copy by IOVA, byte-granular, with no long-term pin.
 // - The unmap callback is mandatory. Before an unmap removes a range this
-//   access holds pinned, the callback is called with (iova, length) of the
-//   range being unmapped, with no IOAS lock held, from the unmapping thread.
+//   access holds pinned, the callback is called with the range being
+//   unmapped, with no IOAS lock held, from the unmapping thread.
 //   It must unpin every pin it holds that intersects the range before it
 //   returns (it may call unpin() directly). Only accesses whose pins overlap
 //   the range are called. If pins remain after kUnmapNotifyRetries rounds, the
@@ -17,6 +17,8 @@
 // - Serialise your own pin-and-record against your callback with your own
 //   lock; the callback can run while pin() is still returning.
 // - Destroying the access unpins everything it still holds; it cannot fail.
+//   It waits for a callback already running, so do not drop the last
+//   reference to the access from inside its own callback.
 //
 // Errors
 // - EINVAL  no callback; zero length; misaligned pin; unpin with no exact
@@ -42,7 +44,9 @@ namespace access {
 struct AccessState;
 }
 
-using UnmapCallback = std::function<void(uint64_t iova, uint64_t length)>;
+// Called with the inclusive IOVA range being unmapped (the span of the
+// mappings being removed), so the whole 64-bit space is expressible.
+using UnmapCallback = std::function<void(const IovaRange& range)>;
 
 struct PinnedSegment {
   uint64_t iova;

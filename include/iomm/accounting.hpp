@@ -52,7 +52,9 @@ struct OwnerCounters {
 
 struct Counters {
   uint64_t pinned_bytes = 0;    // distinct pages held resident (4 KiB units)
-  uint64_t mlocked_bytes = 0;   // bytes this library mlock()ed and holds
+  // Bytes locked in memory as the kernel counts them for this process
+  // (VmLck in /proc/self/status), read at snapshot time.
+  uint64_t vmlck_bytes = 0;
   uint64_t simulated_pinned_bytes = 0;  // pinned synthetic pages (no memory)
   uint64_t charged_bytes = 0;   // sum over owners
   std::vector<OwnerCounters> owners;  // owners with a non-zero charge or a configured limit
@@ -60,5 +62,8 @@ struct Counters {
 
 // A consistent-enough snapshot (each counter is read atomically).
 Counters counters();
+
+// VmLck of this process in bytes (what the kernel counts as mlocked).
+uint64_t process_vmlck_bytes();
 
 }  // namespace iomm

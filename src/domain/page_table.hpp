@@ -23,10 +23,10 @@
 namespace iomm::domain {
 
 struct Leaf {
-  uint64_t address = 0;  // address of the looked-up byte (host VA or synthetic)
-  uint32_t prot = 0;     // kProtRead | kProtWrite
+  uint64_t address = 0;    // address of the looked-up byte (host VA or synthetic)
+  uint32_t prot = 0;       // kProtRead | kProtWrite
   bool synthetic = false;  // no host memory behind it (simulated source)
-  uint64_t size = 0;     // leaf size
+  uint64_t size = 0;       // leaf size
   uint64_t remaining = 0;  // bytes from the looked-up byte to the end of the leaf
 };
 
@@ -61,6 +61,10 @@ class PageTable {
 
   // Lock-free lookup of one IOVA. False if nothing is mapped there.
   bool lookup(uint64_t iova, Leaf* out) const noexcept;
+  // lookup(), with remaining extended over the following leaves of the same
+  // table that continue the run (same prot and kind, next address) until it
+  // covers max_bytes. Lets a DMA walk a contiguous range in one descent.
+  bool lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const noexcept;
 
   [[nodiscard]] PageTableCounters counters() const noexcept;
   [[nodiscard]] unsigned levels() const noexcept { return levels_; }
@@ -69,9 +73,21 @@ class PageTable {
   struct Table;
   PageTable(Table* root, unsigned levels, uint64_t page_sizes);
 
+  // Installs the leaf covering iova (or the first tables on its way) and
+  // returns the leaf size.
+  Result<uint64_t> map_one_leaf(uint64_t iova, uint64_t address, uint64_t remaining,
+                                uint64_t leaf_bits);
+  [[nodiscard]] bool leaf_fits(unsigned level, uint64_t iova, uint64_t address,
+                               uint64_t remaining) const noexcept;
+  uint64_t clear_range(Table* table, unsigned level, uint64_t first, uint64_t last) noexcept;
+  static void free_table(Table* table, unsigned level) noexcept;
+  static Table* table_of(uint64_t entry) noexcept;
+
   Table* root_;
   unsigned levels_;
   uint64_t page_sizes_;
+  // Highest IOVA the levels can index (the aperture may end below it).
+  uint64_t covered_last_;
   std::atomic<uint64_t> mapped_bytes_{0};
   std::atomic<uint64_t> leaves_[3] = {};
   std::atomic<uint64_t> table_pages_{1};

@@ -1,0 +1,270 @@
+// Accesses: pin, unpin, rw, and the unmap callback protocol
+// (see include/iomm/access.hpp for the contract).
+#include "iomm/access.hpp"
+
+#include <algorithm>
+#include <new>
+#include <string>
+
+#include "access/access_state.hpp"
+#include "ioas/ioas_state.hpp"
+#include "mem/safe_copy.hpp"
+
+namespace iomm {
+
+using access::AccessState;
+using access::PinSlice;
+using ioas::Area;
+using ioas::AreaState;
+using ioas::IoasState;
+
+namespace access {
+
+bool AccessState::may_pin(const IovaRange& r) const {
+  if (pins_in_flight.load(std::memory_order_acquire) != 0) return true;
+  std::lock_guard lk(mu);
+  return std::any_of(pins.begin(), pins.end(), [&](const auto& entry) {
+    return IovaRange{entry.first, entry.first + entry.second.length - 1}.overlaps(r);
+  });
+}
+
+void notify_unmap(IoasState& st, const IovaRange& r) {
+  // A fixed batch keeps this allocation-free; more accesses than that take
+  // further passes.
+  constexpr size_t kBatch = 16;
+  size_t next = 0;
+  for (;;) {
+    AccessState* batch[kBatch];
+    size_t n = 0;
+    {
+      std::lock_guard lk(st.accesses_mu);
+      for (; next < st.accesses.size() && n < kBatch; ++next) {
+        AccessState* a = st.accesses[next];
+        if (!a->may_pin(r)) continue;
+        std::lock_guard cb(a->callback_mu);
+        ++a->callbacks_running;
+        batch[n++] = a;
+      }
+    }
+    if (n == 0) return;
+    for (size_t i = 0; i < n; ++i) {
+      batch[i]->on_unmap(r);
+      std::lock_guard cb(batch[i]->callback_mu);
+      --batch[i]->callbacks_running;
+      batch[i]->callback_done.notify_all();
+    }
+  }
+}
+
+}  // namespace access
+
+namespace {
+
+void release_slices(const std::vector<PinSlice>& slices, size_t pinned) noexcept {
+  for (size_t i = 0; i < slices.size(); ++i) {
+    const Area& a = *slices[i].area;
+    if (i < pinned) {
+      a.source.object()->unpin(a.owner.get(), a.backing_offset(slices[i].iova), slices[i].length);
+    }
+    a.access_pins.fetch_sub(1, std::memory_order_release);
+  }
+}
+
+// Walk the areas covering [r.start, r.last] under the tree lock and check
+// them for an access of kind `need` (kProtRead or kProtWrite).
+Status check_covered(const IoasState& st, const IovaRange& r, uint32_t need,
+                     std::vector<PinSlice>* out) {
+  uint64_t pos = r.start;
+  for (auto it = st.first_overlap(r); it != st.areas.end() && it->first <= r.last; ++it) {
+    const auto& a = it->second;
+    if (a->range.start > pos) break;
+    if (a->state == AreaState::removing) return Error(EINVAL, "range is being unmapped");
+    if (a->state != AreaState::live) break;
+    if ((a->prot & need) != need) return Error(EPERM, "mapping does not allow this access");
+    if (a->source.object()->synthetic()) {
+      if (out == nullptr) return Error(ENXIO, "no memory behind a simulated mapping");
+    }
+    const uint64_t last = std::min(a->range.last, r.last);
+    if (out != nullptr) out->push_back({a, pos, last - pos + 1});
+    if (last == r.last) return {};
+    pos = last + 1;
+  }
+  return Error(ENOENT, "part of the range is not mapped");
+}
+
+Status check_range(uint64_t iova, uint64_t length) {
+  if (length == 0) return Error(EINVAL, "zero length");
+  if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
+  return {};
+}
+
+}  // namespace
+
+Result<std::shared_ptr<Access>> Access::create(const std::shared_ptr<Ioas>& ioas,
+                                               UnmapCallback on_unmap) {
+  if (!ioas) return Error(EINVAL, "no IOAS");
+  if (!on_unmap) return Error(EINVAL, "an unmap callback is mandatory");
+  auto state = std::unique_ptr<AccessState>(new (std::nothrow) AccessState(ioas, std::move(on_unmap)));
+  if (!state) return Error(ENOMEM, "out of memory");
+  IoasState& st = ioas->state();
+  {
+    std::unique_lock tree(st.tree_mu);
+    if (!st.areas_aligned(std::max(st.iova_alignment(), kPageSize))) {
+      return Error(EADDRINUSE, "a mapping is not page aligned, which an access needs");
+    }
+    ++st.access_count;
+  }
+  std::shared_ptr<Access> access(new (std::nothrow) Access(nullptr));
+  bool listed = false;
+  if (access) {
+    try {
+      std::lock_guard lk(st.accesses_mu);
+      st.accesses.push_back(state.get());
+      listed = true;
+    } catch (const std::bad_alloc&) {
+    }
+  }
+  if (!listed) {
+    std::unique_lock tree(st.tree_mu);
+    --st.access_count;
+    return Error(ENOMEM, "out of memory");
+  }
+  access->state_ = std::move(state);
+  return access;
+}
+
+Access::Access(std::unique_ptr<AccessState> state) : state_(std::move(state)) {}
+
+Access::~Access() {
+  if (!state_) return;
+  IoasState& st = state_->ioas->state();
+  {
+    std::lock_guard lk(st.accesses_mu);
+    std::erase(st.accesses, state_.get());
+  }
+  {
+    std::unique_lock cb(state_->callback_mu);
+    state_->callback_done.wait(cb, [&] { return state_->callbacks_running == 0; });
+  }
+  for (const auto& [iova, record] : state_->pins) release_slices(record.slices, record.slices.size());
+  std::unique_lock tree(st.tree_mu);
+  --st.access_count;
+}
+
+Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, uint32_t prot) {
+  if (Status s = check_range(iova, length); !s) return s.error();
+  if (!is_aligned(iova, kPageSize) || !is_aligned(length, kPageSize)) {
+    return Error(EINVAL, "pins must be page aligned");
+  }
+  if ((prot & ~(kProtRead | kProtWrite)) != 0 || prot == 0) return Error(EINVAL, "bad prot");
+  const IovaRange range = *make_range(iova, length);
+  IoasState& st = state_->ioas->state();
+
+  // Counted in flight before the checks, so an unmap that starts after them
+  // knows to call us.
+  state_->pins_in_flight.fetch_add(1, std::memory_order_acq_rel);
+  struct InFlight {
+    AccessState& s;
+    ~InFlight() { s.pins_in_flight.fetch_sub(1, std::memory_order_acq_rel); }
+  } in_flight{*state_};
+
+  access::PinRecord record{length, {}};
+  std::vector<PinnedSegment> segments;
+  try {
+    std::shared_lock tree(st.tree_mu);
+    if (Status s = check_covered(st, range, prot, &record.slices); !s) return s.error();
+    for (const PinSlice& s : record.slices) s.area->access_pins.fetch_add(1, std::memory_order_acq_rel);
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+
+  size_t pinned = 0;
+  Status result;
+  for (; pinned < record.slices.size(); ++pinned) {
+    const PinSlice& s = record.slices[pinned];
+    const Area& a = *s.area;
+    result = a.source.object()->pin(a.owner.get(), a.backing_offset(s.iova), s.length,
+                                    (prot & kProtWrite) != 0);
+    if (!result) break;
+  }
+  if (result) {
+    try {
+      segments.reserve(record.slices.size());
+      for (const PinSlice& s : record.slices) {
+        segments.push_back({s.iova, s.length, s.area->source.object()->host(s.area->backing_offset(s.iova))});
+      }
+      std::lock_guard lk(state_->mu);
+      state_->pins.emplace(iova, std::move(record));
+      state_->pinned_bytes += length;
+      return segments;
+    } catch (const std::bad_alloc&) {
+      result = Error(ENOMEM, "out of memory");
+    }
+  }
+  release_slices(record.slices, pinned);
+  return result.error();
+}
+
+Status Access::unpin(uint64_t iova, uint64_t length) {
+  if (Status s = check_range(iova, length); !s) return s;
+  access::PinRecord record;
+  {
+    std::lock_guard lk(state_->mu);
+    auto [first, last] = state_->pins.equal_range(iova);
+    auto it = std::find_if(first, last, [&](const auto& e) { return e.second.length == length; });
+    if (it == last) return Error(EINVAL, "no pin matches this iova and length exactly");
+    record = std::move(it->second);
+    state_->pins.erase(it);
+    state_->pinned_bytes -= length;
+  }
+  release_slices(record.slices, record.slices.size());
+  return {};
+}
+
+namespace {
+
+Status copy_by_iova(AccessState& state, uint64_t iova, void* buf, size_t length, bool write) {
+  if (length == 0) return {};
+  if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
+  const IovaRange range = *make_range(iova, length);
+  IoasState& st = state.ioas->state();
+  std::shared_lock tree(st.tree_mu);
+  // Check the whole range before moving a byte.
+  if (Status s = check_covered(st, range, write ? kProtWrite : kProtRead, nullptr); !s) return s;
+  auto* cursor = static_cast<std::byte*>(buf);
+  uint64_t pos = iova;
+  for (auto it = st.first_overlap(range); it != st.areas.end() && it->first <= range.last; ++it) {
+    const Area& a = *it->second;
+    const uint64_t last = std::min(a.range.last, range.last);
+    const uint64_t n = last - pos + 1;
+    void* host = a.source.object()->host(a.backing_offset(pos));
+    const bool ok = write ? mem::safe_copy(host, cursor, n) : mem::safe_copy(cursor, host, n);
+    if (!ok) return Error(EFAULT, "memory behind the mapping vanished (file shrunk?)");
+    cursor += n;
+    if (last == range.last) break;
+    pos = last + 1;
+  }
+  return {};
+}
+
+}  // namespace
+
+Status Access::read(uint64_t iova, void* buf, size_t length) {
+  return copy_by_iova(*state_, iova, buf, length, false);
+}
+
+Status Access::write(uint64_t iova, const void* buf, size_t length) {
+  return copy_by_iova(*state_, iova, const_cast<void*>(buf), length, true);
+}
+
+uint64_t Access::pinned_bytes() const {
+  std::lock_guard lk(state_->mu);
+  return state_->pinned_bytes;
+}
+
+uint64_t Access::pin_count() const {
+  std::lock_guard lk(state_->mu);
+  return state_->pins.size();
+}
+
+}  // namespace iomm

@@ -1,0 +1,58 @@
+// Internal state of an access and the unmap notification protocol.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "ioas/area.hpp"
+#include "iomm/access.hpp"
+
+namespace iomm::ioas {
+struct IoasState;
+}
+
+namespace iomm::access {
+
+struct PinSlice {
+  std::shared_ptr<ioas::Area> area;
+  uint64_t iova;
+  uint64_t length;
+};
+
+struct PinRecord {
+  uint64_t length;
+  std::vector<PinSlice> slices;
+};
+
+struct AccessState {
+  AccessState(std::shared_ptr<Ioas> io, UnmapCallback cb)
+      : ioas(std::move(io)), on_unmap(std::move(cb)) {}
+
+  const std::shared_ptr<Ioas> ioas;
+  const UnmapCallback on_unmap;
+
+  mutable std::mutex mu;
+  std::multimap<uint64_t, PinRecord> pins;  // by iova; guarded by mu
+  uint64_t pinned_bytes = 0;                // guarded by mu
+  // Pins past their checks but not yet recorded: an unmap must call us.
+  std::atomic<uint32_t> pins_in_flight{0};
+
+  // Callbacks running now; raised under the IOAS's accesses_mu.
+  std::mutex callback_mu;
+  std::condition_variable callback_done;
+  uint32_t callbacks_running = 0;  // guarded by callback_mu
+
+  // Whether this access may hold pins in r.
+  [[nodiscard]] bool may_pin(const IovaRange& r) const;
+};
+
+// Call the unmap callback of every access of the IOAS that may hold pins in
+// r, with no IOAS lock held.
+void notify_unmap(ioas::IoasState& st, const IovaRange& r);
+
+}  // namespace iomm::access

@@ -1,0 +1,239 @@
+#include "domain/page_table.hpp"
+
+#include <bit>
+#include <cerrno>
+#include <new>
+
+#include "iomm/domain.hpp"
+#include "iomm/range.hpp"
+
+namespace iomm::domain {
+
+namespace {
+
+constexpr unsigned kEntriesPerTable = 512;
+constexpr unsigned kBitsPerLevel = 9;
+constexpr unsigned kMaxLeafLevel = 2;
+
+constexpr uint64_t kPresent = 1U << 0;
+constexpr uint64_t kIsTable = 1U << 1;
+constexpr uint64_t kReadable = 1U << 2;
+constexpr uint64_t kWritable = 1U << 3;
+constexpr uint64_t kSynthetic = 1U << 4;
+constexpr uint64_t kAddressMask = ~(kPageSize - 1);
+
+constexpr uint64_t kSupportedPageSizes = kPageSize | kPageSize2M | kPageSize1G;
+
+constexpr unsigned level_shift(unsigned level) { return kPageShift + kBitsPerLevel * level; }
+constexpr uint64_t level_size(unsigned level) { return uint64_t{1} << level_shift(level); }
+constexpr unsigned index_at(uint64_t iova, unsigned level) {
+  return static_cast<unsigned>(iova >> level_shift(level)) & (kEntriesPerTable - 1);
+}
+
+constexpr bool is_table(uint64_t entry) { return (entry & kIsTable) != 0; }
+
+unsigned levels_for(uint64_t aperture_last) {
+  const unsigned bits = std::bit_width(aperture_last);
+  if (bits <= kPageShift) return 1;
+  return (bits - kPageShift + kBitsPerLevel - 1) / kBitsPerLevel;
+}
+
+}  // namespace
+
+struct alignas(kPageSize) PageTable::Table {
+  std::atomic<uint64_t> entries[kEntriesPerTable];
+};
+
+PageTable::Table* PageTable::table_of(uint64_t entry) noexcept {
+  return reinterpret_cast<Table*>(entry & kAddressMask);
+}
+
+Result<std::unique_ptr<PageTable>> PageTable::create(uint64_t aperture_last, uint64_t page_sizes) {
+  if ((page_sizes & kPageSize) == 0 || (page_sizes & ~kSupportedPageSizes) != 0) {
+    return Error(EINVAL, "page_sizes must include 4 KiB and may add only 2 MiB and 1 GiB");
+  }
+  auto* root = new (std::nothrow) Table();
+  if (root == nullptr) return Error(ENOMEM, "cannot allocate the root page table");
+  std::unique_ptr<PageTable> table(new (std::nothrow)
+                                       PageTable(root, levels_for(aperture_last), page_sizes));
+  if (table == nullptr) {
+    delete root;
+    return Error(ENOMEM, "cannot allocate the page table");
+  }
+  return table;
+}
+
+PageTable::PageTable(Table* root, unsigned levels, uint64_t page_sizes)
+    : root_(root),
+      levels_(levels),
+      page_sizes_(page_sizes),
+      covered_last_(level_shift(levels) >= 64 ? UINT64_MAX : level_size(levels) - 1) {}
+
+PageTable::~PageTable() { free_table(root_, levels_ - 1); }
+
+void PageTable::free_table(Table* table, unsigned level) noexcept {
+  if (level > 0) {
+    for (auto& slot : table->entries) {
+      const uint64_t entry = slot.load(std::memory_order_relaxed);
+      if (is_table(entry)) free_table(table_of(entry), level - 1);
+    }
+  }
+  delete table;
+}
+
+bool PageTable::leaf_fits(unsigned level, uint64_t iova, uint64_t address,
+                          uint64_t remaining) const noexcept {
+  if (level > kMaxLeafLevel || level >= levels_) return false;
+  const uint64_t size = level_size(level);
+  return (page_sizes_ & size) != 0 && is_aligned(iova, size) && is_aligned(address, size) &&
+         remaining >= size;
+}
+
+Status PageTable::map(uint64_t iova, uint64_t address, uint64_t length, uint32_t prot,
+                      bool synthetic) {
+  if (length == 0 || !is_aligned(iova | address | length, kPageSize)) {
+    return Error(EINVAL, "iova, address and length must be non-zero multiples of 4 KiB");
+  }
+  uint64_t last = 0;
+  uint64_t address_last = 0;
+  if (__builtin_add_overflow(iova, length - 1, &last) || last > covered_last_ ||
+      __builtin_add_overflow(address, length - 1, &address_last)) {
+    return Error(EINVAL, "range does not fit in the page table");
+  }
+  if ((prot & ~uint32_t{kProtRead | kProtWrite}) != 0) {
+    return Error(EINVAL, "unknown protection bits");
+  }
+  const uint64_t leaf_bits = kPresent | ((prot & kProtRead) != 0 ? kReadable : 0) |
+                             ((prot & kProtWrite) != 0 ? kWritable : 0) |
+                             (synthetic ? kSynthetic : 0);
+  uint64_t done = 0;
+  while (done < length) {
+    Result<uint64_t> placed = map_one_leaf(iova + done, address + done, length - done, leaf_bits);
+    if (!placed.ok()) {
+      unmap(iova, done);
+      return placed.error();
+    }
+    done += placed.value();
+  }
+  return {};
+}
+
+Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64_t remaining,
+                                         uint64_t leaf_bits) {
+  Table* table = root_;
+  for (unsigned level = levels_ - 1;; --level) {
+    std::atomic<uint64_t>& slot = table->entries[index_at(iova, level)];
+    uint64_t entry = slot.load(std::memory_order_acquire);
+    // A table already in the slot means part of this span is mapped by
+    // someone else: descend and use smaller leaves around it.
+    if (entry == 0 && leaf_fits(level, iova, address, remaining)) {
+      slot.store(address | leaf_bits, std::memory_order_release);
+      mapped_bytes_.fetch_add(level_size(level), std::memory_order_relaxed);
+      leaves_[level].fetch_add(1, std::memory_order_relaxed);
+      return level_size(level);
+    }
+    if (entry == 0) {
+      auto* fresh = new (std::nothrow) Table();
+      if (fresh == nullptr) return Error(ENOMEM, "cannot allocate a page table");
+      const uint64_t fresh_entry = reinterpret_cast<uint64_t>(fresh) | kPresent | kIsTable;
+      // Concurrent maps of disjoint ranges may race for the same slot; the
+      // loser adopts the winner's table.
+      if (slot.compare_exchange_strong(entry, fresh_entry, std::memory_order_acq_rel,
+                                       std::memory_order_acquire)) {
+        table_pages_.fetch_add(1, std::memory_order_relaxed);
+        entry = fresh_entry;
+      } else {
+        delete fresh;
+      }
+    }
+    if (!is_table(entry)) return Error(EEXIST, "page table slot already holds a leaf");
+    table = table_of(entry);
+  }
+}
+
+uint64_t PageTable::unmap(uint64_t iova, uint64_t length) noexcept {
+  if (length == 0 || iova > covered_last_) return 0;
+  uint64_t last = 0;
+  if (__builtin_add_overflow(iova, length - 1, &last) || last > covered_last_) {
+    last = covered_last_;
+  }
+  return clear_range(root_, levels_ - 1, iova, last);
+}
+
+// [first, last] lies within the span of table. A leaf only partly inside the
+// range is cleared whole: leaving a translation to memory the caller is
+// about to release would be worse than dropping a neighbour's.
+uint64_t PageTable::clear_range(Table* table, unsigned level, uint64_t first,
+                                uint64_t last) noexcept {
+  const unsigned shift = level_shift(level);
+  const unsigned table_shift = shift + kBitsPerLevel;
+  const uint64_t table_base = table_shift >= 64 ? 0 : first & ~((uint64_t{1} << table_shift) - 1);
+  const unsigned first_index = index_at(first, level);
+  const unsigned last_index = index_at(last, level);
+  uint64_t cleared = 0;
+  for (unsigned index = first_index; index <= last_index; ++index) {
+    std::atomic<uint64_t>& slot = table->entries[index];
+    const uint64_t entry = slot.load(std::memory_order_acquire);
+    if (entry == 0) continue;
+    if (is_table(entry)) {
+      const uint64_t slot_first = table_base + (uint64_t{index} << shift);
+      const uint64_t slot_last = slot_first + (level_size(level) - 1);
+      cleared += clear_range(table_of(entry), level - 1, index == first_index ? first : slot_first,
+                             index == last_index ? last : slot_last);
+      continue;
+    }
+    slot.store(0, std::memory_order_release);
+    mapped_bytes_.fetch_sub(level_size(level), std::memory_order_relaxed);
+    leaves_[level].fetch_sub(1, std::memory_order_relaxed);
+    cleared += level_size(level);
+  }
+  return cleared;
+}
+
+bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept { return lookup_run(iova, 0, out); }
+
+bool PageTable::lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const noexcept {
+  if (iova > covered_last_) return false;
+  const Table* table = root_;
+  for (unsigned level = levels_ - 1;; --level) {
+    const unsigned index = index_at(iova, level);
+    const uint64_t entry = table->entries[index].load(std::memory_order_acquire);
+    if (entry == 0) return false;
+    if (is_table(entry)) {
+      table = table_of(entry);
+      continue;
+    }
+    const uint64_t size = level_size(level);
+    const uint64_t offset = iova & (size - 1);
+    uint64_t run = size - offset;
+    uint64_t next_entry = entry + size;
+    for (unsigned next = index + 1; run < max_bytes && next < kEntriesPerTable; ++next) {
+      // next_entry < entry: the address wrapped, which no real run does.
+      if (next_entry < entry ||
+          table->entries[next].load(std::memory_order_acquire) != next_entry) {
+        break;
+      }
+      run += size;
+      next_entry += size;
+    }
+    out->address = (entry & kAddressMask) + offset;
+    out->prot = ((entry & kReadable) != 0 ? uint32_t{kProtRead} : 0U) |
+                ((entry & kWritable) != 0 ? uint32_t{kProtWrite} : 0U);
+    out->synthetic = (entry & kSynthetic) != 0;
+    out->size = size;
+    out->remaining = run;
+    return true;
+  }
+}
+
+PageTableCounters PageTable::counters() const noexcept {
+  return PageTableCounters{
+      .mapped_bytes = mapped_bytes_.load(std::memory_order_relaxed),
+      .leaves_4k = leaves_[0].load(std::memory_order_relaxed),
+      .leaves_2m = leaves_[1].load(std::memory_order_relaxed),
+      .leaves_1g = leaves_[2].load(std::memory_order_relaxed),
+      .table_pages = table_pages_.load(std::memory_order_relaxed),
+  };
+}
+
+}  // namespace iomm::domain

@@ -1,0 +1,267 @@
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstddef>
+#include <new>
+
+#include "domain/page_table.hpp"
+#include "domain/soft_domain_impl.hpp"
+#include "iomm/domain.hpp"
+#include "iomm/rcu.hpp"
+#include "mem/safe_copy.hpp"
+
+namespace iomm {
+
+namespace domain {
+
+void FaultLog::record(const IommuFault& fault) noexcept {
+  total_.fetch_add(1, std::memory_order_relaxed);
+  const std::lock_guard lock(mutex_);
+  if (size_ == capacity_) {
+    dropped_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  ring_[(head_ + size_) % capacity_] = fault;
+  ++size_;
+}
+
+std::vector<IommuFault> FaultLog::drain() {
+  const std::lock_guard lock(mutex_);
+  std::vector<IommuFault> faults;
+  faults.reserve(size_);
+  for (size_t i = 0; i < size_; ++i) faults.push_back(ring_[(head_ + i) % capacity_]);
+  head_ = 0;
+  size_ = 0;
+  return faults;
+}
+
+}  // namespace domain
+
+namespace {
+
+constexpr uint64_t kSupportedPageSizes = kPageSize | kPageSize2M | kPageSize1G;
+
+bool valid_access(uint32_t access) {
+  return access != 0 && (access & ~uint32_t{kProtRead | kProtWrite}) == 0;
+}
+
+bool inside_aperture(const DomainConfig& config, uint64_t iova) {
+  return iova >= config.aperture_start && iova <= config.aperture_last;
+}
+
+Error fault(domain::FaultLog& faults, uint64_t iova, uint32_t access, FaultReason reason) {
+  faults.record(IommuFault{.iova = iova, .requested = access, .reason = reason});
+  switch (reason) {
+    case FaultReason::outside_aperture:
+      return Error(EFAULT, "IOMMU fault: IOVA outside the aperture");
+    case FaultReason::not_present:
+      return Error(EFAULT, "IOMMU fault: IOVA not mapped");
+    case FaultReason::permission:
+      break;
+  }
+  return Error(EPERM, "IOMMU fault: mapping does not allow this access");
+}
+
+// Host side of one DMA, in IOVA order. A DMA usually crosses a few leaves
+// whose host pages are contiguous, so segments merge and live on the stack;
+// only long transfers over scattered memory spill to the heap.
+class HostSegments {
+ public:
+  struct Segment {
+    uint64_t address;
+    size_t bytes;
+  };
+
+  // False when spilling to the heap fails.
+  bool append(uint64_t address, size_t bytes) noexcept {
+    if (count_ > 0) {
+      Segment& tail = (*this)[count_ - 1];
+      if (tail.address + tail.bytes == address) {
+        tail.bytes += bytes;
+        return true;
+      }
+    }
+    if (count_ < kInline) {
+      inline_[count_] = Segment{address, bytes};
+    } else {
+      try {
+        spilled_.push_back(Segment{address, bytes});
+      } catch (const std::bad_alloc&) {
+        return false;
+      }
+    }
+    ++count_;
+    return true;
+  }
+
+  [[nodiscard]] size_t size() const noexcept { return count_; }
+  Segment& operator[](size_t i) noexcept {
+    return i < kInline ? inline_[i] : spilled_[i - kInline];
+  }
+
+ private:
+  static constexpr size_t kInline = 32;
+  Segment inline_[kInline];  // only the first count_ entries are set
+  size_t count_ = 0;
+  std::vector<Segment> spilled_;
+};
+
+// Checks the whole of [iova, iova + length) for `access` and collects its
+// host segments, then calls copy(host, offset_in_buf, bytes) for each. One
+// RCU read section spans both steps, so the collected host pointers stay
+// valid until the last byte has moved.
+template <typename CopyFn>
+Status transfer(const DomainConfig& config, const domain::PageTable& table,
+                domain::FaultLog& faults, uint64_t iova, size_t length, uint32_t access,
+                CopyFn copy) {
+  if (length == 0) return {};
+  if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
+
+  const RcuReadGuard guard;
+  HostSegments segments;
+  bool simulated = false;
+  uint64_t position = iova;
+  uint64_t left = length;
+  while (true) {
+    if (!inside_aperture(config, position)) {
+      return fault(faults, position, access, FaultReason::outside_aperture);
+    }
+    domain::Leaf leaf;
+    if (!table.lookup_run(position, left, &leaf)) {
+      return fault(faults, position, access, FaultReason::not_present);
+    }
+    if ((leaf.prot & access) != access) {
+      return fault(faults, position, access, FaultReason::permission);
+    }
+    const uint64_t chunk = std::min(left, leaf.remaining);
+    // Keep checking past simulated memory: a real IOMMU would still fault
+    // on a bad IOVA later in the range.
+    if (leaf.synthetic) {
+      simulated = true;
+    } else if (!segments.append(leaf.address, chunk)) {
+      return Error(ENOMEM, "cannot allocate the DMA segment list");
+    }
+    left -= chunk;
+    if (left == 0) break;
+    position += chunk;
+  }
+  if (simulated) return Error(ENXIO, "DMA to simulated memory: no memory behind the mapping");
+
+  size_t offset = 0;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const HostSegments::Segment& segment = segments[i];
+    if (!copy(reinterpret_cast<std::byte*>(segment.address), offset, segment.bytes)) {
+      return Error(EFAULT, "memory behind the mapping vanished (file shrunk?)");
+    }
+    offset += segment.bytes;
+  }
+  return {};
+}
+
+}  // namespace
+
+const char* to_string(FaultReason reason) noexcept {
+  switch (reason) {
+    case FaultReason::not_present:
+      return "not_present";
+    case FaultReason::permission:
+      return "permission";
+    case FaultReason::outside_aperture:
+      return "outside_aperture";
+  }
+  return "unknown";
+}
+
+Result<std::shared_ptr<SoftDomain>> SoftDomain::create(const DomainConfig& config) {
+  if (config.aperture_start > config.aperture_last) {
+    return Error(EINVAL, "aperture_start is above aperture_last");
+  }
+  if (config.min_page_size < kPageSize || !std::has_single_bit(config.min_page_size)) {
+    return Error(EINVAL, "min_page_size must be a power of two of at least 4 KiB");
+  }
+  if ((config.page_sizes & kPageSize) == 0 || (config.page_sizes & ~kSupportedPageSizes) != 0) {
+    return Error(EINVAL, "page_sizes must include 4 KiB and may add only 2 MiB and 1 GiB");
+  }
+  for (const IovaRange& range : config.reserved) {
+    if (range.start > range.last) return Error(EINVAL, "reserved range with start above last");
+  }
+
+  Result<std::unique_ptr<domain::PageTable>> table =
+      domain::PageTable::create(config.aperture_last, config.page_sizes);
+  if (!table.ok()) return table.error();
+  std::unique_ptr<IommuFault[]> ring;
+  if (config.fault_log_capacity > 0) {
+    ring.reset(new (std::nothrow) IommuFault[config.fault_log_capacity]);
+    if (ring == nullptr) return Error(ENOMEM, "cannot allocate the fault log");
+  }
+  try {
+    auto impl = std::make_unique<Impl>(config, std::move(table).value(), std::move(ring));
+    return std::shared_ptr<SoftDomain>(new SoftDomain(std::move(impl)));
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "cannot allocate the domain");
+  }
+}
+
+SoftDomain::SoftDomain(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+SoftDomain::~SoftDomain() = default;
+
+const DomainConfig& SoftDomain::config() const noexcept { return impl_->config; }
+
+Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
+  if (!valid_access(access)) return Error(EINVAL, "access must be kProtRead and/or kProtWrite");
+  if (!inside_aperture(impl_->config, iova)) {
+    return fault(impl_->faults, iova, access, FaultReason::outside_aperture);
+  }
+  const RcuReadGuard guard;
+  domain::Leaf leaf;
+  if (!impl_->page_table->lookup(iova, &leaf)) {
+    return fault(impl_->faults, iova, access, FaultReason::not_present);
+  }
+  if ((leaf.prot & access) != access) {
+    return fault(impl_->faults, iova, access, FaultReason::permission);
+  }
+  return Translation{
+      .iova = iova,
+      .host = leaf.synthetic ? nullptr : reinterpret_cast<void*>(leaf.address),
+      .address = leaf.address,
+      .prot = leaf.prot,
+      .leaf_size = leaf.size,
+      .contiguous = leaf.remaining,
+  };
+}
+
+Status SoftDomain::dma_read(uint64_t iova, void* buf, size_t length) {
+  auto* destination = static_cast<std::byte*>(buf);
+  return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtRead,
+                  [destination](const std::byte* host, size_t offset, size_t bytes) {
+                    return mem::safe_copy(destination + offset, host, bytes);
+                  });
+}
+
+Status SoftDomain::dma_write(uint64_t iova, const void* buf, size_t length) {
+  const auto* source = static_cast<const std::byte*>(buf);
+  return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtWrite,
+                  [source](std::byte* host, size_t offset, size_t bytes) {
+                    return mem::safe_copy(host, source + offset, bytes);
+                  });
+}
+
+std::vector<IommuFault> SoftDomain::take_faults() { return impl_->faults.drain(); }
+
+DomainCounters SoftDomain::counters() const {
+  const domain::PageTableCounters table = impl_->page_table->counters();
+  return DomainCounters{
+      .mapped_bytes = table.mapped_bytes,
+      .leaves_4k = table.leaves_4k,
+      .leaves_2m = table.leaves_2m,
+      .leaves_1g = table.leaves_1g,
+      .table_pages = table.table_pages,
+      .faults = impl_->faults.total(),
+      .faults_dropped = impl_->faults.dropped(),
+  };
+}
+
+domain::PageTable& SoftDomain::page_table() noexcept { return *impl_->page_table; }
+
+}  // namespace iomm

@@ -1,0 +1,62 @@
+// State behind iomm::SoftDomain, shared with the IOAS code that attaches
+// domains and fills their page tables.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "domain/page_table.hpp"
+#include "iomm/domain.hpp"
+
+namespace iomm::domain {
+
+// Bounded log of IOMMU faults. When full, new faults are counted as dropped
+// and the oldest ones are kept, like a hardware fault queue.
+class FaultLog {
+ public:
+  // ring holds capacity entries (may be null when capacity is 0).
+  FaultLog(std::unique_ptr<IommuFault[]> ring, size_t capacity) noexcept
+      : ring_(std::move(ring)), capacity_(capacity) {}
+
+  void record(const IommuFault& fault) noexcept;
+  // Oldest first.
+  std::vector<IommuFault> drain();
+
+  [[nodiscard]] uint64_t total() const noexcept { return total_.load(std::memory_order_relaxed); }
+  [[nodiscard]] uint64_t dropped() const noexcept {
+    return dropped_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unique_ptr<IommuFault[]> ring_;
+  size_t capacity_;
+  size_t head_ = 0;  // index of the oldest entry
+  size_t size_ = 0;
+  std::atomic<uint64_t> total_{0};
+  std::atomic<uint64_t> dropped_{0};
+};
+
+}  // namespace iomm::domain
+
+namespace iomm {
+
+struct SoftDomain::Impl {
+  Impl(DomainConfig domain_config, std::unique_ptr<domain::PageTable> table,
+       std::unique_ptr<IommuFault[]> fault_ring) noexcept
+      : config(std::move(domain_config)),
+        page_table(std::move(table)),
+        faults(std::move(fault_ring), config.fault_log_capacity) {}
+
+  DomainConfig config;
+  std::unique_ptr<domain::PageTable> page_table;
+  domain::FaultLog faults;
+  // The IOAS this domain is attached to (set and cleared by the IOAS).
+  std::atomic<const void*> attached_to{nullptr};
+};
+
+}  // namespace iomm

@@ -1,0 +1,55 @@
+// An area: one mapping of an IOAS, from its IOVA range onto a slice of a
+// backing object.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "acct/owner.hpp"
+#include "iomm/domain.hpp"
+#include "iomm/range.hpp"
+#include "iomm/source.hpp"
+#include "mem/mem_object.hpp"
+
+namespace iomm::ioas {
+
+enum class AreaState {
+  filling,   // IOVA reserved; being pinned and mapped outside the tree lock
+  live,      // usable by domains and accesses
+  removing,  // being unmapped: no new access pins or rw
+};
+
+struct Area {
+  Area(IovaRange r, MemorySource s, uint32_t p, std::shared_ptr<acct::Owner> o)
+      : range(r), source(std::move(s)), prot(p), owner(std::move(o)) {}
+
+  const IovaRange range;
+  const MemorySource source;  // source.length() == range length
+  const uint32_t prot;
+  // Who pays for its pins; nullptr when uncharged (mode none, CAP_IPC_LOCK).
+  const std::shared_ptr<acct::Owner> owner;
+
+  // Written under the IOAS tree lock held exclusively.
+  AreaState state = AreaState::filling;
+  // True while the IOAS's domains hold one pin on the whole area. Changed by
+  // attach/detach (domains lock exclusive) or by the area's own map/unmap.
+  std::atomic<bool> domain_pinned{false};
+  // Access pins overlapping the area; raised under the tree lock held shared.
+  mutable std::atomic<uint32_t> access_pins{0};
+
+  [[nodiscard]] uint64_t length() const noexcept { return source.length(); }
+  // Backing offset of the byte at iova.
+  [[nodiscard]] uint64_t backing_offset(uint64_t iova) const noexcept {
+    return source.offset() + (iova - range.start);
+  }
+  Status pin_all() const {
+    return source.object()->pin(owner.get(), source.offset(), source.length(),
+                                (prot & kProtWrite) != 0);
+  }
+  void unpin_all() const noexcept {
+    source.object()->unpin(owner.get(), source.offset(), source.length());
+  }
+};
+
+}  // namespace iomm::ioas

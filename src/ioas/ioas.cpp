@@ -1,0 +1,419 @@
+// Map, unmap and copy (see include/iomm/ioas.hpp for the contract).
+#include "iomm/ioas.hpp"
+
+#include <algorithm>
+#include <cassert>
+#include <cstdio>
+#include <new>
+#include <thread>
+#include <string>
+
+#include "access/access_state.hpp"
+#include "domain/page_table.hpp"
+#include "ioas/ioas_state.hpp"
+#include "sync/rcu.hpp"
+
+namespace iomm {
+
+using ioas::Area;
+using ioas::AreaState;
+using ioas::IoasState;
+
+namespace {
+
+struct Slice {
+  MemorySource source;
+  std::shared_ptr<acct::Owner> owner;
+};
+
+std::string hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+std::string describe(const IovaRange& r) { return "[" + hex(r.start) + ", " + hex(r.last) + "]"; }
+
+Status check_prot(uint32_t prot) {
+  if ((prot & ~(kProtRead | kProtWrite)) != 0) return Error(EINVAL, "unknown prot bits");
+  if ((prot & (kProtRead | kProtWrite)) == 0) return Error(EINVAL, "prot needs read or write");
+  return {};
+}
+
+uint64_t backing_address(const MemorySource& s) { return s.object()->dma_address(s.offset()); }
+
+// Remove the areas from the tree (they never became visible as live).
+void erase_areas(IoasState& st, const std::vector<std::shared_ptr<Area>>& created) {
+  std::unique_lock tree(st.tree_mu);
+  for (const auto& a : created) st.areas.erase(a->range.start);
+}
+
+// Reserve IOVA for the slices as placeholder areas, then pin and fill every
+// domain outside the tree lock, then publish. All-or-nothing.
+Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices, uint32_t prot,
+                                 std::optional<uint64_t> fixed_iova) {
+  uint64_t total = 0;
+  for (const Slice& s : slices) {
+    if (__builtin_add_overflow(total, s.source.length(), &total)) {
+      return Error(EOVERFLOW, "total length overflows");
+    }
+  }
+  std::vector<std::shared_ptr<Area>> created;
+  uint64_t start = 0;
+  try {
+    created.reserve(slices.size());
+    std::unique_lock tree(st.tree_mu);
+    const uint64_t align = st.iova_alignment();
+    for (const Slice& s : slices) {
+      if (!is_aligned(s.source.length(), align) || !is_aligned(backing_address(s.source), align)) {
+        return Error(EINVAL, "length and backing address must be aligned to " + std::to_string(align));
+      }
+    }
+    if (fixed_iova) {
+      if (!is_aligned(*fixed_iova, align)) {
+        return Error(EINVAL, "IOVA " + hex(*fixed_iova) + " is not aligned to " + std::to_string(align));
+      }
+      const auto range = make_range(*fixed_iova, total);
+      if (!range) return Error(EOVERFLOW, "IOVA + length wraps");
+      if (st.overlaps_reserved(*range)) {
+        return Error(EINVAL, "IOVA range " + describe(*range) + " overlaps a reserved range");
+      }
+      if (st.overlaps_area(*range)) {
+        return Error(EEXIST, "IOVA range " + describe(*range) + " overlaps a mapping");
+      }
+      start = *fixed_iova;
+    } else {
+      auto allocated = st.allocate_iova(total, backing_address(slices.front().source));
+      if (!allocated.ok()) return allocated.error();
+      start = *allocated;
+    }
+    if (st.areas.size() + slices.size() > st.options.max_mappings) {
+      return Error(ENOSPC, "mapping limit of " + std::to_string(st.options.max_mappings) + " reached");
+    }
+    uint64_t iova = start;
+    for (const Slice& s : slices) {
+      auto area = std::make_shared<Area>(IovaRange{iova, iova + s.source.length() - 1}, s.source,
+                                         prot, s.owner);
+      st.areas.emplace(iova, area);
+      created.push_back(std::move(area));
+      iova += s.source.length();
+    }
+  } catch (const std::bad_alloc&) {
+    erase_areas(st, created);
+    return Error(ENOMEM, "out of memory for the mapping");
+  }
+
+  std::shared_lock domains(st.domains_mu);
+  if (!st.domains.empty()) {
+    size_t pinned = 0;
+    Status result;
+    for (; pinned < created.size() && result; ++pinned) result = created[pinned]->pin_all();
+    if (!result) --pinned;
+    size_t domains_done = 0;
+    size_t areas_in_last = 0;
+    for (; result && domains_done < st.domains.size(); ++domains_done) {
+      domain::PageTable& pt = st.domains[domains_done]->page_table();
+      for (areas_in_last = 0; areas_in_last < created.size() && result; ++areas_in_last) {
+        const Area& a = *created[areas_in_last];
+        result = pt.map(a.range.start, backing_address(a.source), a.length(), prot,
+                        a.source.object()->synthetic());
+      }
+      if (!result) {
+        --areas_in_last;
+        break;
+      }
+    }
+    if (!result) {
+      for (size_t d = 0; d <= domains_done && d < st.domains.size(); ++d) {
+        const size_t n = d < domains_done ? created.size() : areas_in_last;
+        for (size_t i = 0; i < n; ++i) {
+          st.domains[d]->page_table().unmap(created[i]->range.start, created[i]->length());
+        }
+      }
+      sync::rcu_synchronize();  // a device may have seen the translations
+      for (size_t i = 0; i < pinned; ++i) created[i]->unpin_all();
+      domains.unlock();
+      erase_areas(st, created);
+      return result.error();
+    }
+  }
+  {
+    std::unique_lock tree(st.tree_mu);
+    for (const auto& a : created) {
+      a->domain_pinned.store(!st.domains.empty(), std::memory_order_relaxed);
+      a->state = AreaState::live;
+    }
+    st.mapped_bytes += total;
+  }
+  return start;
+}
+
+// Ask accesses to drop pins on the victims until none remain, at most
+// kUnmapNotifyRetries rounds.
+bool drain_access_pins(IoasState& st, const std::vector<std::shared_ptr<Area>>& victims) {
+  const IovaRange span{victims.front()->range.start, victims.back()->range.last};
+  auto pinned = [&] {
+    return std::any_of(victims.begin(), victims.end(), [](const auto& a) {
+      return a->access_pins.load(std::memory_order_acquire) != 0;
+    });
+  };
+  for (int round = 0; round < kUnmapNotifyRetries; ++round) {
+    if (!pinned()) return true;
+    access::notify_unmap(st, span);
+    if (pinned()) std::this_thread::yield();
+  }
+  return !pinned();
+}
+
+// Unmap every area inside r. Empty is success with 0 bytes.
+Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
+  std::vector<std::shared_ptr<Area>> victims;
+  uint64_t bytes = 0;
+  {
+    std::unique_lock tree(st.tree_mu);
+    for (auto it = st.first_overlap(r); it != st.areas.end() && it->first <= r.last; ++it) {
+      const Area& a = *it->second;
+      if (!r.contains(a.range)) {
+        return Error(ENOENT, "range " + describe(r) + " cuts mapping " + describe(a.range));
+      }
+      if (a.state != AreaState::live) {
+        return Error(EBUSY, "mapping " + describe(a.range) + " is being created or removed");
+      }
+    }
+    try {
+      for (auto it = st.first_overlap(r); it != st.areas.end() && it->first <= r.last; ++it) {
+        victims.push_back(it->second);
+      }
+    } catch (const std::bad_alloc&) {
+      return Error(ENOMEM, "out of memory");
+    }
+    for (const auto& a : victims) {
+      a->state = AreaState::removing;
+      bytes += a->length();
+    }
+  }
+  if (victims.empty()) return uint64_t{0};
+
+  if (!drain_access_pins(st, victims)) {
+    std::unique_lock tree(st.tree_mu);
+    for (const auto& a : victims) a->state = AreaState::live;
+    return Error(EDEADLOCK, "an access kept pins in " + describe(r) + " after " +
+                                std::to_string(kUnmapNotifyRetries) + " unmap notifications");
+  }
+
+  // Teardown order: translations out of every domain, wait for lock-free
+  // readers, release the pages (and with them the charge).
+  {
+    std::shared_lock domains(st.domains_mu);
+    for (const auto& d : st.domains) {
+      for (const auto& a : victims) d->page_table().unmap(a->range.start, a->length());
+    }
+    if (!st.domains.empty()) sync::rcu_synchronize();
+    for (const auto& a : victims) {
+      if (a->domain_pinned.exchange(false)) a->unpin_all();
+    }
+  }
+  std::unique_lock tree(st.tree_mu);
+  for (const auto& a : victims) st.areas.erase(a->range.start);
+  st.mapped_bytes -= bytes;
+  return bytes;
+}
+
+Status check_unmap_args(uint64_t iova, uint64_t length) {
+  if (iova == UINT64_MAX || length == UINT64_MAX) return Error(EOVERFLOW, "iova or length too large");
+  if (length == 0) return Error(EINVAL, "zero length");
+  if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
+  return {};
+}
+
+}  // namespace
+
+Result<std::shared_ptr<Ioas>> Ioas::create(const IoasOptions& options) {
+  if (options.max_mappings == 0) return Error(EINVAL, "max_mappings must be at least 1");
+  auto state = std::unique_ptr<IoasState>(new (std::nothrow) IoasState(options));
+  if (!state) return Error(ENOMEM, "out of memory");
+  return std::shared_ptr<Ioas>(new (std::nothrow) Ioas(std::move(state)));
+}
+
+Ioas::Ioas(std::unique_ptr<IoasState> state) : state_(std::move(state)) {}
+
+Ioas::~Ioas() {
+  // Accesses hold a reference, so none is left: unmap_all cannot deadlock,
+  // and nothing else can race with us.
+  [[maybe_unused]] auto unmapped = remove_range(*state_, {0, UINT64_MAX});
+  assert(unmapped.ok());
+  for (;;) {
+    std::shared_ptr<SoftDomain> d;
+    {
+      std::shared_lock lk(state_->domains_mu);
+      if (state_->domains.empty()) break;
+      d = state_->domains.back();
+    }
+    [[maybe_unused]] Status s = detach(d);
+    assert(s.ok());
+  }
+}
+
+const IoasOptions& Ioas::options() const noexcept { return state_->options; }
+
+Result<uint64_t> Ioas::map(const MemorySource& source, uint32_t prot, std::optional<uint64_t> iova) {
+  if ((iova && *iova == UINT64_MAX) || source.length() == UINT64_MAX) {
+    return Error(EOVERFLOW, "iova or length too large");
+  }
+  if (Status s = check_prot(prot); !s) return s.error();
+  if ((prot & kProtWrite) != 0 && !source.writable()) {
+    return Error(EPERM, "write access requested on a read-only source");
+  }
+  auto owner = acct::owner_for_mapping(state_->options.account_mode, state_->options.owner);
+  if (!owner.ok()) return owner.error();
+  std::vector<Slice> slices;
+  slices.push_back({source, std::move(owner).value()});
+  return insert_and_fill(*state_, slices, prot, iova);
+}
+
+Result<uint64_t> Ioas::unmap(uint64_t iova, uint64_t length) {
+  auto bytes = unmap_range_allow_empty(iova, length);
+  if (bytes.ok() && *bytes == 0) return Error(ENOENT, "nothing is mapped in the range");
+  return bytes;
+}
+
+Result<uint64_t> Ioas::unmap_range_allow_empty(uint64_t iova, uint64_t length) {
+  if (Status s = check_unmap_args(iova, length); !s) return s.error();
+  return remove_range(*state_, *make_range(iova, length));
+}
+
+Result<uint64_t> Ioas::unmap_all() { return remove_range(*state_, {0, UINT64_MAX}); }
+
+Result<uint64_t> Ioas::copy_from(Ioas& src, uint64_t src_iova, uint64_t length, uint32_t prot,
+                                 std::optional<uint64_t> iova) {
+  if (length == UINT64_MAX || src_iova == UINT64_MAX || (iova && *iova == UINT64_MAX)) {
+    return Error(EOVERFLOW, "iova or length too large");
+  }
+  if (Status s = check_prot(prot); !s) return s.error();
+  if (length == 0) return Error(EINVAL, "zero length");
+  const auto range = make_range(src_iova, length);
+  if (!range) return Error(EOVERFLOW, "source iova + length wraps");
+
+  std::vector<Slice> slices;
+  try {
+    std::shared_lock tree(src.state_->tree_mu);
+    const IoasState& s = *src.state_;
+    uint64_t pos = range->start;
+    bool covered = false;
+    for (auto it = s.first_overlap(*range); it != s.areas.end() && it->first <= range->last; ++it) {
+      const Area& a = *it->second;
+      if (a.range.start > pos || a.state != AreaState::live) break;
+      if ((prot & kProtWrite) != 0 && !a.source.writable()) {
+        return Error(EPERM, "write access requested on read-only pages");
+      }
+      const uint64_t last = std::min(a.range.last, range->last);
+      slices.push_back({a.source.slice(pos - a.range.start, last - pos + 1), a.owner});
+      if (last == range->last) {
+        covered = true;
+        break;
+      }
+      pos = last + 1;
+    }
+    if (!covered) {
+      return Error(ENOENT, "source range " + describe(*range) + " is not fully mapped");
+    }
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  return insert_and_fill(*state_, slices, prot, iova);
+}
+
+Status Ioas::set_allowed_ranges(std::span<const IovaRange> ranges) {
+  std::vector<IovaRange> sorted;
+  try {
+    sorted.assign(ranges.begin(), ranges.end());
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  std::sort(sorted.begin(), sorted.end(),
+            [](const IovaRange& a, const IovaRange& b) { return a.start < b.start; });
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    if (sorted[i].start > sorted[i].last) return Error(EINVAL, "allowed range with start > last");
+    if (i > 0 && sorted[i - 1].last >= sorted[i].start) {
+      return Error(EINVAL, "allowed ranges overlap each other");
+    }
+  }
+  std::unique_lock tree(state_->tree_mu);
+  for (const IovaRange& r : sorted) {
+    if (state_->overlaps_reserved(r)) {
+      return Error(EADDRINUSE, "allowed range " + describe(r) + " overlaps a reserved range");
+    }
+  }
+  state_->allowed.swap(sorted);
+  return {};
+}
+
+Status Ioas::add_reserved(const IovaRange& range) {
+  if (range.start > range.last) return Error(EINVAL, "reserved range with start > last");
+  std::unique_lock tree(state_->tree_mu);
+  if (state_->overlaps_area(range)) {
+    return Error(EADDRINUSE, "reserved range " + describe(range) + " overlaps a mapping");
+  }
+  if (state_->overlaps_allowed(range)) {
+    return Error(EADDRINUSE, "reserved range " + describe(range) + " overlaps an allowed range");
+  }
+  try {
+    state_->insert_reservation({range, nullptr});
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  return {};
+}
+
+Status Ioas::remove_reserved(const IovaRange& range) {
+  std::unique_lock tree(state_->tree_mu);
+  auto& res = state_->reserved;
+  auto it = std::find_if(res.begin(), res.end(), [&](const ioas::Reservation& r) {
+    return r.owner == nullptr && r.range == range;
+  });
+  if (it == res.end()) return Error(ENOENT, "no user reservation " + describe(range));
+  res.erase(it);
+  return {};
+}
+
+std::vector<IovaRange> Ioas::iova_ranges() const {
+  std::shared_lock tree(state_->tree_mu);
+  std::vector<IovaRange> holes;
+  uint64_t pos = 0;
+  for (const auto& r : state_->reserved) {
+    if (r.range.start > pos) holes.push_back({pos, r.range.start - 1});
+    if (r.range.last == UINT64_MAX) return holes;
+    pos = std::max(pos, r.range.last + 1);
+  }
+  holes.push_back({pos, UINT64_MAX});
+  return holes;
+}
+
+std::vector<MappingInfo> Ioas::mappings() const {
+  std::shared_lock tree(state_->tree_mu);
+  std::vector<MappingInfo> out;
+  out.reserve(state_->areas.size());
+  for (const auto& [start, a] : state_->areas) {
+    if (a->state != AreaState::live) continue;
+    out.push_back({a->range.start, a->length(), a->prot, a->source.kind(),
+                   a->domain_pinned.load(std::memory_order_relaxed),
+                   a->access_pins.load(std::memory_order_relaxed)});
+  }
+  return out;
+}
+
+IoasCounters Ioas::counters() const {
+  IoasCounters c;
+  {
+    std::shared_lock domains(state_->domains_mu);
+    c.domains = state_->domains.size();
+  }
+  std::shared_lock tree(state_->tree_mu);
+  c.mappings = state_->areas.size();
+  c.mapped_bytes = state_->mapped_bytes;
+  c.accesses = state_->access_count;
+  c.iova_alignment = state_->iova_alignment();
+  return c;
+}
+
+}  // namespace iomm

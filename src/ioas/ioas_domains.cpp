@@ -1,0 +1,151 @@
+// Attaching and detaching software domains (see include/iomm/ioas.hpp).
+#include <algorithm>
+#include <string>
+
+#include "domain/soft_domain_impl.hpp"
+#include "ioas/ioas_state.hpp"
+#include "iomm/ioas.hpp"
+#include "sync/rcu.hpp"
+
+namespace iomm {
+
+using ioas::Area;
+using ioas::AreaState;
+using ioas::IoasState;
+
+namespace {
+
+std::vector<IovaRange> domain_reservations(const DomainConfig& cfg) {
+  std::vector<IovaRange> out = cfg.reserved;
+  if (cfg.aperture_start > 0) out.push_back({0, cfg.aperture_start - 1});
+  if (cfg.aperture_last < UINT64_MAX) out.push_back({cfg.aperture_last + 1, UINT64_MAX});
+  return out;
+}
+
+// Drop a domain's reservations and recompute the domain alignment from the
+// domains still listed. tree_mu held exclusively.
+void forget_domain(IoasState& st, const SoftDomain* d) noexcept {
+  std::erase_if(st.reserved, [&](const ioas::Reservation& r) { return r.owner == d; });
+  st.domain_alignment = 1;
+  for (const auto& other : st.domains) {
+    if (other.get() != d) {
+      st.domain_alignment = std::max(st.domain_alignment, other->config().min_page_size);
+    }
+  }
+}
+
+}  // namespace
+
+Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
+  if (!domain) return Error(EINVAL, "no domain");
+  const void* expected = nullptr;
+  if (!domain->impl_->attached_to.compare_exchange_strong(expected, this)) {
+    if (expected == this) return Error(EINVAL, "domain is already attached to this IOAS");
+    return Error(EBUSY, "domain is attached to another IOAS");
+  }
+  IoasState& st = *state_;
+  const DomainConfig& cfg = domain->config();
+  std::unique_lock domains(st.domains_mu);
+  std::vector<std::shared_ptr<Area>> live;
+  auto release_claim = [&] { domain->impl_->attached_to.store(nullptr); };
+
+  try {
+    const std::vector<IovaRange> reservations = domain_reservations(cfg);
+    std::unique_lock tree(st.tree_mu);
+    // Areas in any state count: a placeholder reserved before we took the
+    // domains lock will fill into this domain once we release it.
+    for (const IovaRange& r : reservations) {
+      if (st.overlaps_area(r)) {
+        release_claim();
+        return Error(EADDRINUSE, "a mapping lies outside the domain's aperture or in its reserved region");
+      }
+      if (st.overlaps_allowed(r)) {
+        release_claim();
+        return Error(EADDRINUSE, "an allowed IOVA range lies outside the domain's aperture or in its reserved region");
+      }
+    }
+    const uint64_t new_alignment = std::max(st.domain_alignment, cfg.min_page_size);
+    if (!st.areas_aligned(std::max(new_alignment, st.iova_alignment()))) {
+      release_claim();
+      return Error(EADDRINUSE, "a mapping is not aligned to the domain's page size " +
+                                   std::to_string(cfg.min_page_size));
+    }
+    for (const auto& [start, a] : st.areas) {
+      if (a->state == AreaState::live) live.push_back(a);
+    }
+    st.reserved.reserve(st.reserved.size() + reservations.size());
+    for (const IovaRange& r : reservations) st.insert_reservation({r, domain.get()});
+    st.domain_alignment = new_alignment;
+  } catch (const std::bad_alloc&) {
+    std::unique_lock tree(st.tree_mu);
+    forget_domain(st, domain.get());
+    release_claim();
+    return Error(ENOMEM, "out of memory");
+  }
+
+  const bool first = st.domains.empty();
+  size_t pinned = 0;
+  size_t mapped = 0;
+  Status result;
+  if (first) {
+    for (; pinned < live.size(); ++pinned) {
+      if (result = live[pinned]->pin_all(); !result) break;
+    }
+  }
+  for (; result && mapped < live.size(); ++mapped) {
+    const Area& a = *live[mapped];
+    result = domain->page_table().map(a.range.start, a.source.object()->dma_address(a.source.offset()),
+                                      a.length(), a.prot, a.source.object()->synthetic());
+    if (!result) break;
+  }
+  if (result) {
+    try {
+      st.domains.push_back(domain);
+    } catch (const std::bad_alloc&) {
+      result = Error(ENOMEM, "out of memory");
+    }
+  }
+  if (!result) {
+    for (size_t i = 0; i < mapped; ++i) {
+      domain->page_table().unmap(live[i]->range.start, live[i]->length());
+    }
+    sync::rcu_synchronize();  // its DMA interface may have used them
+    for (size_t i = 0; i < pinned; ++i) live[i]->unpin_all();
+    std::unique_lock tree(st.tree_mu);
+    forget_domain(st, domain.get());
+    release_claim();
+    return result;
+  }
+  if (first) {
+    for (const auto& a : live) a->domain_pinned.store(true);
+  }
+  return {};
+}
+
+Status Ioas::detach(const std::shared_ptr<SoftDomain>& domain) {
+  IoasState& st = *state_;
+  std::unique_lock domains(st.domains_mu);
+  auto it = std::find(st.domains.begin(), st.domains.end(), domain);
+  if (it == st.domains.end()) return Error(ENOENT, "domain is not attached to this IOAS");
+  st.domains.erase(it);
+  // No allocation from here on: detaching cannot fail.
+  {
+    std::shared_lock tree(st.tree_mu);
+    for (const auto& [start, a] : st.areas) domain->page_table().unmap(start, a->length());
+  }
+  sync::rcu_synchronize();
+  if (st.domains.empty()) {
+    std::shared_lock tree(st.tree_mu);
+    for (const auto& [start, a] : st.areas) {
+      if (a->domain_pinned.exchange(false)) a->unpin_all();
+    }
+  }
+  {
+    std::unique_lock tree(st.tree_mu);
+    forget_domain(st, domain.get());
+  }
+  domain->impl_->attached_to.store(nullptr);
+  return {};
+}
+
+}  // namespace iomm

@@ -1,0 +1,64 @@
+// Internal state of an IOAS.
+//
+// Lock order: domains_mu before tree_mu; accesses_mu is a leaf lock. No IOAS
+// lock is held while calling an access's unmap callback.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <vector>
+
+#include "ioas/area.hpp"
+#include "iomm/ioas.hpp"
+
+namespace iomm::access {
+struct AccessState;
+}
+
+namespace iomm::ioas {
+
+struct Reservation {
+  IovaRange range;
+  const void* owner;  // the domain that reserved it, or nullptr for the user
+};
+
+struct IoasState {
+  explicit IoasState(const IoasOptions& o) : options(o) {}
+
+  const IoasOptions options;
+
+  mutable std::shared_mutex tree_mu;
+  std::map<uint64_t, std::shared_ptr<Area>> areas;  // by range.start
+  std::vector<Reservation> reserved;                // sorted by range.start
+  std::vector<IovaRange> allowed;                   // sorted, disjoint
+  uint64_t mapped_bytes = 0;
+  uint64_t access_count = 0;  // accesses attached (they need page alignment)
+
+  mutable std::shared_mutex domains_mu;
+  std::vector<std::shared_ptr<SoftDomain>> domains;  // guarded by domains_mu
+
+  mutable std::mutex accesses_mu;
+  std::vector<access::AccessState*> accesses;  // guarded by accesses_mu
+
+  // Required alignment of IOVA, length and backing address (tree_mu).
+  [[nodiscard]] uint64_t iova_alignment() const noexcept;
+  // Largest minimum page size among domains (domain_alignment, tree_mu).
+  uint64_t domain_alignment = 1;
+
+  // --- tree queries; tree_mu held by the caller ---
+  // Area overlapping [r.start, r.last] with the lowest start, or end().
+  [[nodiscard]] std::map<uint64_t, std::shared_ptr<Area>>::const_iterator first_overlap(
+      const IovaRange& r) const;
+  [[nodiscard]] bool overlaps_area(const IovaRange& r) const;
+  [[nodiscard]] bool overlaps_reserved(const IovaRange& r) const;
+  [[nodiscard]] bool overlaps_allowed(const IovaRange& r) const;
+  // Whether every area fits `alignment` (IOVA, length and backing address).
+  [[nodiscard]] bool areas_aligned(uint64_t alignment) const;
+  // First-fit IOVA for length bytes backed at `address`.
+  [[nodiscard]] Result<uint64_t> allocate_iova(uint64_t length, uint64_t address) const;
+  void insert_reservation(const Reservation& r);
+};
+
+}  // namespace iomm::ioas

@@ -1,0 +1,97 @@
+// Backing objects: the identity space that pages belong to.
+//
+// Each kind of backing has its own type behind this small interface: a file
+// mapped once by the library (FileObject), this process's virtual memory
+// (UserObject, one per process), and synthetic memory (SimulatedObject).
+// Pins are counted per object and page in the object's PinStore, so any number
+// of mappings, domains, accesses and copies reaching one page pin it once and
+// charge it once per owner.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+
+#include "iomm/result.hpp"
+#include "iomm/range.hpp"
+#include "iomm/source.hpp"
+#include "mem/interval_counts.hpp"
+
+namespace iomm::acct {
+class Owner;
+}
+
+namespace iomm::mem {
+
+class MemObject {
+ public:
+  MemObject(SourceKind kind, unsigned page_shift) : kind_(kind), page_shift_(page_shift) {}
+  virtual ~MemObject() = default;
+  MemObject(const MemObject&) = delete;
+  MemObject& operator=(const MemObject&) = delete;
+
+  [[nodiscard]] SourceKind kind() const noexcept { return kind_; }
+  // log2 of the pin granule: 12, or the hugetlb page shift.
+  [[nodiscard]] unsigned page_shift() const noexcept { return page_shift_; }
+  [[nodiscard]] bool synthetic() const noexcept { return kind_ == SourceKind::simulated; }
+
+  // The address a page table maps for byte `offset` of the object: a host
+  // virtual address, or a synthetic address for simulated memory.
+  [[nodiscard]] virtual uint64_t dma_address(uint64_t offset) const noexcept = 0;
+  // Host pointer for byte `offset`, or nullptr when there is no memory.
+  [[nodiscard]] virtual void* host(uint64_t offset) const noexcept = 0;
+  [[nodiscard]] virtual bool shrink_sealed() const noexcept { return true; }
+
+  // Pin [offset, offset + length) for owner (nullptr: uncharged). Pages are
+  // charged to the owner before they are locked; the call is all-or-nothing.
+  // EFAULT bad address, ENOMEM memlock limit or no memory.
+  Status pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool write);
+  // Drop one pin taken by pin() with the same arguments. Never fails.
+  void unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept;
+
+ protected:
+  // Make granules [first, last] resident and locked. Called without the pin
+  // lock, at most once at a time for any given granule.
+  virtual Status lock_granules(uint64_t first, uint64_t last, bool write) = 0;
+  virtual void unlock_granules(uint64_t first, uint64_t last) noexcept = 0;
+
+ private:
+  struct Range {
+    uint64_t first;
+    uint64_t last;
+  };
+  // Runs are handled in fixed batches so unpin never allocates.
+  static constexpr size_t kRunBatch = 32;
+  size_t collect_runs(uint64_t op, uint64_t first, uint64_t last,
+                      std::span<Range> runs) const noexcept;
+  void finish_unlock(uint64_t op, uint64_t first, uint64_t last,
+                     std::unique_lock<std::mutex>& lk) noexcept;
+  void account_physical(uint64_t granules, bool pinned) const noexcept;
+
+  const SourceKind kind_;
+  const unsigned page_shift_;
+
+  std::mutex mu_;
+  std::condition_variable unpended_;
+  uint64_t next_op_ = 1;
+  IntervalCounts physical_;
+  std::map<acct::Owner*, IntervalCounts> charged_;
+};
+
+// The object for this process's virtual memory (page identity = address).
+std::shared_ptr<MemObject> user_object();
+
+// Process-wide pin counters (bytes, 4 KiB units).
+struct PinCounters {
+  uint64_t pinned_bytes;
+  uint64_t simulated_pinned_bytes;
+};
+PinCounters pin_counters() noexcept;
+
+// Map a populate/mlock errno to the errno the API reports.
+int pin_errno(int syscall_errno) noexcept;
+
+}  // namespace iomm::mem

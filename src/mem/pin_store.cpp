@@ -1,0 +1,207 @@
+// MemObject::pin / unpin: physical pins and per-owner charges over the
+// object's pages.
+//
+// Protocol (see docs/design.md, "Pinning"):
+// - Under mu_: wait until no segment in range is pending; make the range's
+//   segment boundaries exist (the only allocation); charge the owner for the
+//   pages its count takes from 0 to 1 (compare-and-swap against the limit:
+//   never over, even transiently); raise the counts and mark the physical
+//   segments that went 0 -> 1 as pending under this call's op id.
+// - Without mu_: populate + mlock each pending run (syscalls may be slow; other
+//   ranges proceed meanwhile).
+// - Under mu_ again: clear pending and wake waiters; on failure undo exactly
+//   what this call did.
+// Unpin mirrors it, releasing memory before returning the charge, and needs
+// no allocation because pin left the boundaries in place.
+#include <array>
+#include <atomic>
+#include <cassert>
+#include <new>
+
+#include "acct/owner.hpp"
+#include "mem/mem_object.hpp"
+
+namespace iomm::mem {
+
+namespace {
+
+std::atomic<uint64_t> g_pinned_pages{0};
+std::atomic<uint64_t> g_simulated_pinned_pages{0};
+
+
+
+}  // namespace
+
+PinCounters pin_counters() noexcept {
+  return {g_pinned_pages.load(std::memory_order_relaxed) * kPageSize,
+          g_simulated_pinned_pages.load(std::memory_order_relaxed) * kPageSize};
+}
+
+int pin_errno(int syscall_errno) noexcept {
+  // MADV_POPULATE_* says ENOMEM for an unmapped range and EINVAL for a
+  // VM_PFNMAP/VM_IO one; both are a bad address to the caller, as in GUP.
+  switch (syscall_errno) {
+    case ENOMEM:
+    case EINVAL:
+    case EFAULT:
+      return EFAULT;
+    case EAGAIN:
+      return ENOMEM;
+    default:
+      return syscall_errno;
+  }
+}
+
+void MemObject::account_physical(uint64_t granules, bool pinned) const noexcept {
+  const uint64_t pages = granules << (page_shift_ - kPageShift);
+  auto& counter = synthetic() ? g_simulated_pinned_pages : g_pinned_pages;
+  if (pinned) {
+    counter.fetch_add(pages, std::memory_order_relaxed);
+  } else {
+    counter.fetch_sub(pages, std::memory_order_relaxed);
+  }
+}
+
+size_t MemObject::collect_runs(uint64_t op, uint64_t first, uint64_t last,
+                               std::span<Range> runs) const noexcept {
+  size_t n = 0;
+  for (auto it = physical_.segments().lower_bound(first);
+       it != physical_.segments().end() && it->first <= last; ++it) {
+    if (it->second.pending_op != op) continue;
+    if (n > 0 && runs[n - 1].last + 1 == it->first) {
+      runs[n - 1].last = it->second.last;
+    } else if (n < runs.size()) {
+      runs[n++] = {it->first, it->second.last};
+    } else {
+      break;
+    }
+  }
+  return n;
+}
+
+Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool write) {
+  assert(length > 0);
+  const uint64_t first = offset >> page_shift_;
+  const uint64_t last = (offset + length - 1) >> page_shift_;
+  const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
+
+  std::unique_lock lk(mu_);
+  unpended_.wait(lk, [&] { return !physical_.any_pending(first, last); });
+
+  IntervalCounts* charges = nullptr;
+  try {
+    physical_.cover(first, last);
+    if (owner != nullptr) {
+      charges = &charged_[owner];
+      charges->cover(first, last);
+    }
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory for pin bookkeeping");
+  }
+
+  if (charges != nullptr) {
+    if (Status st = owner->charge(charges->zero_pages(first, last) * granule_pages); !st) {
+      charges->erase_zeros(first, last);
+      if (charges->empty()) charged_.erase(owner);
+      physical_.erase_zeros(first, last);
+      return st;
+    }
+    charges->add(first, last, +1, 0);
+  }
+  const uint64_t op = next_op_++;
+  const uint64_t newly_pinned = physical_.add(first, last, +1, op);
+
+  // Lock every run this op moved from 0 to 1, without mu_. The pending marks
+  // keep those segments ours while the rest of the map changes.
+  Status result;
+  uint64_t cursor = first;
+  uint64_t failed_at = last + 1;  // first granule not locked on failure
+  while (result && cursor <= last) {
+    std::array<Range, kRunBatch> runs{};
+    const size_t n = collect_runs(op, cursor, last, runs);
+    if (n == 0) break;
+    lk.unlock();
+    for (size_t i = 0; i < n && result; ++i) {
+      result = lock_granules(runs[i].first, runs[i].last, write);
+      if (!result) failed_at = runs[i].first;
+    }
+    lk.lock();
+    if (runs[n - 1].last == last) break;
+    cursor = runs[n - 1].last + 1;
+  }
+
+  if (result) {
+    for (auto it = physical_.segments().lower_bound(first);
+         it != physical_.segments().end() && it->first <= last; ++it) {
+      if (it->second.pending_op == op) it->second.pending_op = 0;
+    }
+    account_physical(newly_pinned, true);
+  } else {
+    // Undo exactly this call: runs past the failure were never locked; the
+    // ones before it are unlocked like an unpin would.
+    physical_.add(first, last, -1, 0);
+    for (auto it = physical_.segments().lower_bound(failed_at);
+         it != physical_.segments().end() && it->first <= last; ++it) {
+      if (it->second.pending_op == op) it->second.pending_op = 0;
+    }
+    if (failed_at > first) finish_unlock(op, first, failed_at - 1, lk);
+    physical_.erase_zeros(first, last);
+    if (charges != nullptr) {
+      const uint64_t released = charges->add(first, last, -1, 0) * granule_pages;
+      charges->erase_zeros(first, last);
+      if (charges->empty()) charged_.erase(owner);
+      owner->uncharge(released);
+    }
+  }
+  unpended_.notify_all();
+  return result;
+}
+
+void MemObject::unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept {
+  assert(length > 0);
+  const uint64_t first = offset >> page_shift_;
+  const uint64_t last = (offset + length - 1) >> page_shift_;
+
+  std::unique_lock lk(mu_);
+  const uint64_t op = next_op_++;
+  const uint64_t released = physical_.add(first, last, -1, op);
+  finish_unlock(op, first, last, lk);
+  account_physical(released, false);
+
+  // Memory first, then the charge (teardown order).
+  if (owner != nullptr) {
+    auto it = charged_.find(owner);
+    assert(it != charged_.end() && "unpin without a charge");
+    const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
+    const uint64_t uncharged = it->second.add(first, last, -1, 0) * granule_pages;
+    it->second.erase_zeros(first, last);
+    if (it->second.empty()) charged_.erase(it);
+    owner->uncharge(uncharged);
+  }
+  unpended_.notify_all();
+}
+
+// Unlock, in batches and without mu_, every run this op took to zero, then
+// erase those segments. Enters and leaves with lk held; never allocates.
+void MemObject::finish_unlock(uint64_t op, uint64_t first, uint64_t last,
+                              std::unique_lock<std::mutex>& lk) noexcept {
+  for (;;) {
+    std::array<Range, kRunBatch> runs{};
+    const size_t n = collect_runs(op, first, last, runs);
+    if (n == 0) return;
+    lk.unlock();
+    for (size_t i = 0; i < n; ++i) unlock_granules(runs[i].first, runs[i].last);
+    lk.lock();
+    for (size_t i = 0; i < n; ++i) {
+      auto& segs = physical_.segments();
+      for (auto it = segs.lower_bound(runs[i].first);
+           it != segs.end() && it->first <= runs[i].last;) {
+        assert(it->second.pending_op == op && it->second.count == 0);
+        it = segs.erase(it);
+      }
+    }
+    unpended_.notify_all();
+  }
+}
+
+}  // namespace iomm::mem

@@ -1,0 +1,14 @@
+// Make a range of this process's address space resident and locked: one
+// MADV_POPULATE_{READ,WRITE} (which, unlike mlock, reports a range it cannot
+// fault in) and one mlock per run.
+#pragma once
+
+#include <cstdint>
+
+#include "iomm/result.hpp"
+
+namespace iomm::mem {
+
+Status populate_and_lock(void* addr, uint64_t length, bool write);
+
+}  // namespace iomm::mem

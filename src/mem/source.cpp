@@ -1,0 +1,48 @@
+#include <string>
+
+#include "iomm/source.hpp"
+#include "mem/file_object.hpp"
+#include "mem/simulated_object.hpp"
+
+namespace iomm {
+
+Result<MemorySource> MemorySource::from_file(int fd, uint64_t offset, uint64_t length) {
+  auto obj = mem::FileObject::for_range(fd, offset, length);
+  if (!obj.ok()) return obj.error();
+  const bool writable = (*obj)->writable();
+  return MemorySource(std::move(obj).value(), offset, length, writable);
+}
+
+Result<MemorySource> MemorySource::from_user(void* address, uint64_t length, bool writable) {
+  if (length == 0) return Error(EINVAL, "zero length");
+  uint64_t end = 0;
+  if (__builtin_add_overflow(reinterpret_cast<uint64_t>(address), length, &end)) {
+    return Error(EOVERFLOW, "address + length overflows");
+  }
+  return MemorySource(mem::user_object(), reinterpret_cast<uint64_t>(address), length, writable);
+}
+
+Result<MemorySource> MemorySource::simulated(uint64_t length) {
+  if (length == 0) return Error(EINVAL, "zero length");
+  if (length > mem::kSimulatedMaxLength) {
+    return Error(EINVAL, "a simulated source is at most " +
+                             std::to_string(mem::kSimulatedMaxLength) + " bytes");
+  }
+  auto obj = mem::make_simulated_object();
+  if (!obj.ok()) return obj.error();
+  return MemorySource(std::move(obj).value(), 0, length, true);
+}
+
+SourceKind MemorySource::kind() const noexcept { return object_->kind(); }
+
+uint64_t MemorySource::page_size() const noexcept { return 1ULL << object_->page_shift(); }
+
+bool MemorySource::shrink_sealed() const noexcept { return object_->shrink_sealed(); }
+
+void* MemorySource::host_address() const noexcept { return object_->host(offset_); }
+
+MemorySource MemorySource::slice(uint64_t skip, uint64_t length) const {
+  return MemorySource(object_, offset_ + skip, length, writable_);
+}
+
+}  // namespace iomm

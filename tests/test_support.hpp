@@ -1,0 +1,57 @@
+// Shared helpers for the iomm tests.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "iomm/accounting.hpp"
+#include "iomm/result.hpp"
+
+namespace iomm::test {
+
+// An anonymous memfd of `size` bytes, closed on destruction.
+class Memfd {
+ public:
+  explicit Memfd(uint64_t size, unsigned flags = 0);
+  ~Memfd();
+  Memfd(const Memfd&) = delete;
+  Memfd& operator=(const Memfd&) = delete;
+  [[nodiscard]] int fd() const noexcept { return fd_; }
+
+ private:
+  int fd_ = -1;
+};
+
+// Drops CAP_IPC_LOCK from this thread's effective set so the memlock limit
+// applies to mappings it creates; restores it on destruction.
+class WithoutIpcLock {
+ public:
+  WithoutIpcLock();
+  ~WithoutIpcLock();
+  WithoutIpcLock(const WithoutIpcLock&) = delete;
+  WithoutIpcLock& operator=(const WithoutIpcLock&) = delete;
+
+ private:
+  bool had_ = false;
+};
+
+// Whether a 2 MiB hugetlb memfd of `size` can be created and populated here.
+bool hugetlb_available(uint64_t size);
+
+}  // namespace iomm::test
+
+// Assert a Result/Status failed with exactly this errno.
+#define EXPECT_ERRNO(expr, err)                                              \
+  do {                                                                       \
+    const auto& result_ = (expr);                                            \
+    EXPECT_EQ(result_.code(), (err))                                         \
+        << #expr << " gave " << ::iomm::errno_name(result_.code())           \
+        << (result_.ok() ? std::string() : ": " + result_.error().message()); \
+  } while (0)
+
+#define ASSERT_OK(expr)                                                        \
+  do {                                                                         \
+    const auto& result_ = (expr);                                              \
+    ASSERT_TRUE(result_.ok()) << #expr << ": " << result_.error().describe(); \
+  } while (0)
