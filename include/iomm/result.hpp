@@ -46,6 +46,7 @@ class [[nodiscard]] Result {
   T* operator->() { return &std::get<0>(v_); }
   const T* operator->() const { return &std::get<0>(v_); }
   T& operator*() & { return value(); }
+  const T& operator*() const& { return value(); }
 
   [[nodiscard]] const Error& error() const& { return std::get<1>(v_); }
   // errno value of the error, or 0 on success.

@@ -50,6 +50,7 @@ std::vector<std::shared_ptr<Owner>> ledger_owners() {
 Status Owner::charge(uint64_t pages) {
   if (pages == 0) return {};
   const std::optional<uint64_t> limit = limit_pages();
+  stats::publish_owner_limit(charged_, limit);
   uint64_t cur = charged_.load(std::memory_order_relaxed);
   for (;;) {
     uint64_t next = 0;

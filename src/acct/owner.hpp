@@ -15,12 +15,17 @@
 #include "iomm/accounting.hpp"
 #include "iomm/range.hpp"
 #include "iomm/result.hpp"
+#include "stats/shared_counters.hpp"
 
 namespace iomm::acct {
 
 class Owner {
  public:
-  Owner(AccountMode mode, int id, int rlimit_pid) : mode_(mode), id_(id), rlimit_pid_(rlimit_pid) {}
+  Owner(AccountMode mode, int id, int rlimit_pid)
+      : mode_(mode),
+        id_(id),
+        rlimit_pid_(rlimit_pid),
+        charged_(stats::owner_charge_slot(mode, id)) {}
 
   // Charge pages (4 KiB units). ENOMEM if it would exceed the limit.
   Status charge(uint64_t pages);
@@ -43,7 +48,8 @@ class Owner {
   const AccountMode mode_;
   const int id_;
   const int rlimit_pid_;  // whose RLIMIT_MEMLOCK applies; 0 = this process
-  std::atomic<uint64_t> charged_{0};
+  // A slot of the shared counter block, so monitors can read the charge.
+  std::atomic<uint64_t>& charged_;
   std::atomic<uint64_t> configured_{kNotConfigured};  // bytes
 };
 

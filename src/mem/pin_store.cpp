@@ -20,21 +20,24 @@
 
 #include "acct/owner.hpp"
 #include "mem/mem_object.hpp"
+#include "stats/shared_counters.hpp"
 
 namespace iomm::mem {
 
 namespace {
 
-std::atomic<uint64_t> g_pinned_pages{0};
-std::atomic<uint64_t> g_simulated_pinned_pages{0};
-
-
+// Kept in the shared counter block so monitors in other processes can read
+// them; reached through a call so the block is only created once pinning starts.
+std::atomic<uint64_t>& pinned_pages() { return stats::shared_counters().pinned_pages; }
+std::atomic<uint64_t>& simulated_pinned_pages() {
+  return stats::shared_counters().simulated_pinned_pages;
+}
 
 }  // namespace
 
 PinCounters pin_counters() noexcept {
-  return {g_pinned_pages.load(std::memory_order_relaxed) * kPageSize,
-          g_simulated_pinned_pages.load(std::memory_order_relaxed) * kPageSize};
+  return {pinned_pages().load(std::memory_order_relaxed) * kPageSize,
+          simulated_pinned_pages().load(std::memory_order_relaxed) * kPageSize};
 }
 
 int pin_errno(int syscall_errno) noexcept {
@@ -54,7 +57,7 @@ int pin_errno(int syscall_errno) noexcept {
 
 void MemObject::account_physical(uint64_t granules, bool pinned) const noexcept {
   const uint64_t pages = granules << (page_shift_ - kPageShift);
-  auto& counter = synthetic() ? g_simulated_pinned_pages : g_pinned_pages;
+  auto& counter = synthetic() ? simulated_pinned_pages() : pinned_pages();
   if (pinned) {
     counter.fetch_add(pages, std::memory_order_relaxed);
   } else {

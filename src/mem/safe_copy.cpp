@@ -1,5 +1,8 @@
 #include "mem/safe_copy.hpp"
 
+#include <pthread.h>
+#include <ucontext.h>
+
 #include <atomic>
 #include <csetjmp>
 #include <csignal>
@@ -49,6 +52,11 @@ void on_sigbus(int signo, siginfo_t* info, void* context) {
   // raised by a faulting access in the copy.
   if (recovery != nullptr && info != nullptr && info->si_code > 0) {
     t_recovery = nullptr;
+    // siglongjmp restores no mask (see safe_copy). Put back the mask the
+    // fault interrupted: whoever called us (the kernel, or a sanitizer's
+    // wrapper that blocks every signal) may have widened it, and a SIGBUS
+    // left blocked makes the kernel kill the process on the next fault.
+    pthread_sigmask(SIG_SETMASK, &static_cast<const ucontext_t*>(context)->uc_sigmask, nullptr);
     siglongjmp(*recovery, 1);
   }
   pass_to_previous_handler(signo, info, context);
@@ -58,10 +66,8 @@ void install_sigbus_handler() {
   struct sigaction action {};
   action.sa_sigaction = on_sigbus;
   sigemptyset(&action.sa_mask);
-  // safe_copy saves no signal mask (sigsetjmp(..., 0) costs no syscall), so
-  // leaving the handler by siglongjmp keeps the handler's mask. SA_NODEFER
-  // keeps SIGBUS unblocked there; a blocked SIGBUS on the next fault would
-  // make the kernel kill the process.
+  // SA_NODEFER leaves SIGBUS unblocked while we run, so a chained handler
+  // gets exactly the mask its own flags ask for.
   action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
   // Read the previous action first so that a SIGBUS arriving as soon as ours
   // is in place already finds where to go.
@@ -74,6 +80,8 @@ void install_sigbus_handler() {
 bool safe_copy(void* dst, const void* src, size_t n) noexcept {
   std::call_once(g_install_once, install_sigbus_handler);
   sigjmp_buf recovery;
+  // Saving the signal mask would cost a syscall per copy; the handler
+  // restores it itself on the rare fault.
   if (sigsetjmp(recovery, 0) != 0) return false;
   t_recovery = &recovery;
   // Keep the compiler from moving the copy out of the guarded window.
