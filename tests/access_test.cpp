@@ -1,4 +1,6 @@
 // Accesses (seed 001): pin/unpin/rw, and the unmap callback contract.
+#include "iomm/access.hpp"
+
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
@@ -7,7 +9,6 @@
 #include <thread>
 #include <vector>
 
-#include "iomm/access.hpp"
 #include "test_support.hpp"
 
 namespace iomm {
@@ -93,7 +94,7 @@ TEST_F(AccessTest, PinGivesHostPointersAndSharesThePin) {
   ASSERT_OK(ioas->attach(d));
   EXPECT_EQ(counters().pinned_bytes, 3 * kMiB);
   ASSERT_OK(ioas->detach(d));
-  EXPECT_EQ(counters().pinned_bytes, 2 * kPageSize);  // the access still holds its pages
+  EXPECT_EQ(counters().pinned_bytes, 2 * kPageSize);             // the access still holds its pages
   EXPECT_ERRNO(drv.access->unpin(0x3FF000, kPageSize), EINVAL);  // must match exactly
   EXPECT_ERRNO(drv.access->unpin(0x400000, 2 * kPageSize), EINVAL);
   ASSERT_OK(drv.access->unpin(0x3FF000, 2 * kPageSize));

@@ -104,7 +104,9 @@ TEST(Accounting, RlimitIsTheDefaultLimit) {
   WithoutIpcLock nocap;
   struct rlimit lim {};
   ASSERT_EQ(getrlimit(RLIMIT_MEMLOCK, &lim), 0);
-  const struct rlimit small {2 * kMiB, lim.rlim_max == RLIM_INFINITY ? RLIM_INFINITY : lim.rlim_max};
+  const struct rlimit small {
+    2 * kMiB, lim.rlim_max == RLIM_INFINITY ? RLIM_INFINITY : lim.rlim_max
+  };
   ASSERT_EQ(setrlimit(RLIMIT_MEMLOCK, &small), 0);
   Memfd mfd(4 * kMiB);
   auto ioas = make_ioas();
@@ -214,7 +216,8 @@ TEST(Accounting, SameUserMemoryMappedTwiceIsChargedOnce) {
   auto d = make_domain();
   ASSERT_OK(ioas->attach(d));
   ASSERT_OK(ioas->map(*MemorySource::from_user(buf, kMiB), kRW, 0x100000));
-  ASSERT_OK(ioas->map(*MemorySource::from_user(static_cast<char*>(buf) + kPageSize, kPageSize), kRW, 0x400000));
+  ASSERT_OK(ioas->map(*MemorySource::from_user(static_cast<char*>(buf) + kPageSize, kPageSize), kRW,
+                      0x400000));
   EXPECT_EQ(charged(), kMiB);
   EXPECT_EQ(process_vmlck_bytes(), kMiB);
   ASSERT_OK(ioas->unmap(0x100000, kMiB));

@@ -121,7 +121,8 @@ TEST(IoasMap, AllocationIsFirstFitAlignedAndNeverZero) {
 TEST(IoasMap, AllocationKeepsOffsetWithinPage) {
   auto ioas = make_ioas();
   std::vector<char> buf(3 * kPageSize);
-  char* p = buf.data() + ((kPageSize - reinterpret_cast<uintptr_t>(buf.data()) % kPageSize) % kPageSize) + 0x123;
+  char* p = buf.data() +
+            ((kPageSize - reinterpret_cast<uintptr_t>(buf.data()) % kPageSize) % kPageSize) + 0x123;
   auto src = MemorySource::from_user(p, 100);
   ASSERT_OK(src);
   auto iova = ioas->map(*src, kRW);
@@ -252,8 +253,8 @@ TEST(IoasLazy, MapWithDomainIsAllOrNothing) {
   auto d = make_domain();
   ASSERT_OK(ioas->attach(d));
   // Half mapped, half not: the pin fails part-way and nothing may remain.
-  auto* buf = static_cast<char*>(mmap(nullptr, 8 * kPageSize, PROT_READ | PROT_WRITE,
-                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto* buf = static_cast<char*>(
+      mmap(nullptr, 8 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
   ASSERT_NE(buf, MAP_FAILED);
   ASSERT_EQ(munmap(buf + 4 * kPageSize, 4 * kPageSize), 0);
   auto src = MemorySource::from_user(buf, 8 * kPageSize);

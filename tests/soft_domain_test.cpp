@@ -16,6 +16,7 @@
 #include "iomm/domain.hpp"
 #include "iomm/rcu.hpp"
 #include "sync/rcu.hpp"
+#include "test_support.hpp"
 
 namespace iomm {
 namespace {
@@ -112,10 +113,9 @@ TEST(SoftDomain, FaultReasonNames) {
 TEST(SoftDomain, TranslateReportsTheLeaf) {
   auto domain = make_domain();
   HostPages host(2);
-  ASSERT_TRUE(
-      domain->page_table().map(0x40000, host.address(), 2 * kPageSize, kProtRead, false).ok());
+  ASSERT_OK(domain->page_table().map(0x40000, host.address(), 2 * kPageSize, kProtRead, false));
   auto translation = domain->translate(0x41010, kProtRead);
-  ASSERT_TRUE(translation.ok());
+  ASSERT_OK(translation);
   EXPECT_EQ(translation->iova, 0x41010U);
   EXPECT_EQ(translation->host, host.page(1) + 0x10);
   EXPECT_EQ(translation->address, host.address(1) + 0x10);
@@ -130,13 +130,13 @@ TEST(SoftDomain, TranslateFaults) {
   config.aperture_last = 0x1fffff;
   auto domain = make_domain(config);
   HostPages host(1);
-  ASSERT_TRUE(domain->page_table().map(0x100000, host.address(), kPageSize, kProtRead, false).ok());
+  ASSERT_OK(domain->page_table().map(0x100000, host.address(), kPageSize, kProtRead, false));
 
-  EXPECT_EQ(domain->translate(0x100000, kProtWrite).code(), EPERM);
-  EXPECT_EQ(domain->translate(0x101000, kProtRead).code(), EFAULT);
-  EXPECT_EQ(domain->translate(0xff000, kProtRead).code(), EFAULT);
-  EXPECT_EQ(domain->translate(0x200000, kProtWrite).code(), EFAULT);
-  EXPECT_EQ(domain->translate(0x100000, 0).code(), EINVAL);
+  EXPECT_ERRNO(domain->translate(0x100000, kProtWrite), EPERM);
+  EXPECT_ERRNO(domain->translate(0x101000, kProtRead), EFAULT);
+  EXPECT_ERRNO(domain->translate(0xff000, kProtRead), EFAULT);
+  EXPECT_ERRNO(domain->translate(0x200000, kProtWrite), EFAULT);
+  EXPECT_ERRNO(domain->translate(0x100000, 0), EINVAL);
 
   const std::vector<IommuFault> faults = domain->take_faults();
   ASSERT_EQ(faults.size(), 4U);
@@ -159,22 +159,22 @@ TEST(SoftDomain, DmaRoundTrip) {
   constexpr size_t kLength = 64 * 1024;
   HostPages host(kLength / kPageSize);
   const uint64_t iova = 0x100000;
-  ASSERT_TRUE(domain->page_table().map(iova, host.address(), kLength, kReadWrite, false).ok());
+  ASSERT_OK(domain->page_table().map(iova, host.address(), kLength, kReadWrite, false));
 
   const std::vector<std::byte> written = pattern(kLength, 7);
-  ASSERT_TRUE(domain->dma_write(iova, written.data(), kLength).ok());
+  ASSERT_OK(domain->dma_write(iova, written.data(), kLength));
   EXPECT_EQ(std::memcmp(host.page(0), written.data(), kLength), 0);
 
   std::vector<std::byte> read(kLength);
-  ASSERT_TRUE(domain->dma_read(iova, read.data(), kLength).ok());
+  ASSERT_OK(domain->dma_read(iova, read.data(), kLength));
   EXPECT_EQ(read, written);
 
   // Unaligned start and length crossing page boundaries.
   const std::vector<std::byte> patch = pattern(5000, 99);
-  ASSERT_TRUE(domain->dma_write(iova + 4000, patch.data(), patch.size()).ok());
+  ASSERT_OK(domain->dma_write(iova + 4000, patch.data(), patch.size()));
   EXPECT_EQ(std::memcmp(host.page(0) + 4000, patch.data(), patch.size()), 0);
   std::vector<std::byte> read_patch(patch.size());
-  ASSERT_TRUE(domain->dma_read(iova + 4000, read_patch.data(), read_patch.size()).ok());
+  ASSERT_OK(domain->dma_read(iova + 4000, read_patch.data(), read_patch.size()));
   EXPECT_EQ(read_patch, patch);
   EXPECT_TRUE(domain->take_faults().empty());
 }
@@ -187,19 +187,17 @@ TEST(SoftDomain, DmaAcrossScatteredHostPages) {
   const uint64_t iova = 0x800000;
   for (size_t i = 0; i < kPages; ++i) {
     const size_t host_page = 2 * (kPages - 1 - i);  // reversed, with gaps
-    ASSERT_TRUE(
-        domain->page_table()
-            .map(iova + i * kPageSize, host.address(host_page), kPageSize, kReadWrite, false)
-            .ok());
+    ASSERT_OK(domain->page_table().map(iova + i * kPageSize, host.address(host_page), kPageSize,
+                                       kReadWrite, false));
   }
   const size_t length = kPages * kPageSize - 100;
   const std::vector<std::byte> written = pattern(length, 3);
-  ASSERT_TRUE(domain->dma_write(iova + 50, written.data(), length).ok());
+  ASSERT_OK(domain->dma_write(iova + 50, written.data(), length));
   EXPECT_EQ(std::memcmp(host.page(2 * (kPages - 1)) + 50, written.data(), kPageSize - 50), 0);
   EXPECT_EQ(std::memcmp(host.page(2 * (kPages - 2)), written.data() + kPageSize - 50, kPageSize),
             0);
   std::vector<std::byte> read(length);
-  ASSERT_TRUE(domain->dma_read(iova + 50, read.data(), length).ok());
+  ASSERT_OK(domain->dma_read(iova + 50, read.data(), length));
   EXPECT_EQ(read, written);
 }
 
@@ -209,14 +207,13 @@ TEST(SoftDomain, DmaThroughLargeLeaves) {
   ASSERT_NE(raw, nullptr);
   const std::unique_ptr<void, FreeDeleter> memory(raw);
   const uint64_t iova = 4 * kPageSize2M;
-  ASSERT_TRUE(domain->page_table()
-                  .map(iova, reinterpret_cast<uint64_t>(raw), 2 * kPageSize2M, kReadWrite, false)
-                  .ok());
+  ASSERT_OK(domain->page_table().map(iova, reinterpret_cast<uint64_t>(raw), 2 * kPageSize2M,
+                                     kReadWrite, false));
   ASSERT_EQ(domain->counters().leaves_2m, 2U);
   const std::vector<std::byte> written = pattern(8192, 11);
-  ASSERT_TRUE(domain->dma_write(iova + kPageSize2M - 4096, written.data(), written.size()).ok());
+  ASSERT_OK(domain->dma_write(iova + kPageSize2M - 4096, written.data(), written.size()));
   std::vector<std::byte> read(written.size());
-  ASSERT_TRUE(domain->dma_read(iova + kPageSize2M - 4096, read.data(), read.size()).ok());
+  ASSERT_OK(domain->dma_read(iova + kPageSize2M - 4096, read.data(), read.size()));
   EXPECT_EQ(read, written);
 }
 
@@ -225,14 +222,14 @@ TEST(SoftDomain, DmaToUnmappedIovaFaultsAndTouchesNothing) {
   HostPages host(2);
   const uint64_t iova = 0x200000;
   // Only the first of two pages is mapped.
-  ASSERT_TRUE(domain->page_table().map(iova, host.address(), kPageSize, kReadWrite, false).ok());
+  ASSERT_OK(domain->page_table().map(iova, host.address(), kPageSize, kReadWrite, false));
   std::memset(host.page(0), 0x5a, kPageSize);
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{0xa5});
-  EXPECT_EQ(domain->dma_read(iova + 16, buf.data(), buf.size() - 32).code(), EFAULT);
+  EXPECT_ERRNO(domain->dma_read(iova + 16, buf.data(), buf.size() - 32), EFAULT);
   EXPECT_EQ(buf, filled(2 * kPageSize, std::byte{0xa5}));
 
-  EXPECT_EQ(domain->dma_write(iova, buf.data(), buf.size()).code(), EFAULT);
+  EXPECT_ERRNO(domain->dma_write(iova, buf.data(), buf.size()), EFAULT);
   EXPECT_EQ(std::memcmp(host.page(0), filled(kPageSize, std::byte{0x5a}).data(), kPageSize), 0);
 
   const std::vector<IommuFault> faults = domain->take_faults();
@@ -248,20 +245,18 @@ TEST(SoftDomain, DmaToUnmappedIovaFaultsAndTouchesNothing) {
 TEST(SoftDomain, DmaPermissionMismatch) {
   auto domain = make_domain();
   HostPages host(2);
-  ASSERT_TRUE(
-      domain->page_table().map(0x10000, host.address(0), kPageSize, kReadWrite, false).ok());
-  ASSERT_TRUE(domain->page_table().map(0x11000, host.address(1), kPageSize, kProtRead, false).ok());
-  ASSERT_TRUE(
-      domain->page_table().map(0x12000, host.address(0), kPageSize, kProtWrite, false).ok());
+  ASSERT_OK(domain->page_table().map(0x10000, host.address(0), kPageSize, kReadWrite, false));
+  ASSERT_OK(domain->page_table().map(0x11000, host.address(1), kPageSize, kProtRead, false));
+  ASSERT_OK(domain->page_table().map(0x12000, host.address(0), kPageSize, kProtWrite, false));
 
   const std::vector<std::byte> data = pattern(2 * kPageSize, 5);
-  EXPECT_EQ(domain->dma_write(0x10000, data.data(), data.size()).code(), EPERM);
+  EXPECT_ERRNO(domain->dma_write(0x10000, data.data(), data.size()), EPERM);
   EXPECT_EQ(std::memcmp(host.page(0), filled(2 * kPageSize, std::byte{0}).data(), 2 * kPageSize),
             0);
 
   std::vector<std::byte> read(kPageSize);
   EXPECT_TRUE(domain->dma_read(0x11000, read.data(), read.size()).ok());
-  EXPECT_EQ(domain->dma_read(0x12000, read.data(), read.size()).code(), EPERM);
+  EXPECT_ERRNO(domain->dma_read(0x12000, read.data(), read.size()), EPERM);
 
   const std::vector<IommuFault> faults = domain->take_faults();
   ASSERT_EQ(faults.size(), 2U);
@@ -279,13 +274,12 @@ TEST(SoftDomain, DmaOutsideTheAperture) {
   config.aperture_last = 0x1fffff;
   auto domain = make_domain(config);
   HostPages host(1);
-  ASSERT_TRUE(
-      domain->page_table().map(0x1ff000, host.address(), kPageSize, kReadWrite, false).ok());
+  ASSERT_OK(domain->page_table().map(0x1ff000, host.address(), kPageSize, kReadWrite, false));
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{1});
-  EXPECT_EQ(domain->dma_read(0x1ff000, buf.data(), buf.size()).code(), EFAULT);
+  EXPECT_ERRNO(domain->dma_read(0x1ff000, buf.data(), buf.size()), EFAULT);
   EXPECT_EQ(buf, filled(2 * kPageSize, std::byte{1}));
-  EXPECT_EQ(domain->dma_write(0x1000, buf.data(), 16).code(), EFAULT);
+  EXPECT_ERRNO(domain->dma_write(0x1000, buf.data(), 16), EFAULT);
 
   const std::vector<IommuFault> faults = domain->take_faults();
   ASSERT_EQ(faults.size(), 2U);
@@ -298,26 +292,25 @@ TEST(SoftDomain, DmaOutsideTheAperture) {
 TEST(SoftDomain, DmaToSimulatedMemory) {
   auto domain = make_domain();
   HostPages host(1);
-  ASSERT_TRUE(domain->page_table().map(0x10000, host.address(), kPageSize, kReadWrite, false).ok());
-  ASSERT_TRUE(domain->page_table()
-                  .map(0x11000, 0x7000000000, kPageSize, kReadWrite, /*synthetic=*/true)
-                  .ok());
+  ASSERT_OK(domain->page_table().map(0x10000, host.address(), kPageSize, kReadWrite, false));
+  ASSERT_OK(
+      domain->page_table().map(0x11000, 0x7000000000, kPageSize, kReadWrite, /*synthetic=*/true));
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{9});
-  EXPECT_EQ(domain->dma_read(0x11000, buf.data(), kPageSize).code(), ENXIO);
-  EXPECT_EQ(domain->dma_read(0x10000, buf.data(), buf.size()).code(), ENXIO);
+  EXPECT_ERRNO(domain->dma_read(0x11000, buf.data(), kPageSize), ENXIO);
+  EXPECT_ERRNO(domain->dma_read(0x10000, buf.data(), buf.size()), ENXIO);
   EXPECT_EQ(buf, filled(2 * kPageSize, std::byte{9}));
-  EXPECT_EQ(domain->dma_write(0x10000, buf.data(), buf.size()).code(), ENXIO);
+  EXPECT_ERRNO(domain->dma_write(0x10000, buf.data(), buf.size()), ENXIO);
   EXPECT_EQ(std::memcmp(host.page(0), filled(kPageSize, std::byte{0}).data(), kPageSize), 0);
   EXPECT_TRUE(domain->take_faults().empty());
   EXPECT_EQ(domain->counters().faults, 0U);
 
   // An IOMMU fault later in the range still wins over simulated memory.
-  EXPECT_EQ(domain->dma_read(0x11000, buf.data(), 2 * kPageSize).code(), EFAULT);
+  EXPECT_ERRNO(domain->dma_read(0x11000, buf.data(), 2 * kPageSize), EFAULT);
   ASSERT_EQ(domain->take_faults().size(), 1U);
 
   auto translation = domain->translate(0x11008, kProtWrite);
-  ASSERT_TRUE(translation.ok());
+  ASSERT_OK(translation);
   EXPECT_EQ(translation->host, nullptr);
   EXPECT_EQ(translation->address, 0x7000000008U);
 }
@@ -328,8 +321,8 @@ TEST(SoftDomain, DmaLengthEdgeCases) {
   EXPECT_TRUE(domain->dma_read(0x1000, &byte, 0).ok());
   EXPECT_TRUE(domain->dma_write(UINT64_MAX, &byte, 0).ok());
   std::vector<std::byte> buf(2);
-  EXPECT_EQ(domain->dma_read(UINT64_MAX, buf.data(), 2).code(), EOVERFLOW);
-  EXPECT_EQ(domain->dma_write(UINT64_MAX - 1, buf.data(), 3).code(), EOVERFLOW);
+  EXPECT_ERRNO(domain->dma_read(UINT64_MAX, buf.data(), 2), EOVERFLOW);
+  EXPECT_ERRNO(domain->dma_write(UINT64_MAX - 1, buf.data(), 3), EOVERFLOW);
   EXPECT_EQ(domain->counters().faults, 0U);
 }
 
@@ -339,12 +332,11 @@ TEST(SoftDomain, DmaAtTheTopOfA64BitAperture) {
   auto domain = make_domain(config);
   HostPages host(1);
   const uint64_t top_page = 0xFFFFFFFFFFFFF000;
-  ASSERT_TRUE(
-      domain->page_table().map(top_page, host.address(), kPageSize, kReadWrite, false).ok());
+  ASSERT_OK(domain->page_table().map(top_page, host.address(), kPageSize, kReadWrite, false));
   const std::vector<std::byte> written = pattern(kPageSize, 1);
-  ASSERT_TRUE(domain->dma_write(top_page, written.data(), kPageSize).ok());
+  ASSERT_OK(domain->dma_write(top_page, written.data(), kPageSize));
   std::byte last{};
-  ASSERT_TRUE(domain->dma_read(UINT64_MAX, &last, 1).ok());
+  ASSERT_OK(domain->dma_read(UINT64_MAX, &last, 1));
   EXPECT_EQ(last, written.back());
 }
 
@@ -354,7 +346,7 @@ TEST(SoftDomain, FaultLogOverflowCountsDropped) {
   auto domain = make_domain(config);
   std::byte byte{};
   for (uint64_t i = 0; i < 6; ++i) {
-    EXPECT_EQ(domain->dma_read(i * kPageSize, &byte, 1).code(), EFAULT);
+    EXPECT_ERRNO(domain->dma_read(i * kPageSize, &byte, 1), EFAULT);
   }
   DomainCounters counters = domain->counters();
   EXPECT_EQ(counters.faults, 6U);
@@ -365,7 +357,7 @@ TEST(SoftDomain, FaultLogOverflowCountsDropped) {
   for (uint64_t i = 0; i < 4; ++i) EXPECT_EQ(faults[i].iova, i * kPageSize);
 
   // Draining makes room again.
-  EXPECT_EQ(domain->dma_read(0x77000, &byte, 1).code(), EFAULT);
+  EXPECT_ERRNO(domain->dma_read(0x77000, &byte, 1), EFAULT);
   faults = domain->take_faults();
   ASSERT_EQ(faults.size(), 1U);
   EXPECT_EQ(faults[0].iova, 0x77000U);
@@ -376,7 +368,7 @@ TEST(SoftDomain, NoFaultLogDropsEverything) {
   DomainConfig config;
   config.fault_log_capacity = 0;
   auto domain = make_domain(config);
-  EXPECT_EQ(domain->translate(0, kProtRead).code(), EFAULT);
+  EXPECT_ERRNO(domain->translate(0, kProtRead), EFAULT);
   EXPECT_TRUE(domain->take_faults().empty());
   EXPECT_EQ(domain->counters().faults, 1U);
   EXPECT_EQ(domain->counters().faults_dropped, 1U);
@@ -384,10 +376,8 @@ TEST(SoftDomain, NoFaultLogDropsEverything) {
 
 TEST(SoftDomain, CountersFollowThePageTable) {
   auto domain = make_domain();
-  ASSERT_TRUE(
-      domain->page_table()
-          .map(kPageSize1G, kPageSize1G, kPageSize1G + kPageSize2M + kPageSize, kReadWrite, false)
-          .ok());
+  ASSERT_OK(domain->page_table().map(kPageSize1G, kPageSize1G,
+                                     kPageSize1G + kPageSize2M + kPageSize, kReadWrite, false));
   DomainCounters counters = domain->counters();
   EXPECT_EQ(counters.mapped_bytes, kPageSize1G + kPageSize2M + kPageSize);
   EXPECT_EQ(counters.leaves_1g, 1U);
@@ -407,16 +397,14 @@ TEST(SoftDomain, DmaIntoTruncatedFileReturnsEfault) {
   void* mapping = mmap(nullptr, 2 * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ASSERT_NE(mapping, MAP_FAILED);
   auto domain = make_domain();
-  ASSERT_TRUE(
-      domain->page_table()
-          .map(0x10000, reinterpret_cast<uint64_t>(mapping), 2 * kPageSize, kReadWrite, false)
-          .ok());
+  ASSERT_OK(domain->page_table().map(0x10000, reinterpret_cast<uint64_t>(mapping), 2 * kPageSize,
+                                     kReadWrite, false));
   std::vector<std::byte> buf(2 * kPageSize);
-  ASSERT_TRUE(domain->dma_read(0x10000, buf.data(), buf.size()).ok());
+  ASSERT_OK(domain->dma_read(0x10000, buf.data(), buf.size()));
 
   ASSERT_EQ(ftruncate(fd, 0), 0);
-  EXPECT_EQ(domain->dma_read(0x10000, buf.data(), buf.size()).code(), EFAULT);
-  EXPECT_EQ(domain->dma_write(0x10000, buf.data(), buf.size()).code(), EFAULT);
+  EXPECT_ERRNO(domain->dma_read(0x10000, buf.data(), buf.size()), EFAULT);
+  EXPECT_ERRNO(domain->dma_write(0x10000, buf.data(), buf.size()), EFAULT);
   EXPECT_TRUE(domain->take_faults().empty());
 
   munmap(mapping, 2 * kPageSize);
@@ -517,7 +505,7 @@ TEST(SoftDomain, GracePeriodOrdersReadersBeforeReuse) {
   }
   for (int i = 0; i < kIterations; ++i) {
     *plain = 2 * static_cast<uint64_t>(i);
-    ASSERT_TRUE(domain->page_table().map(iova, host.address(), kPageSize, kProtRead, false).ok());
+    ASSERT_OK(domain->page_table().map(iova, host.address(), kPageSize, kProtRead, false));
     std::this_thread::yield();
     domain->page_table().unmap(iova, kPageSize);
     sync::rcu_synchronize();

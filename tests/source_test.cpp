@@ -1,4 +1,6 @@
 // Memory sources: validation errors, page identity, read-only files.
+#include "iomm/source.hpp"
+
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
@@ -6,7 +8,6 @@
 #include <unistd.h>
 
 #include "iomm/range.hpp"
-#include "iomm/source.hpp"
 #include "test_support.hpp"
 
 namespace iomm {
@@ -104,7 +105,8 @@ TEST(Source, SealsAreReported) {
 
 TEST(Source, UserAndSimulatedValidation) {
   EXPECT_ERRNO(MemorySource::from_user(reinterpret_cast<void*>(0x1000), 0), EINVAL);
-  EXPECT_ERRNO(MemorySource::from_user(reinterpret_cast<void*>(UINT64_MAX - 4095), 8192), EOVERFLOW);
+  EXPECT_ERRNO(MemorySource::from_user(reinterpret_cast<void*>(UINT64_MAX - 4095), 8192),
+               EOVERFLOW);
   EXPECT_ERRNO(MemorySource::simulated(0), EINVAL);
   EXPECT_ERRNO(MemorySource::simulated((1ULL << 47) + 1), EINVAL);
   auto sim = MemorySource::simulated(1ULL << 40);

@@ -42,16 +42,16 @@ bool hugetlb_available(uint64_t size);
 }  // namespace iomm::test
 
 // Assert a Result/Status failed with exactly this errno.
-#define EXPECT_ERRNO(expr, err)                                              \
-  do {                                                                       \
-    const auto& result_ = (expr);                                            \
-    EXPECT_EQ(result_.code(), (err))                                         \
-        << #expr << " gave " << ::iomm::errno_name(result_.code())           \
+#define EXPECT_ERRNO(expr, err)                                               \
+  do {                                                                        \
+    const auto& result_ = (expr);                                             \
+    EXPECT_EQ(result_.code(), (err))                                          \
+        << #expr << " gave " << ::iomm::errno_name(result_.code())            \
         << (result_.ok() ? std::string() : ": " + result_.error().message()); \
   } while (0)
 
-#define ASSERT_OK(expr)                                                        \
-  do {                                                                         \
-    const auto& result_ = (expr);                                              \
+#define ASSERT_OK(expr)                                                       \
+  do {                                                                        \
+    const auto& result_ = (expr);                                             \
     ASSERT_TRUE(result_.ok()) << #expr << ": " << result_.error().describe(); \
   } while (0)

@@ -45,19 +45,19 @@ Status set_memlock_limit(AccountMode mode, int id, std::optional<uint64_t> bytes
 
 struct OwnerCounters {
   AccountMode mode;
-  int id;                 // uid or pid
+  int id;  // uid or pid
   uint64_t charged_bytes;
   std::optional<uint64_t> limit_bytes;  // nullopt = unlimited
 };
 
 struct Counters {
-  uint64_t pinned_bytes = 0;    // distinct pages held resident (4 KiB units)
+  uint64_t pinned_bytes = 0;  // distinct pages held resident (4 KiB units)
   // Bytes locked in memory as the kernel counts them for this process
   // (VmLck in /proc/self/status), read at snapshot time.
   uint64_t vmlck_bytes = 0;
   uint64_t simulated_pinned_bytes = 0;  // pinned synthetic pages (no memory)
-  uint64_t charged_bytes = 0;   // sum over owners
-  std::vector<OwnerCounters> owners;  // owners with a non-zero charge or a configured limit
+  uint64_t charged_bytes = 0;           // sum over owners
+  std::vector<OwnerCounters> owners;    // owners with a non-zero charge or a configured limit
 };
 
 // A consistent-enough snapshot (each counter is read atomically).

@@ -53,12 +53,12 @@ struct DomainConfig {
 };
 
 struct Translation {
-  uint64_t iova = 0;          // the translated IOVA
-  void* host = nullptr;       // host address of that byte; nullptr for simulated memory
-  uint64_t address = 0;       // host address, or synthetic address for simulated memory
-  uint32_t prot = 0;          // kProtRead | kProtWrite
-  uint64_t leaf_size = 0;     // 4 KiB, 2 MiB or 1 GiB
-  uint64_t contiguous = 0;    // bytes from iova to the end of the leaf
+  uint64_t iova = 0;        // the translated IOVA
+  void* host = nullptr;     // host address of that byte; nullptr for simulated memory
+  uint64_t address = 0;     // host address, or synthetic address for simulated memory
+  uint32_t prot = 0;        // kProtRead | kProtWrite
+  uint64_t leaf_size = 0;   // 4 KiB, 2 MiB or 1 GiB
+  uint64_t contiguous = 0;  // bytes from iova to the end of the leaf
 };
 
 enum class FaultReason { not_present, permission, outside_aperture };
@@ -77,7 +77,7 @@ struct DomainCounters {
   uint64_t leaves_2m = 0;
   uint64_t leaves_1g = 0;
   uint64_t table_pages = 0;
-  uint64_t faults = 0;        // total ever recorded
+  uint64_t faults = 0;          // total ever recorded
   uint64_t faults_dropped = 0;  // recorded while the log was full
 };
 

@@ -69,7 +69,7 @@ struct MappingInfo {
   uint64_t length;
   uint32_t prot;
   SourceKind kind;
-  bool pinned;        // held by the IOAS's domains
+  bool pinned;           // held by the IOAS's domains
   uint32_t access_pins;  // access pins overlapping it
 };
 

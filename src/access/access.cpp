@@ -104,7 +104,8 @@ Result<std::shared_ptr<Access>> Access::create(const std::shared_ptr<Ioas>& ioas
                                                UnmapCallback on_unmap) {
   if (!ioas) return Error(EINVAL, "no IOAS");
   if (!on_unmap) return Error(EINVAL, "an unmap callback is mandatory");
-  auto state = std::unique_ptr<AccessState>(new (std::nothrow) AccessState(ioas, std::move(on_unmap)));
+  auto state =
+      std::unique_ptr<AccessState>(new (std::nothrow) AccessState(ioas, std::move(on_unmap)));
   if (!state) return Error(ENOMEM, "out of memory");
   IoasState& st = ioas->state();
   {
@@ -146,7 +147,8 @@ Access::~Access() {
     std::unique_lock cb(state_->callback_mu);
     state_->callback_done.wait(cb, [&] { return state_->callbacks_running == 0; });
   }
-  for (const auto& [iova, record] : state_->pins) release_slices(record.slices, record.slices.size());
+  for (const auto& [iova, record] : state_->pins)
+    release_slices(record.slices, record.slices.size());
   std::unique_lock tree(st.tree_mu);
   --st.access_count;
 }
@@ -173,7 +175,8 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
   try {
     std::shared_lock tree(st.tree_mu);
     if (Status s = check_covered(st, range, prot, &record.slices); !s) return s.error();
-    for (const PinSlice& s : record.slices) s.area->access_pins.fetch_add(1, std::memory_order_acq_rel);
+    for (const PinSlice& s : record.slices)
+      s.area->access_pins.fetch_add(1, std::memory_order_acq_rel);
   } catch (const std::bad_alloc&) {
     return Error(ENOMEM, "out of memory");
   }
@@ -191,7 +194,8 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
     try {
       segments.reserve(record.slices.size());
       for (const PinSlice& s : record.slices) {
-        segments.push_back({s.iova, s.length, s.area->source.object()->host(s.area->backing_offset(s.iova))});
+        segments.push_back(
+            {s.iova, s.length, s.area->source.object()->host(s.area->backing_offset(s.iova))});
       }
       std::lock_guard lk(state_->mu);
       state_->pins.emplace(iova, std::move(record));

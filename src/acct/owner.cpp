@@ -6,13 +6,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cassert>
 #include <map>
 #include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
-#include <cassert>
-#include <algorithm>
 
 namespace iomm::acct {
 

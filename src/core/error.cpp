@@ -7,30 +7,54 @@ namespace iomm {
 
 const char* errno_name(int code) noexcept {
   switch (code) {
-    case 0: return "OK";
-    case EPERM: return "EPERM";
-    case ENOENT: return "ENOENT";
-    case ESRCH: return "ESRCH";
-    case EIO: return "EIO";
-    case ENXIO: return "ENXIO";
-    case E2BIG: return "E2BIG";
-    case EBADF: return "EBADF";
-    case EAGAIN: return "EAGAIN";
-    case ENOMEM: return "ENOMEM";
-    case EACCES: return "EACCES";
-    case EFAULT: return "EFAULT";
-    case EBUSY: return "EBUSY";
-    case EEXIST: return "EEXIST";
-    case ENODEV: return "ENODEV";
-    case EINVAL: return "EINVAL";
-    case ENOSPC: return "ENOSPC";
-    case ENOTTY: return "ENOTTY";
-    case EOVERFLOW: return "EOVERFLOW";
-    case EDEADLOCK: return "EDEADLOCK";
-    case EADDRINUSE: return "EADDRINUSE";
-    case EOPNOTSUPP: return "EOPNOTSUPP";
-    case EMSGSIZE: return "EMSGSIZE";
-    default: return "E?";
+    case 0:
+      return "OK";
+    case EPERM:
+      return "EPERM";
+    case ENOENT:
+      return "ENOENT";
+    case ESRCH:
+      return "ESRCH";
+    case EIO:
+      return "EIO";
+    case ENXIO:
+      return "ENXIO";
+    case E2BIG:
+      return "E2BIG";
+    case EBADF:
+      return "EBADF";
+    case EAGAIN:
+      return "EAGAIN";
+    case ENOMEM:
+      return "ENOMEM";
+    case EACCES:
+      return "EACCES";
+    case EFAULT:
+      return "EFAULT";
+    case EBUSY:
+      return "EBUSY";
+    case EEXIST:
+      return "EEXIST";
+    case ENODEV:
+      return "ENODEV";
+    case EINVAL:
+      return "EINVAL";
+    case ENOSPC:
+      return "ENOSPC";
+    case ENOTTY:
+      return "ENOTTY";
+    case EOVERFLOW:
+      return "EOVERFLOW";
+    case EDEADLOCK:
+      return "EDEADLOCK";
+    case EADDRINUSE:
+      return "EADDRINUSE";
+    case EOPNOTSUPP:
+      return "EOPNOTSUPP";
+    case EMSGSIZE:
+      return "EMSGSIZE";
+    default:
+      return "E?";
   }
 }
 

@@ -5,8 +5,8 @@
 #include <cassert>
 #include <cstdio>
 #include <new>
-#include <thread>
 #include <string>
+#include <thread>
 
 #include "access/access_state.hpp"
 #include "domain/page_table.hpp"
@@ -66,12 +66,14 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
     const uint64_t align = st.iova_alignment();
     for (const Slice& s : slices) {
       if (!is_aligned(s.source.length(), align) || !is_aligned(backing_address(s.source), align)) {
-        return Error(EINVAL, "length and backing address must be aligned to " + std::to_string(align));
+        return Error(EINVAL,
+                     "length and backing address must be aligned to " + std::to_string(align));
       }
     }
     if (fixed_iova) {
       if (!is_aligned(*fixed_iova, align)) {
-        return Error(EINVAL, "IOVA " + hex(*fixed_iova) + " is not aligned to " + std::to_string(align));
+        return Error(EINVAL,
+                     "IOVA " + hex(*fixed_iova) + " is not aligned to " + std::to_string(align));
       }
       const auto range = make_range(*fixed_iova, total);
       if (!range) return Error(EOVERFLOW, "IOVA + length wraps");
@@ -88,7 +90,8 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
       start = *allocated;
     }
     if (st.areas.size() + slices.size() > st.options.max_mappings) {
-      return Error(ENOSPC, "mapping limit of " + std::to_string(st.options.max_mappings) + " reached");
+      return Error(ENOSPC,
+                   "mapping limit of " + std::to_string(st.options.max_mappings) + " reached");
     }
     uint64_t iova = start;
     for (const Slice& s : slices) {
@@ -220,7 +223,8 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
 }
 
 Status check_unmap_args(uint64_t iova, uint64_t length) {
-  if (iova == UINT64_MAX || length == UINT64_MAX) return Error(EOVERFLOW, "iova or length too large");
+  if (iova == UINT64_MAX || length == UINT64_MAX)
+    return Error(EOVERFLOW, "iova or length too large");
   if (length == 0) return Error(EINVAL, "zero length");
   if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
   return {};
@@ -256,7 +260,8 @@ Ioas::~Ioas() {
 
 const IoasOptions& Ioas::options() const noexcept { return state_->options; }
 
-Result<uint64_t> Ioas::map(const MemorySource& source, uint32_t prot, std::optional<uint64_t> iova) {
+Result<uint64_t> Ioas::map(const MemorySource& source, uint32_t prot,
+                           std::optional<uint64_t> iova) {
   if ((iova && *iova == UINT64_MAX) || source.length() == UINT64_MAX) {
     return Error(EOVERFLOW, "iova or length too large");
   }

@@ -57,11 +57,14 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     for (const IovaRange& r : reservations) {
       if (st.overlaps_area(r)) {
         release_claim();
-        return Error(EADDRINUSE, "a mapping lies outside the domain's aperture or in its reserved region");
+        return Error(EADDRINUSE,
+                     "a mapping lies outside the domain's aperture or in its reserved region");
       }
       if (st.overlaps_allowed(r)) {
         release_claim();
-        return Error(EADDRINUSE, "an allowed IOVA range lies outside the domain's aperture or in its reserved region");
+        return Error(
+            EADDRINUSE,
+            "an allowed IOVA range lies outside the domain's aperture or in its reserved region");
       }
     }
     const uint64_t new_alignment = std::max(st.domain_alignment, cfg.min_page_size);
@@ -94,8 +97,9 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
   }
   for (; result && mapped < live.size(); ++mapped) {
     const Area& a = *live[mapped];
-    result = domain->page_table().map(a.range.start, a.source.object()->dma_address(a.source.offset()),
-                                      a.length(), a.prot, a.source.object()->synthetic());
+    result =
+        domain->page_table().map(a.range.start, a.source.object()->dma_address(a.source.offset()),
+                                 a.length(), a.prot, a.source.object()->synthetic());
     if (!result) break;
   }
   if (result) {

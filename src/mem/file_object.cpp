@@ -67,7 +67,8 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   struct stat st {};
   if (fstat(fd, &st) != 0) return sys_error(EBADF, "fstat of fd " + std::to_string(fd));
   if (!S_ISREG(st.st_mode)) {
-    return Error(ENODEV, "fd " + std::to_string(fd) + " is not a regular file and cannot be mapped shared");
+    return Error(ENODEV,
+                 "fd " + std::to_string(fd) + " is not a regular file and cannot be mapped shared");
   }
   const int access = fcntl(fd, F_GETFL) & O_ACCMODE;
   if (access == O_WRONLY) return Error(ENODEV, "a write-only fd cannot be mapped");
@@ -78,7 +79,8 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   }
   const uint64_t granule = 1ULL << page_shift;
   if (page_shift != kPageShift && (!is_aligned(offset, granule) || !is_aligned(length, granule))) {
-    return Error(EINVAL, "hugetlb range must be aligned to the huge page size " + std::to_string(granule));
+    return Error(EINVAL,
+                 "hugetlb range must be aligned to the huge page size " + std::to_string(granule));
   }
   if (end > static_cast<uint64_t>(st.st_size)) {
     return Error(EINVAL, "range ends at " + std::to_string(end) + ", past the end of the file (" +
@@ -120,9 +122,8 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   }
   const int seals = fcntl(fd, F_GET_SEALS);
   const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
-  std::shared_ptr<FileObject> obj(
-      new (std::nothrow) FileObject(page_shift, st.st_dev, st.st_ino, base, window, mapped,
-                                    writable, sealed));
+  std::shared_ptr<FileObject> obj(new (std::nothrow) FileObject(
+      page_shift, st.st_dev, st.st_ino, base, window, mapped, writable, sealed));
   if (!obj) {
     munmap(base, window);
     return Error(ENOMEM, "out of memory");
@@ -139,8 +140,9 @@ Status FileObject::extend(int fd, uint64_t end) {
   const uint64_t granule = 1ULL << page_shift();
   const uint64_t target = round_up(static_cast<uint64_t>(st.st_size), granule);
   if (target > window_) {
-    return Error(ENOMEM, "the file grew past the address window reserved when it was first mapped (" +
-                             std::to_string(window_) + " bytes)");
+    return Error(ENOMEM,
+                 "the file grew past the address window reserved when it was first mapped (" +
+                     std::to_string(window_) + " bytes)");
   }
   void* m = mmap(base_ + mapped_, target - mapped_, writable_ ? PROT_READ | PROT_WRITE : PROT_READ,
                  MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(mapped_));
@@ -156,7 +158,7 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool write) {
 }
 
 void FileObject::unlock_granules(uint64_t first, uint64_t last) noexcept {
-  munlock(base_ + (first << page_shift()), (last - first + 1) << page_shift());
+  unlock_range(base_ + (first << page_shift()), (last - first + 1) << page_shift());
 }
 
 }  // namespace iomm::mem

@@ -15,8 +15,8 @@
 #include <mutex>
 #include <span>
 
-#include "iomm/result.hpp"
 #include "iomm/range.hpp"
+#include "iomm/result.hpp"
 #include "iomm/source.hpp"
 #include "mem/interval_counts.hpp"
 

@@ -10,5 +10,7 @@
 namespace iomm::mem {
 
 Status populate_and_lock(void* addr, uint64_t length, bool write);
+// munlock; never fails (the range was locked by populate_and_lock).
+void unlock_range(void* addr, uint64_t length) noexcept;
 
 }  // namespace iomm::mem

@@ -18,7 +18,9 @@ class SimulatedObject final : public MemObject {
 
  protected:
   // Nothing to make resident: the pin is bookkeeping and charge only.
-  Status lock_granules(uint64_t /*first*/, uint64_t /*last*/, bool /*write*/) override { return {}; }
+  Status lock_granules(uint64_t /*first*/, uint64_t /*last*/, bool /*write*/) override {
+    return {};
+  }
   void unlock_granules(uint64_t /*first*/, uint64_t /*last*/) noexcept override {}
 
  private:

@@ -1,6 +1,7 @@
+#include "iomm/source.hpp"
+
 #include <string>
 
-#include "iomm/source.hpp"
 #include "mem/file_object.hpp"
 #include "mem/simulated_object.hpp"
 

@@ -25,7 +25,7 @@ class UserObject final : public MemObject {
                              (last - first + 1) << kPageShift, write);
   }
   void unlock_granules(uint64_t first, uint64_t last) noexcept override {
-    munlock(reinterpret_cast<void*>(first << kPageShift), (last - first + 1) << kPageShift);
+    unlock_range(reinterpret_cast<void*>(first << kPageShift), (last - first + 1) << kPageShift);
   }
 };
 
