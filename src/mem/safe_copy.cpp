@@ -26,7 +26,8 @@ void pass_to_previous_handler(int signo, siginfo_t* info, void* context) {
   if ((previous.sa_flags & SA_SIGINFO) == 0 && previous.sa_handler == SIG_IGN) return;
   if ((previous.sa_flags & SA_SIGINFO) == 0 && previous.sa_handler == SIG_DFL) {
     // Restoring the default and raising again terminates as if we had never
-    // been installed (SIGBUS is not blocked: we run with SA_NODEFER).
+    // been installed: at once under SA_NODEFER, or on return if a wrapper
+    // around us blocked SIGBUS.
     struct sigaction default_action {};
     default_action.sa_handler = SIG_DFL;
     sigaction(signo, &default_action, nullptr);

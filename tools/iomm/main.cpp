@@ -1,0 +1,41 @@
+// iomm: command-line front end of the iomm library.
+#include <CLI/CLI.hpp>
+
+#include "commands.hpp"
+
+namespace {
+
+// Kept in step with project(VERSION) in the top-level CMakeLists.txt.
+constexpr const char* kVersion = "0.1.0";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace iomm::cli;
+
+  CLI::App app{"iomm: user-space I/O memory management (VFIO type1 / iommufd semantics)", "iomm"};
+  app.set_version_flag("--version", std::string("iomm ") + kVersion);
+  app.require_subcommand(1);
+
+  DemoOptions demo;
+  CLI::App* demo_cmd = app.add_subcommand(
+      "demo", "Walk through map, pin, charge, DMA and unmap on a memfd standing for guest memory");
+  demo_cmd->add_flag("--json", demo.json, "Print the steps as a JSON array");
+  demo_cmd->add_option("--size", demo.size, "Guest memory size (e.g. 1GiB, 256MiB)")
+      ->transform(CLI::AsSizeValue(false))
+      ->default_str("1GiB");
+  // Hidden: lets `iomm stat` (and its tests) observe a live process.
+  demo_cmd->add_option("--hold-seconds", demo.hold_seconds, "Pause before the final teardown")
+      ->group("");
+
+  StatOptions stat;
+  CLI::App* stat_cmd =
+      app.add_subcommand("stat", "Show the live counters of running iomm processes");
+  stat_cmd->add_option("--pid", stat.pid, "Only this process")->check(CLI::PositiveNumber);
+  stat_cmd->add_flag("--json", stat.json, "Print JSON");
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (demo_cmd->parsed()) return run_demo(demo);
+  return run_stat(stat);
+}
