@@ -1,6 +1,7 @@
 // Attaching software domains to an IOAS: replay, reservations, alignment,
 // all-or-nothing, detach, and translation removal on unmap.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 
 #include <cstring>
 #include <vector>
@@ -201,6 +202,40 @@ TEST(Attach, ShrunkFileGivesEfaultNotSigbus) {
   EXPECT_ERRNO(d->dma_write(0x300000, buf, sizeof(buf)), EFAULT);
   ASSERT_OK(ioas->unmap_all());
   ASSERT_OK(ioas->detach(d));
+}
+
+}  // namespace
+}  // namespace iomm
+
+namespace iomm {
+namespace {
+
+TEST(AttachShrunk, PinningPastTheEndOfAShrunkFileIsEfault) {
+  test::Memfd mfd(2 * kMiB);
+  auto ioas = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 2 * kMiB), kRW, 0x200000));
+  ASSERT_EQ(ftruncate(mfd.fd(), kMiB), 0);
+  auto d = make_domain();
+  EXPECT_ERRNO(ioas->attach(d), EFAULT);
+  EXPECT_EQ(counters().pinned_bytes, 0U);
+  EXPECT_EQ(process_vmlck_bytes(), 0U);
+}
+
+TEST(AttachShrunk, HugetlbPastTheEndIsEfault) {
+  if (!test::hugetlb_available(4 * kMiB)) GTEST_SKIP() << "no 2 MiB huge pages available";
+  test::Memfd huge(4 * kMiB, MFD_HUGETLB);
+  auto ioas = Ioas::create({}).value();
+  auto src = MemorySource::from_file(huge.fd(), 0, 4 * kMiB);
+  ASSERT_OK(src);
+  ASSERT_OK(ioas->map(*src, kRW, 0x400000));
+  auto d = make_domain();
+  ASSERT_OK(ioas->attach(d));
+  EXPECT_EQ(counters().pinned_bytes, 4 * kMiB);
+  EXPECT_EQ(d->counters().leaves_2m, 2U);
+  ASSERT_OK(ioas->detach(d));
+  ASSERT_EQ(ftruncate(huge.fd(), 2 * kMiB), 0);
+  EXPECT_ERRNO(ioas->attach(d), EFAULT);
+  EXPECT_EQ(counters().pinned_bytes, 0U);
 }
 
 }  // namespace

@@ -96,8 +96,10 @@ class SoftDomain {
   [[nodiscard]] const DomainConfig& config() const noexcept;
 
   // Translate one IOVA for the given access (kProtRead or kProtWrite).
-  // Lock-free. The returned host pointer is only guaranteed valid while the
-  // caller holds an iomm::RcuReadGuard (see rcu.hpp) taken before the call.
+  // Lock-free and wait-free. The returned host pointer is only guaranteed
+  // valid while the caller holds an iomm::RcuReadGuard (see rcu.hpp) taken
+  // before the call; translate() takes none itself, so a batch of lookups
+  // under one guard pays for it once.
   // Errors: EFAULT not mapped, EPERM wrong permission (both recorded as faults).
   Result<Translation> translate(uint64_t iova, uint32_t access);
 

@@ -213,7 +213,9 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
   if (!inside_aperture(impl_->config, iova)) {
     return fault(impl_->faults, iova, access, FaultReason::outside_aperture);
   }
-  const RcuReadGuard guard;
+  // No read-side section of our own: page-table pages are freed only when the
+  // domain is destroyed, and the leaf is copied out. What RCU protects is the
+  // memory behind the translation, which is the caller's guard to hold.
   domain::Leaf leaf;
   if (!impl_->page_table->lookup(iova, &leaf)) {
     return fault(impl_->faults, iova, access, FaultReason::not_present);

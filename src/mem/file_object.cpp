@@ -4,6 +4,7 @@
 #include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -38,9 +39,10 @@ Error sys_error(int code, const std::string& what) {
 
 }  // namespace
 
-FileObject::FileObject(unsigned page_shift, dev_t dev, ino_t ino, std::byte* base, uint64_t window,
-                       uint64_t mapped, bool writable, bool shrink_sealed)
+FileObject::FileObject(unsigned page_shift, int fd, dev_t dev, ino_t ino, std::byte* base,
+                       uint64_t window, uint64_t mapped, bool writable, bool shrink_sealed)
     : MemObject(SourceKind::file, page_shift),
+      fd_(fd),
       dev_(dev),
       ino_(ino),
       base_(base),
@@ -51,6 +53,7 @@ FileObject::FileObject(unsigned page_shift, dev_t dev, ino_t ino, std::byte* bas
 
 FileObject::~FileObject() {
   munmap(base_, window_);
+  close(fd_);
   FileRegistry& reg = registry();
   std::lock_guard lk(reg.mu);
   auto it = reg.files.find({dev_, ino_});
@@ -122,10 +125,18 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   }
   const int seals = fcntl(fd, F_GET_SEALS);
   const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
+  const int own_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own_fd < 0) {
+    const int err = errno;
+    munmap(base, window);
+    errno = err;
+    return sys_error(err, "duplicating fd " + std::to_string(fd));
+  }
   std::shared_ptr<FileObject> obj(new (std::nothrow) FileObject(
-      page_shift, st.st_dev, st.st_ino, base, window, mapped, writable, sealed));
+      page_shift, own_fd, st.st_dev, st.st_ino, base, window, mapped, writable, sealed));
   if (!obj) {
     munmap(base, window);
+    close(own_fd);
     return Error(ENOMEM, "out of memory");
   }
   reg.files[{st.st_dev, st.st_ino}] = obj;
@@ -151,10 +162,28 @@ Status FileObject::extend(int fd, uint64_t end) {
   return {};
 }
 
-Status FileObject::lock_granules(uint64_t first, uint64_t last, bool write) {
+Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) {
+  // Past the end of a file that shrank, a fault fails; mlock would report
+  // that as ENOMEM, indistinguishable from the memlock limit, so ask first.
+  struct stat st {};
+  const uint64_t end = (last + 1) << page_shift();
+  if (fstat(fd_, &st) != 0 || static_cast<uint64_t>(st.st_size) < end) {
+    return Error(EFAULT, "the file is shorter than the range being pinned (it shrank)");
+  }
+  // Our own mapping is read-write whenever the file is, so no write fault is
+  // needed to make a later DMA write safe.
   std::byte* addr = base_ + (first << page_shift());
-  const uint64_t len = (last - first + 1) << page_shift();
-  return populate_and_lock(addr, len, write && writable_);
+  const uint64_t length = (last - first + 1) << page_shift();
+  if (page_shift() == kPageShift) return lock_resident(addr, length);
+  // A shared hugetlb mapping reserved its huge pages at mmap time, so inside
+  // the file a fault cannot fail for lack of pages, and mincore (a byte per
+  // 4 KiB) would cost more than the lock itself.
+  if (syscall(SYS_mlock, addr, length) != 0) {
+    const int err = errno;
+    unlock_range(addr, length);
+    return Error(ENOMEM, std::string("mlock failed: ") + std::strerror(err));
+  }
+  return {};
 }
 
 void FileObject::unlock_granules(uint64_t first, uint64_t last) noexcept {

@@ -4,9 +4,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
+#include "iomm/range.hpp"
 #include "mem/mem_object.hpp"
 
 // The build headers may predate these (Linux 5.14); the running kernel is
@@ -31,11 +33,39 @@ Status populate_and_lock(void* addr, uint64_t length, bool write) {
   // tests check VmLck under ASan and TSan too.
   if (syscall(SYS_mlock, addr, length) != 0) {
     const int err = errno;
+    unlock_range(addr, length);  // see lock_resident
     // The range was just faulted in, so ENOMEM here is the kernel's own
     // RLIMIT_MEMLOCK (for a process without CAP_IPC_LOCK), not a bad address.
     const bool limit = err == ENOMEM || err == EPERM || err == EAGAIN;
     return Error(limit ? ENOMEM : pin_errno(err),
                  "mlock of " + std::to_string(length) + " bytes failed: " + std::strerror(err));
+  }
+  return {};
+}
+
+Status lock_resident(void* addr, uint64_t length) {
+  if (syscall(SYS_mlock, addr, length) != 0) {
+    const int err = errno;
+    // mlock marks the range locked before it faults pages in, and a failed
+    // fault does not take the mark back: undo it, or VmLck leaks.
+    unlock_range(addr, length);
+    return Error(err == ENOMEM || err == EPERM || err == EAGAIN ? ENOMEM : pin_errno(err),
+                 "mlock of " + std::to_string(length) + " bytes failed: " + std::strerror(err));
+  }
+  // mlock skips pages it cannot fault in and still succeeds; find them.
+  constexpr uint64_t kChunkPages = 4096;
+  unsigned char resident[kChunkPages];
+  auto* base = static_cast<std::byte*>(addr);
+  for (uint64_t off = 0; off < length; off += kChunkPages * kPageSize) {
+    const uint64_t chunk = std::min(length - off, kChunkPages * kPageSize);
+    bool ok = mincore(base + off, chunk, resident) == 0;
+    for (uint64_t i = 0; ok && i < chunk / kPageSize; ++i) ok = (resident[i] & 1) != 0;
+    if (!ok) {
+      unlock_range(addr, length);
+      return Error(EFAULT, "memory at offset " + std::to_string(off) +
+                               " of the range cannot be made resident (file shrunk, or no "
+                               "huge pages left?)");
+    }
   }
   return {};
 }
