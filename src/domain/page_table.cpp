@@ -11,20 +11,20 @@ namespace iomm::domain {
 
 namespace {
 
-constexpr unsigned kEntriesPerTable = 512;
-constexpr unsigned kBitsPerLevel = 9;
+using pte::kAddressMask;
+using pte::kBitsPerLevel;
+using pte::kEntriesPerTable;
+using pte::kIsTable;
+using pte::kPresent;
+using pte::kReadable;
+using pte::kSynthetic;
+using pte::kWritable;
 constexpr unsigned kMaxLeafLevel = 2;
-
-constexpr uint64_t kPresent = 1U << 0;
-constexpr uint64_t kIsTable = 1U << 1;
-constexpr uint64_t kReadable = 1U << 2;
-constexpr uint64_t kWritable = 1U << 3;
-constexpr uint64_t kSynthetic = 1U << 4;
-constexpr uint64_t kAddressMask = ~(kPageSize - 1);
+static_assert(kReadable >> 2 == kProtRead && kWritable >> 2 == kProtWrite);
 
 constexpr uint64_t kSupportedPageSizes = kPageSize | kPageSize2M | kPageSize1G;
 
-constexpr unsigned level_shift(unsigned level) { return kPageShift + kBitsPerLevel * level; }
+using pte::level_shift;
 constexpr uint64_t level_size(unsigned level) { return uint64_t{1} << level_shift(level); }
 constexpr unsigned index_at(uint64_t iova, unsigned level) {
   return static_cast<unsigned>(iova >> level_shift(level)) & (kEntriesPerTable - 1);
@@ -40,13 +40,6 @@ unsigned levels_for(uint64_t aperture_last) {
 
 }  // namespace
 
-struct alignas(kPageSize) PageTable::Table {
-  std::atomic<uint64_t> entries[kEntriesPerTable];
-};
-
-PageTable::Table* PageTable::table_of(uint64_t entry) noexcept {
-  return reinterpret_cast<Table*>(entry & kAddressMask);
-}
 
 Result<std::unique_ptr<PageTable>> PageTable::create(uint64_t aperture_last, uint64_t page_sizes) {
   if ((page_sizes & kPageSize) == 0 || (page_sizes & ~kSupportedPageSizes) != 0) {
@@ -190,7 +183,6 @@ uint64_t PageTable::clear_range(Table* table, unsigned level, uint64_t first,
   return cleared;
 }
 
-bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept { return lookup_run(iova, 0, out); }
 
 bool PageTable::lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const noexcept {
   if (iova > covered_last_) return false;

@@ -38,6 +38,18 @@ struct PageTableCounters {
   uint64_t table_pages = 0;
 };
 
+namespace pte {
+inline constexpr unsigned kEntriesPerTable = 512;
+inline constexpr unsigned kBitsPerLevel = 9;
+inline constexpr uint64_t kPresent = 1U << 0;
+inline constexpr uint64_t kIsTable = 1U << 1;
+inline constexpr uint64_t kReadable = 1U << 2;
+inline constexpr uint64_t kWritable = 1U << 3;
+inline constexpr uint64_t kSynthetic = 1U << 4;
+inline constexpr uint64_t kAddressMask = ~uint64_t{4095};
+constexpr unsigned level_shift(unsigned level) { return 12 + kBitsPerLevel * level; }
+}  // namespace pte
+
 class PageTable {
  public:
   // page_sizes: bitmask of 4 KiB | 2 MiB | 1 GiB (must include 4 KiB).
@@ -59,7 +71,8 @@ class PageTable {
   // Never fails and never allocates.
   uint64_t unmap(uint64_t iova, uint64_t length) noexcept;
 
-  // Lock-free lookup of one IOVA. False if nothing is mapped there.
+  // Lock-free lookup of one IOVA. False if nothing is mapped there. Inline:
+  // it is the translate() hot path.
   bool lookup(uint64_t iova, Leaf* out) const noexcept;
   // lookup(), with remaining extended over the following leaves of the same
   // table that continue the run (same prot and kind, next address) until it
@@ -70,7 +83,9 @@ class PageTable {
   [[nodiscard]] unsigned levels() const noexcept { return levels_; }
 
  private:
-  struct Table;
+  struct alignas(4096) Table {
+    std::atomic<uint64_t> entries[pte::kEntriesPerTable];
+  };
   PageTable(Table* root, unsigned levels, uint64_t page_sizes);
 
   // Installs the leaf covering iova (or the first tables on its way) and
@@ -81,7 +96,9 @@ class PageTable {
                                uint64_t remaining) const noexcept;
   uint64_t clear_range(Table* table, unsigned level, uint64_t first, uint64_t last) noexcept;
   static void free_table(Table* table, unsigned level) noexcept;
-  static Table* table_of(uint64_t entry) noexcept;
+  static Table* table_of(uint64_t entry) noexcept {
+    return reinterpret_cast<Table*>(entry & pte::kAddressMask);
+  }
 
   Table* root_;
   unsigned levels_;
@@ -92,5 +109,28 @@ class PageTable {
   std::atomic<uint64_t> leaves_[3] = {};
   std::atomic<uint64_t> table_pages_{1};
 };
+
+inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
+  if (iova > covered_last_) return false;
+  const Table* table = root_;
+  for (unsigned level = levels_ - 1;; --level) {
+    const unsigned shift = pte::level_shift(level);
+    const uint64_t entry =
+        table->entries[(iova >> shift) & (pte::kEntriesPerTable - 1)].load(std::memory_order_acquire);
+    if ((entry & pte::kIsTable) != 0) {
+      table = table_of(entry);
+      continue;
+    }
+    if (entry == 0) return false;
+    const uint64_t size = uint64_t{1} << shift;
+    const uint64_t offset = iova & (size - 1);
+    out->address = (entry & pte::kAddressMask) + offset;
+    out->prot = static_cast<uint32_t>((entry >> 2) & 3U);  // kReadable, kWritable -> kProt*
+    out->synthetic = (entry & pte::kSynthetic) != 0;
+    out->size = size;
+    out->remaining = size - offset;
+    return true;
+  }
+}
 
 }  // namespace iomm::domain
