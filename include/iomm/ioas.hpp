@@ -14,8 +14,9 @@
 //   from every domain, then readers are waited for, then pages are unpinned,
 //   then the charge is returned.
 // - Accesses holding pins in a range being unmapped are told to unpin through
-//   their callback, with no IOAS lock held; if pins remain after 100 rounds,
-//   the unmap fails with EDEADLOCK and nothing is unmapped.
+//   their callback, with no IOAS lock held; if pins remain after 100 rounds
+//   (bounded to about 0.1 s of back-off), the unmap fails with EDEADLOCK
+//   and nothing is unmapped.
 // - Locking: concurrent calls are safe. Maps and unmaps of disjoint ranges
 //   take the tree lock only to reserve and publish; pinning and page-table
 //   filling run outside it. Attach/detach exclude fills.
@@ -99,8 +100,10 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
 
   // Unmap every mapping inside [iova, iova + length). Returns bytes unmapped.
   Result<uint64_t> unmap(uint64_t iova, uint64_t length);
-  // Unmap every mapping. Never fails for lack of memory; may fail with
-  // EDEADLOCK if an access refuses to unpin. Returns bytes unmapped.
+  // Unmap every mapping. Allocates nothing, so it cannot fail for lack of
+  // memory; fails with EDEADLOCK if an access refuses to unpin, or EBUSY if
+  // a mapping is being created or removed concurrently. Returns bytes
+  // unmapped.
   Result<uint64_t> unmap_all();
   // Like unmap, but an empty range succeeds with 0 (type1 / compat rule).
   Result<uint64_t> unmap_range_allow_empty(uint64_t iova, uint64_t length);

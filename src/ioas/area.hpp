@@ -37,6 +37,10 @@ struct Area {
   std::atomic<bool> domain_pinned{false};
   // Access pins overlapping the area; raised under the tree lock held shared.
   mutable std::atomic<uint32_t> access_pins{0};
+  // Next area removed by the same unmap: victims are chained through the
+  // areas themselves so that unmapping never allocates. Set under the tree
+  // lock held exclusively; read only by that unmap.
+  Area* next_victim = nullptr;
 
   [[nodiscard]] uint64_t length() const noexcept { return source.length(); }
   // Backing offset of the byte at iova.

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <chrono>
 #include <cstdio>
 #include <new>
 #include <string>
@@ -151,26 +152,53 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
   return start;
 }
 
-// Ask accesses to drop pins on the victims until none remain, at most
-// kUnmapNotifyRetries rounds.
-bool drain_access_pins(IoasState& st, const std::vector<std::shared_ptr<Area>>& victims) {
-  const IovaRange span{victims.front()->range.start, victims.back()->range.last};
-  auto pinned = [&] {
-    return std::any_of(victims.begin(), victims.end(), [](const auto& a) {
-      return a->access_pins.load(std::memory_order_acquire) != 0;
-    });
-  };
-  for (int round = 0; round < kUnmapNotifyRetries; ++round) {
-    if (!pinned()) return true;
-    access::notify_unmap(st, span);
-    if (pinned()) std::this_thread::yield();
+// The areas one unmap removes, chained through Area::next_victim.
+struct Victims {
+  Area* head = nullptr;
+  Area* tail = nullptr;
+
+  void push(Area* a) noexcept {
+    a->next_victim = nullptr;
+    (tail != nullptr ? tail->next_victim : head) = a;
+    tail = a;
   }
-  return !pinned();
+  template <typename F>
+  void each(F f) const {
+    for (Area* a = head; a != nullptr; a = a->next_victim) f(*a);
+  }
+  [[nodiscard]] bool any_access_pins() const noexcept {
+    for (const Area* a = head; a != nullptr; a = a->next_victim) {
+      if (a->access_pins.load(std::memory_order_acquire) != 0) return true;
+    }
+    return false;
+  }
+};
+
+// Ask accesses to drop their pins on the victims until none remain, at most
+// kUnmapNotifyRetries rounds. A driver that unpins in its callback finishes
+// in one round with no wait; between further rounds the wait backs off (to
+// 1 ms), so a pin that passed its checks just before the unmap and is still
+// locking pages can complete and be dropped, and the whole loop stays
+// bounded (about 0.1 s) before it gives up.
+bool drain_access_pins(IoasState& st, const Victims& victims) {
+  const IovaRange span{victims.head->range.start, victims.tail->range.last};
+  for (int round = 0; round < kUnmapNotifyRetries; ++round) {
+    if (!victims.any_access_pins()) return true;
+    access::notify_unmap(st, span);
+    if (!victims.any_access_pins()) return true;
+    if (round < 8) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(std::min(1000, 1 << (round - 8))));
+    }
+  }
+  return !victims.any_access_pins();
 }
 
-// Unmap every area inside r. Empty is success with 0 bytes.
+// Unmap every area inside r. Empty is success with 0 bytes. Allocates
+// nothing except for an error message.
 Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
-  std::vector<std::shared_ptr<Area>> victims;
+  Victims victims;
   uint64_t bytes = 0;
   {
     std::unique_lock tree(st.tree_mu);
@@ -183,23 +211,18 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
         return Error(EBUSY, "mapping " + describe(a.range) + " is being created or removed");
       }
     }
-    try {
-      for (auto it = st.first_overlap(r); it != st.areas.end() && it->first <= r.last; ++it) {
-        victims.push_back(it->second);
-      }
-    } catch (const std::bad_alloc&) {
-      return Error(ENOMEM, "out of memory");
-    }
-    for (const auto& a : victims) {
-      a->state = AreaState::removing;
-      bytes += a->length();
+    for (auto it = st.first_overlap(r); it != st.areas.end() && it->first <= r.last; ++it) {
+      Area& a = *it->second;
+      a.state = AreaState::removing;
+      bytes += a.length();
+      victims.push(&a);
     }
   }
-  if (victims.empty()) return uint64_t{0};
+  if (victims.head == nullptr) return uint64_t{0};
 
   if (!drain_access_pins(st, victims)) {
     std::unique_lock tree(st.tree_mu);
-    for (const auto& a : victims) a->state = AreaState::live;
+    victims.each([](Area& a) { a.state = AreaState::live; });
     return Error(EDEADLOCK, "an access kept pins in " + describe(r) + " after " +
                                 std::to_string(kUnmapNotifyRetries) + " unmap notifications");
   }
@@ -209,15 +232,20 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
   {
     std::shared_lock domains(st.domains_mu);
     for (const auto& d : st.domains) {
-      for (const auto& a : victims) d->page_table().unmap(a->range.start, a->length());
+      victims.each([&](Area& a) { d->page_table().unmap(a.range.start, a.length()); });
     }
     if (!st.domains.empty()) sync::rcu_synchronize();
-    for (const auto& a : victims) {
-      if (a->domain_pinned.exchange(false)) a->unpin_all();
-    }
+    victims.each([](Area& a) {
+      if (a.domain_pinned.exchange(false)) a.unpin_all();
+    });
   }
   std::unique_lock tree(st.tree_mu);
-  for (const auto& a : victims) st.areas.erase(a->range.start);
+  // Read each link before erasing: erasing may free the area.
+  for (Area* a = victims.head; a != nullptr;) {
+    Area* next = a->next_victim;
+    st.areas.erase(a->range.start);
+    a = next;
+  }
   st.mapped_bytes -= bytes;
   return bytes;
 }
