@@ -141,8 +141,8 @@ inline bool ensure_free_hugepages(long pages, std::string* why) {
   hs.raised = true;
   free_pages = meminfo_value("HugePages_Free");
   if (free_pages < pages) {
-    *why = "only " + std::to_string(free_pages) + " free 2 MiB huge pages after raising nr_hugepages, need " +
-           std::to_string(pages);
+    *why = "only " + std::to_string(free_pages) +
+           " free 2 MiB huge pages after raising nr_hugepages, need " + std::to_string(pages);
     return false;
   }
   return true;

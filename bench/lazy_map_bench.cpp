@@ -69,7 +69,8 @@ void run_map_only(benchmark::State& state, const iomm::MemorySource& src) {
     state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
     auto bytes = f.ioas->unmap(*iova, src.length());
     if (!bytes) return fail(state, describe("Ioas::unmap", bytes.error()));
-    if (*bytes != src.length()) return fail(state, "Ioas::unmap returned " + std::to_string(*bytes) + " bytes");
+    if (*bytes != src.length())
+      return fail(state, "Ioas::unmap returned " + std::to_string(*bytes) + " bytes");
   }
 }
 
@@ -124,6 +125,9 @@ void BM_map_1TiB_lazy_check(benchmark::State& state) {
 BENCHMARK(BM_map_1TiB)->Name("lazy_map/map_1TiB")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_map_4KiB)->Name("lazy_map/map_4KiB")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_map_unmap_1TiB)->Name("lazy_map/map_unmap_1TiB")->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_map_1TiB_lazy_check)->Name("lazy_map/lazy_check")->Iterations(10)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_map_1TiB_lazy_check)
+    ->Name("lazy_map/lazy_check")
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

@@ -135,8 +135,9 @@ bool setup_charged(PinFixture& f, const iomm::MemorySource& src) {
     return false;
   }
   if (f.charged_bytes_seen < kLength) {
-    f.charged_error = "charging did not happen: charged_bytes=" + std::to_string(f.charged_bytes_seen) +
-                      " after pinning 1 GiB with CAP_IPC_LOCK dropped";
+    f.charged_error =
+        "charging did not happen: charged_bytes=" + std::to_string(f.charged_bytes_seen) +
+        " after pinning 1 GiB with CAP_IPC_LOCK dropped";
     return false;
   }
   return true;
@@ -244,8 +245,10 @@ void run_mlock(benchmark::State& state, bool huge, bool populate_too) {
     if (populate_too && madvise(f.raw, kLength, MADV_POPULATE_WRITE) != 0) {
       return fail(state, std::string("madvise(MADV_POPULATE_WRITE): ") + std::strerror(errno));
     }
-    if (mlock(f.raw, kLength) != 0) return fail(state, std::string("mlock: ") + std::strerror(errno));
-    if (munlock(f.raw, kLength) != 0) return fail(state, std::string("munlock: ") + std::strerror(errno));
+    if (mlock(f.raw, kLength) != 0)
+      return fail(state, std::string("mlock: ") + std::strerror(errno));
+    if (munlock(f.raw, kLength) != 0)
+      return fail(state, std::string("munlock: ") + std::strerror(errno));
   }
   finish(state);
 }
@@ -260,7 +263,8 @@ void run_access(benchmark::State& state, iomm::Access& access, uint64_t iova) {
     auto pin = access.pin(iova, kLength, kRW);
     if (!pin) return fail(state, describe("Access::pin", pin.error()));
     benchmark::DoNotOptimize(pin->data());
-    if (auto s = access.unpin(iova, kLength); !s) return fail(state, describe("Access::unpin", s.error()));
+    if (auto s = access.unpin(iova, kLength); !s)
+      return fail(state, describe("Access::unpin", s.error()));
   }
   finish(state);
 }
@@ -282,8 +286,10 @@ void BM_iomm_attach_detach(benchmark::State& state, bool huge) {
   PinFixture& f = fixture(huge);
   if (!f.error.empty()) return fail(state, f.error);
   for (auto _ : state) {
-    if (auto s = f.ioas->attach(f.domain); !s) return fail(state, describe("Ioas::attach", s.error()));
-    if (auto s = f.ioas->detach(f.domain); !s) return fail(state, describe("Ioas::detach", s.error()));
+    if (auto s = f.ioas->attach(f.domain); !s)
+      return fail(state, describe("Ioas::attach", s.error()));
+    if (auto s = f.ioas->detach(f.domain); !s)
+      return fail(state, describe("Ioas::detach", s.error()));
   }
   finish(state);
 }
@@ -318,8 +324,10 @@ int main(int argc, char** argv) {
   restore_hugepages();
   // Leak check: every pin and charge taken by the benchmarks must be gone.
   const iomm::Counters c = iomm::counters();
-  std::fprintf(stderr, "pin_bench after teardown: pinned_bytes=%llu charged_bytes=%llu vmlck_bytes=%llu\n",
-               static_cast<unsigned long long>(c.pinned_bytes), static_cast<unsigned long long>(c.charged_bytes),
+  std::fprintf(stderr,
+               "pin_bench after teardown: pinned_bytes=%llu charged_bytes=%llu vmlck_bytes=%llu\n",
+               static_cast<unsigned long long>(c.pinned_bytes),
+               static_cast<unsigned long long>(c.charged_bytes),
                static_cast<unsigned long long>(c.vmlck_bytes));
   if (c.pinned_bytes != 0 || c.charged_bytes != 0 || c.vmlck_bytes != 0) return 2;
   return 0;

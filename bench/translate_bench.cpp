@@ -39,19 +39,19 @@ namespace {
 
 constexpr uint64_t kMappings = 1ULL << 20;
 constexpr uint64_t kPage = 4 * KiB;
-constexpr uint64_t kBase = 4 * GiB;                 // first IOVA
-constexpr uint64_t kStride = 2 * kPage;             // every other page
-constexpr uint64_t kSpan = kMappings * kStride;     // used IOVA span (8 GiB)
-constexpr size_t kSequence = 1U << 20;              // random IOVAs
-constexpr size_t kBatch = 4096;                     // lookups per iteration
+constexpr uint64_t kBase = 4 * GiB;              // first IOVA
+constexpr uint64_t kStride = 2 * kPage;          // every other page
+constexpr uint64_t kSpan = kMappings * kStride;  // used IOVA span (8 GiB)
+constexpr size_t kSequence = 1U << 20;           // random IOVAs
+constexpr size_t kBatch = 4096;                  // lookups per iteration
 
 struct TranslateFixture {
   std::string error;
   std::shared_ptr<iomm::Ioas> ioas;
   std::shared_ptr<iomm::SoftDomain> domain;
-  uint64_t source_base = 0;  // address translate() returns for offset 0
-  std::vector<uint64_t> iovas;     // the random sequence
-  uint64_t expected_sum = 0;       // sum of correct addresses over the sequence
+  uint64_t source_base = 0;     // address translate() returns for offset 0
+  std::vector<uint64_t> iovas;  // the random sequence
+  uint64_t expected_sum = 0;    // sum of correct addresses over the sequence
   std::map<uint64_t, uint64_t> tree;
   std::vector<uint64_t> flat;
   double setup_seconds = 0;
@@ -138,7 +138,8 @@ std::unique_ptr<TranslateFixture> build() {
       if (!t || t->address != want || t->leaf_size != kPage) {
         char buf[200];
         std::snprintf(buf, sizeof buf, "translate(0x%llx) gave %s 0x%llx leaf %llu, want 0x%llx",
-                      static_cast<unsigned long long>(iova), t ? "ok" : t.error().describe().c_str(),
+                      static_cast<unsigned long long>(iova),
+                      t ? "ok" : t.error().describe().c_str(),
                       t ? static_cast<unsigned long long>(t->address) : 0ULL,
                       t ? static_cast<unsigned long long>(t->leaf_size) : 0ULL,
                       static_cast<unsigned long long>(want));
@@ -154,8 +155,9 @@ std::unique_ptr<TranslateFixture> build() {
     return f;
   }
   f->setup_seconds = std::chrono::duration<double>(t1 - t0).count();
-  std::fprintf(stderr, "translate_bench setup: 1M maps with a domain attached in %.2f s; %llu table pages\n",
-               f->setup_seconds, static_cast<unsigned long long>(c.table_pages));
+  std::fprintf(
+      stderr, "translate_bench setup: 1M maps with a domain attached in %.2f s; %llu table pages\n",
+      f->setup_seconds, static_cast<unsigned long long>(c.table_pages));
   return f;
 }
 
@@ -194,93 +196,118 @@ void run(benchmark::State& state, Lookup lookup) {
   benchmark::DoNotOptimize(sum);
   state.SetLabel(state.range(0) != 0 ? "dependent" : "independent");
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kBatch));
-  state.counters["ns_per_lookup"] = benchmark::Counter(
-      static_cast<double>(state.iterations() * kBatch), benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  state.counters["ns_per_lookup"] =
+      benchmark::Counter(static_cast<double>(state.iterations() * kBatch),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
 void BM_iomm(benchmark::State& state) {
-  run(state, [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
-    iomm::SoftDomain& d = *f.domain;
-    iomm::RcuReadGuard guard;
-    uint64_t s = 0;
-    uint64_t dep = 0;
-    for (size_t i = 0; i < n; ++i) {
-      auto t = d.translate(iovas[i] + dep, iomm::kProtRead);
-      if (!t) return false;
-      s += t->address;
-      if constexpr (decltype(dependent)::value) dep = t->address >> 63;
-    }
-    *sum += s;
-    return true;
-  });
+  run(state,
+      [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
+        iomm::SoftDomain& d = *f.domain;
+        iomm::RcuReadGuard guard;
+        uint64_t s = 0;
+        uint64_t dep = 0;
+        for (size_t i = 0; i < n; ++i) {
+          auto t = d.translate(iovas[i] + dep, iomm::kProtRead);
+          if (!t) return false;
+          s += t->address;
+          if constexpr (decltype(dependent)::value) dep = t->address >> 63;
+        }
+        *sum += s;
+        return true;
+      });
 }
 
 void BM_std_map(benchmark::State& state) {
-  run(state, [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
-    const auto& m = f.tree;
-    uint64_t s = 0;
-    uint64_t dep = 0;
-    for (size_t i = 0; i < n; ++i) {
-      const uint64_t iova = iovas[i] + dep;
-      auto it = m.upper_bound(iova);
-      if (it == m.begin()) return false;
-      --it;
-      const uint64_t off = iova - it->first;
-      if (off >= kPage) return false;
-      s += it->second + off;
-      if constexpr (decltype(dependent)::value) dep = it->second >> 63;
-    }
-    *sum += s;
-    return true;
-  });
+  run(state,
+      [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
+        const auto& m = f.tree;
+        uint64_t s = 0;
+        uint64_t dep = 0;
+        for (size_t i = 0; i < n; ++i) {
+          const uint64_t iova = iovas[i] + dep;
+          auto it = m.upper_bound(iova);
+          if (it == m.begin()) return false;
+          --it;
+          const uint64_t off = iova - it->first;
+          if (off >= kPage) return false;
+          s += it->second + off;
+          if constexpr (decltype(dependent)::value) dep = it->second >> 63;
+        }
+        *sum += s;
+        return true;
+      });
 }
 
 void BM_flat_radix(benchmark::State& state) {
-  run(state, [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
-    const uint64_t* table = f.flat.data();
-    const uint64_t slots = f.flat.size();
-    uint64_t s = 0;
-    uint64_t dep = 0;
-    for (size_t i = 0; i < n; ++i) {
-      const uint64_t iova = iovas[i] + dep;
-      const uint64_t slot = (iova - kBase) >> 12;
-      if (slot >= slots) return false;
-      const uint64_t e = table[slot];
-      if ((e & 1) == 0) return false;
-      s += (e & ~(kPage - 1)) + (iova & (kPage - 1));
-      if constexpr (decltype(dependent)::value) dep = e >> 63;
-    }
-    *sum += s;
-    return true;
-  });
+  run(state,
+      [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
+        const uint64_t* table = f.flat.data();
+        const uint64_t slots = f.flat.size();
+        uint64_t s = 0;
+        uint64_t dep = 0;
+        for (size_t i = 0; i < n; ++i) {
+          const uint64_t iova = iovas[i] + dep;
+          const uint64_t slot = (iova - kBase) >> 12;
+          if (slot >= slots) return false;
+          const uint64_t e = table[slot];
+          if ((e & 1) == 0) return false;
+          s += (e & ~(kPage - 1)) + (iova & (kPage - 1));
+          if constexpr (decltype(dependent)::value) dep = e >> 63;
+        }
+        *sum += s;
+        return true;
+      });
 }
 
 // Diagnostic: the internal radix walk alone (PageTable::lookup), without the
 // public translate() wrapper (nested RCU guard calls into liburcu-bp, access
 // and aperture checks, Result<Translation> construction). Not a target.
 void BM_pagetable_lookup(benchmark::State& state) {
-  run(state, [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
-    const iomm::domain::PageTable& pt = f.domain->page_table();
-    iomm::RcuReadGuard guard;
-    uint64_t s = 0;
-    uint64_t dep = 0;
-    for (size_t i = 0; i < n; ++i) {
-      iomm::domain::Leaf leaf;
-      if (!pt.lookup(iovas[i] + dep, &leaf)) return false;
-      s += leaf.address;
-      if constexpr (decltype(dependent)::value) dep = leaf.address >> 63;
-    }
-    *sum += s;
-    return true;
-  });
+  run(state,
+      [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
+        const iomm::domain::PageTable& pt = f.domain->page_table();
+        iomm::RcuReadGuard guard;
+        uint64_t s = 0;
+        uint64_t dep = 0;
+        for (size_t i = 0; i < n; ++i) {
+          iomm::domain::Leaf leaf;
+          if (!pt.lookup(iovas[i] + dep, &leaf)) return false;
+          s += leaf.address;
+          if constexpr (decltype(dependent)::value) dep = leaf.address >> 63;
+        }
+        *sum += s;
+        return true;
+      });
 }
 
 }  // namespace
 
-BENCHMARK(BM_iomm)->Name("translate_1M/iomm")->ArgName("dep")->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_std_map)->Name("translate_1M/std_map")->ArgName("dep")->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_flat_radix)->Name("translate_1M/flat_radix")->ArgName("dep")->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_pagetable_lookup)->Name("translate_1M/diag_pagetable_lookup")->ArgName("dep")->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_iomm)
+    ->Name("translate_1M/iomm")
+    ->ArgName("dep")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_std_map)
+    ->Name("translate_1M/std_map")
+    ->ArgName("dep")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_flat_radix)
+    ->Name("translate_1M/flat_radix")
+    ->ArgName("dep")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_pagetable_lookup)
+    ->Name("translate_1M/diag_pagetable_lookup")
+    ->ArgName("dep")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond);
 
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);

@@ -72,7 +72,8 @@ TEST(FillConcurrency, StuckPinDoesNotBlockDisjointWork) {
   std::atomic<bool> stuck_map_done{false};
   Result<uint64_t> stuck_result = Error(EINPROGRESS, "");
   std::thread mapper([&] {
-    stuck_result = ioas->map(*MemorySource::from_user(stuck.addr(), 16 * kPageSize), kRW, 0x40000000);
+    stuck_result =
+        ioas->map(*MemorySource::from_user(stuck.addr(), 16 * kPageSize), kRW, 0x40000000);
     stuck_map_done = true;
   });
   ASSERT_TRUE(stuck.wait_fault(10000)) << "the pin never faulted";
@@ -84,8 +85,8 @@ TEST(FillConcurrency, StuckPinDoesNotBlockDisjointWork) {
   auto pin = access->pin(0x100000, kPageSize, kRW);                        // an access pin
   ASSERT_OK(pin);
   ASSERT_OK(access->unpin(0x100000, kPageSize));
-  ASSERT_OK(ioas->unmap(0x800000, 1 << 20));                               // another unmap
-  EXPECT_ERRNO(ioas->unmap(0x40000000, 16 * kPageSize), EBUSY);             // but not of it
+  ASSERT_OK(ioas->unmap(0x800000, 1 << 20));                     // another unmap
+  EXPECT_ERRNO(ioas->unmap(0x40000000, 16 * kPageSize), EBUSY);  // but not of it
   EXPECT_ERRNO(ioas->map(*MemorySource::simulated(kPageSize), kRW, 0x40000000), EEXIST);
   EXPECT_FALSE(stuck_map_done.load());
 

@@ -40,7 +40,6 @@ unsigned levels_for(uint64_t aperture_last) {
 
 }  // namespace
 
-
 Result<std::unique_ptr<PageTable>> PageTable::create(uint64_t aperture_last, uint64_t page_sizes) {
   if ((page_sizes & kPageSize) == 0 || (page_sizes & ~kSupportedPageSizes) != 0) {
     return Error(EINVAL, "page_sizes must include 4 KiB and may add only 2 MiB and 1 GiB");
@@ -182,7 +181,6 @@ uint64_t PageTable::clear_range(Table* table, unsigned level, uint64_t first,
   }
   return cleared;
 }
-
 
 bool PageTable::lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const noexcept {
   if (iova > covered_last_) return false;

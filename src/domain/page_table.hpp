@@ -115,8 +115,8 @@ inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
   const Table* table = root_;
   for (unsigned level = levels_ - 1;; --level) {
     const unsigned shift = pte::level_shift(level);
-    const uint64_t entry =
-        table->entries[(iova >> shift) & (pte::kEntriesPerTable - 1)].load(std::memory_order_acquire);
+    const uint64_t entry = table->entries[(iova >> shift) & (pte::kEntriesPerTable - 1)].load(
+        std::memory_order_acquire);
     if ((entry & pte::kIsTable) != 0) {
       table = table_of(entry);
       continue;

@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+#include "core/errno_text.hpp"
 #include "mem/populate.hpp"
 
 namespace iomm::mem {
@@ -34,7 +35,7 @@ FileRegistry& registry() {
 uint64_t round_up(uint64_t v, uint64_t align) { return (v + align - 1) & ~(align - 1); }
 
 Error sys_error(int code, const std::string& what) {
-  return Error(code, what + ": " + std::strerror(errno));
+  return Error(code, what + ": " + errno_text(errno));
 }
 
 }  // namespace
@@ -190,7 +191,7 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
   if (syscall(SYS_mlock, addr, length) != 0) {
     const int err = errno;
     unlock_range(addr, length);
-    return Error(ENOMEM, std::string("mlock failed: ") + std::strerror(err));
+    return Error(ENOMEM, std::string("mlock failed: ") + errno_text(err));
   }
   return {};
 }

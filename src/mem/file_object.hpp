@@ -36,8 +36,8 @@ class FileObject final : public MemObject {
   void unlock_granules(uint64_t first, uint64_t last) noexcept override;
 
  private:
-  FileObject(unsigned page_shift, int fd, dev_t dev, ino_t ino, std::byte* base,
-             uint64_t window, uint64_t mapped, bool writable, bool shrink_sealed);
+  FileObject(unsigned page_shift, int fd, dev_t dev, ino_t ino, std::byte* base, uint64_t window,
+             uint64_t mapped, bool writable, bool shrink_sealed);
   Status extend(int fd, uint64_t end);
 
   const int fd_;  // our own duplicate: the file's size is checked when pinning

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/errno_text.hpp"
 #include "iomm/range.hpp"
 #include "mem/mem_object.hpp"
 
@@ -27,7 +28,7 @@ Status populate_and_lock(void* addr, uint64_t length, bool write) {
     const int err = errno;
     return Error(pin_errno(err), "cannot fault in " + std::to_string(length) + " bytes at " +
                                      std::to_string(reinterpret_cast<uintptr_t>(addr)) + ": " +
-                                     std::strerror(err));
+                                     errno_text(err));
   }
   // The raw syscall: sanitizer runtimes intercept mlock() as a no-op, and the
   // tests check VmLck under ASan and TSan too.
@@ -38,7 +39,7 @@ Status populate_and_lock(void* addr, uint64_t length, bool write) {
     // RLIMIT_MEMLOCK (for a process without CAP_IPC_LOCK), not a bad address.
     const bool limit = err == ENOMEM || err == EPERM || err == EAGAIN;
     return Error(limit ? ENOMEM : pin_errno(err),
-                 "mlock of " + std::to_string(length) + " bytes failed: " + std::strerror(err));
+                 "mlock of " + std::to_string(length) + " bytes failed: " + errno_text(err));
   }
   return {};
 }
@@ -50,7 +51,7 @@ Status lock_resident(void* addr, uint64_t length) {
     // fault does not take the mark back: undo it, or VmLck leaks.
     unlock_range(addr, length);
     return Error(err == ENOMEM || err == EPERM || err == EAGAIN ? ENOMEM : pin_errno(err),
-                 "mlock of " + std::to_string(length) + " bytes failed: " + std::strerror(err));
+                 "mlock of " + std::to_string(length) + " bytes failed: " + errno_text(err));
   }
   // mlock skips pages it cannot fault in and still succeeds; find them.
   constexpr uint64_t kChunkPages = 4096;

@@ -93,7 +93,7 @@ bool set_ipc_lock(bool on) {
     effective &= ~CAP_TO_MASK(CAP_IPC_LOCK);
   }
   if (syscall(SYS_capset, &header, data) != 0 && !on) {
-    throw DemoFailure(std::string("cannot drop CAP_IPC_LOCK: ") + std::strerror(errno));
+    throw DemoFailure(std::string("cannot drop CAP_IPC_LOCK: ") + errno_text(errno));
   }
   return had;
 }
@@ -107,7 +107,12 @@ class ChargedMappingScope {
  public:
   ChargedMappingScope() : had_(set_ipc_lock(false)) {}
   ~ChargedMappingScope() {
-    if (had_) set_ipc_lock(true);
+    // Raising a capability we held cannot fail, and set_ipc_lock(true)
+    // never throws; a destructor must not let anything escape regardless.
+    try {
+      if (had_) set_ipc_lock(true);
+    } catch (...) {
+    }
   }
   ChargedMappingScope(const ChargedMappingScope&) = delete;
   ChargedMappingScope& operator=(const ChargedMappingScope&) = delete;
@@ -337,11 +342,11 @@ class Demo {
     must(set_memlock_limit(AccountMode::per_process, 0, limit), "set_memlock_limit");
 
     memfd_ = Fd(memfd_create("iomm-demo-guest", MFD_CLOEXEC));
-    if (memfd_.get() < 0) throw DemoFailure(std::string("memfd_create: ") + std::strerror(errno));
+    if (memfd_.get() < 0) throw DemoFailure(std::string("memfd_create: ") + errno_text(errno));
     if (ftruncate(memfd_.get(), static_cast<off_t>(options_.size)) != 0 ||
         pwrite(memfd_.get(), kSignature.data(), kSignature.size(), 0) !=
             static_cast<ssize_t>(kSignature.size())) {
-      throw DemoFailure(std::string("preparing the memfd: ") + std::strerror(errno));
+      throw DemoFailure(std::string("preparing the memfd: ") + errno_text(errno));
     }
     source_ =
         must(MemorySource::from_file(memfd_.get(), 0, options_.size), "MemorySource::from_file");

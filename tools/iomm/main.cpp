@@ -1,16 +1,15 @@
 // iomm: command-line front end of the iomm library.
 #include <CLI/CLI.hpp>
+#include <cstdio>
+#include <exception>
 
 #include "commands.hpp"
 
 namespace {
 
-// Kept in step with project(VERSION) in the top-level CMakeLists.txt.
-constexpr const char* kVersion = "0.1.0";
+constexpr const char* kVersion = IOMM_VERSION;  // project(VERSION), from CMake
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   using namespace iomm::cli;
 
   CLI::App app{"iomm: user-space I/O memory management (VFIO type1 / iommufd semantics)", "iomm"};
@@ -38,4 +37,17 @@ int main(int argc, char** argv) {
 
   if (demo_cmd->parsed()) return run_demo(demo);
   return run_stat(stat);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "iomm: %s\n", e.what());
+  } catch (...) {
+    std::fprintf(stderr, "iomm: unexpected error\n");
+  }
+  return 1;
 }

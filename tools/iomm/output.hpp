@@ -5,12 +5,19 @@
 #include <concepts>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 namespace iomm::cli {
+
+// Thread-safe description of an errno value (strerror is not thread-safe).
+inline const char* errno_text(int code) noexcept {
+  const char* text = strerrordesc_np(code);
+  return text != nullptr ? text : "unknown error";
+}
 
 // Exact where a unit divides evenly into fewer than five digits ("64 KiB",
 // "1536 MiB"), otherwise one decimal of the largest unit ("1.2 GiB").

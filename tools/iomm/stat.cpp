@@ -13,10 +13,10 @@
 #include <string>
 #include <vector>
 
-#include "../../src/stats/shared_counters.hpp"
 #include "commands.hpp"
 #include "iomm/range.hpp"
 #include "output.hpp"
+#include "stats/shared_counters.hpp"
 
 namespace iomm::cli {
 namespace {
