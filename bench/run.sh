@@ -19,13 +19,13 @@ REPS=5
 if [[ "${1:-}" == "--quick" ]]; then REPS=1; fi
 
 cmake --preset default >/dev/null
-cmake --build build/default -j2 --target pin_bench lazy_map_bench translate_bench dma_bench
+cmake --build build/default -j2 --target pin_bench lazy_map_bench translate_bench dma_bench type1_bench
 
 BIN="$ROOT/build/default/bench"
 OUT="${OUT:-$BIN/results}"
 mkdir -p "$OUT"
 
-for b in pin_bench lazy_map_bench translate_bench dma_bench; do
+for b in pin_bench lazy_map_bench translate_bench dma_bench type1_bench; do
   echo "=== $b ==="
   "$BIN/$b" --benchmark_repetitions="$REPS" --benchmark_report_aggregates_only=true \
     --benchmark_enable_random_interleaving=true \

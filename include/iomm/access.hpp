@@ -5,7 +5,10 @@
 // - pin() makes an IOVA range resident and returns host pointers; the pages
 //   stay pinned (and charged once, to the mapping's owner) until unpin() with
 //   exactly the same iova and length, or until the access is destroyed.
-// - read()/write() copy by IOVA, byte-granular, with no long-term pin.
+// - read()/write() copy by IOVA, byte-granular, with no long-term pin. A
+//   write marks the pages in the IOAS's dirty log while tracking is on.
+// - pin(), pin_pages() and rw fail with EBUSY while the mapping's host
+//   address is invalid (Ioas::invalidate_host, live update).
 // - The unmap callback is mandatory. Before an unmap removes a range this
 //   access holds pinned, the callback is called with the range being
 //   unmapped, with no IOAS lock held, from the unmapping thread.
@@ -67,6 +70,22 @@ class Access {
   // Pin a page-aligned range; one segment per mapping it crosses.
   Result<std::vector<PinnedSegment>> pin(uint64_t iova, uint64_t length, uint32_t prot);
   Status unpin(uint64_t iova, uint64_t length);
+
+  // Per-page pins with a reference count per page (the model of type1's
+  // vfio_pin_pages): pin_pages raises the count of each of npages pages from
+  // iova, pinning (and charging) a page when its count leaves 0, and writes
+  // each page's host address to host[i]. unpin_pages lowers the counts and
+  // releases a page when its count returns to 0; any page can be unpinned on
+  // its own. Both are all-or-nothing. Page pins take part in the unmap
+  // protocol like range pins. Metadata: one 4-byte count per page, in chunks
+  // of 16 pages.
+  // Errors: EINVAL zero npages, null host, misaligned iova, range being
+  // unmapped, unpin of a page not pinned; EOVERFLOW wrap; ENOENT a page not
+  // mapped; EPERM prot not allowed; EBUSY host address being updated (live
+  // update); EFAULT/ENOMEM from pinning.
+  Status pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** host);
+  Status unpin_pages(uint64_t iova, uint64_t npages);
+  [[nodiscard]] uint64_t page_pinned_count() const;
 
   Status read(uint64_t iova, void* buf, size_t length);
   Status write(uint64_t iova, const void* buf, size_t length);

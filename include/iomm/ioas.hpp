@@ -97,6 +97,9 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   // address, keeping its offset within the page). Returns the IOVA.
   Result<uint64_t> map(const MemorySource& source, uint32_t prot,
                        std::optional<uint64_t> iova = std::nullopt);
+  // map(), charging `owner` instead of IoasOptions::owner.
+  Result<uint64_t> map_as(const MemorySource& source, uint32_t prot, std::optional<uint64_t> iova,
+                          const OwnerSpec& owner);
 
   // Unmap every mapping inside [iova, iova + length). Returns bytes unmapped.
   Result<uint64_t> unmap(uint64_t iova, uint64_t length);
@@ -137,6 +140,35 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   // Detach: clears the domain's page table and unpins what no one else
   // holds. ENOENT if not attached here.
   Status detach(const std::shared_ptr<SoftDomain>& domain);
+
+  // Dirty tracking. While on, writes through attached domains' DMA and
+  // through accesses mark their 4 KiB IOVA pages in a log. Turning it on or
+  // off clears the log; unmapping clears the unmapped range.
+  void set_dirty_tracking(bool on) noexcept;
+  [[nodiscard]] bool dirty_tracking() const noexcept;
+  // Fill bitmap (bit i = 4 KiB page (iova >> 12) + i) with the pages written
+  // since the last call, plus every page an access holds pinned (reported
+  // until unpinned); clears the log for the range. The bitmap is zeroed
+  // first. EINVAL: tracking off, iova/length not page aligned, zero length,
+  // bitmap too small; EOVERFLOW: wrap.
+  Status read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap);
+
+  // Live update. invalidate_host marks every mapping inside the range (none
+  // may be cut: ENOENT) as having no valid host address: domains keep
+  // translating, accesses' pins and rw fail with EBUSY. EINVAL if one is
+  // already invalid (nothing changed); EBUSY if one is being created or
+  // removed. Returns the bytes invalidated (0 for an empty range).
+  Result<uint64_t> invalidate_host(uint64_t iova, uint64_t length);
+  // Install a new source for the invalidated mapping starting at iova, with
+  // the same length, owned by `owner`. If domains hold the mapping, the new
+  // source and owner are pinned and charged first (ENOMEM, EFAULT), the
+  // domains are switched to it, readers are waited for, and the old pin and
+  // charge are released. Same backing object and offset: no re-pin, only
+  // the charge moves if the owner changed. ENOENT no mapping starts at iova;
+  // EINVAL not invalid or length differs; EBUSY accesses hold pins in it.
+  Status replace_host(uint64_t iova, const MemorySource& source, const OwnerSpec& owner);
+  // Mappings whose host address is invalid.
+  [[nodiscard]] uint64_t invalid_host_count() const;
 
   [[nodiscard]] std::vector<MappingInfo> mappings() const;
   [[nodiscard]] IoasCounters counters() const;

@@ -1,5 +1,6 @@
 // Accesses: pin, unpin, rw, and the unmap callback protocol
 // (see include/iomm/access.hpp for the contract).
+#include "fault/inject.hpp"
 #include "iomm/access.hpp"
 
 #include <algorithm>
@@ -22,6 +23,7 @@ namespace access {
 
 bool AccessState::may_pin(const IovaRange& r) const {
   if (pins_in_flight.load(std::memory_order_acquire) != 0) return true;
+  if (page_pins.load(std::memory_order_acquire) != 0 && page_pins_overlap(r)) return true;
   std::lock_guard lk(mu);
   return std::any_of(pins.begin(), pins.end(), [&](const auto& entry) {
     return IovaRange{entry.first, entry.first + entry.second.length - 1}.overlaps(r);
@@ -48,7 +50,8 @@ void notify_unmap(IoasState& st, const IovaRange& r) {
     }
     if (n == 0) return;
     for (size_t i = 0; i < n; ++i) {
-      batch[i]->on_unmap(r);
+      // A driver that does not unpin this round: the unmap must retry.
+      if (!IOMM_INJECT("access.callback")) batch[i]->on_unmap(r);
       std::lock_guard cb(batch[i]->callback_mu);
       --batch[i]->callbacks_running;
       batch[i]->callback_done.notify_all();
@@ -79,6 +82,7 @@ Status check_covered(const IoasState& st, const IovaRange& r, uint32_t need,
     const auto& a = it->second;
     if (a->range.start > pos) break;
     if (a->state == AreaState::removing) return Error(EINVAL, "range is being unmapped");
+    if (a->host_invalid) return Error(EBUSY, "the host address of the range is being updated");
     if (a->state != AreaState::live) break;
     if ((a->prot & need) != need) return Error(EPERM, "mapping does not allow this access");
     if (a->source.object()->synthetic()) {
@@ -106,7 +110,7 @@ Result<std::shared_ptr<Access>> Access::create(const std::shared_ptr<Ioas>& ioas
   if (!on_unmap) return Error(EINVAL, "an unmap callback is mandatory");
   auto state =
       std::unique_ptr<AccessState>(new (std::nothrow) AccessState(ioas, std::move(on_unmap)));
-  if (!state) return Error(ENOMEM, "out of memory");
+  if (!state || IOMM_INJECT("access.alloc")) return Error(ENOMEM, "out of memory");
   IoasState& st = ioas->state();
   {
     std::unique_lock tree(st.tree_mu);
@@ -149,6 +153,7 @@ Access::~Access() {
   }
   for (const auto& [iova, record] : state_->pins)
     release_slices(record.slices, record.slices.size());
+  access::release_all_page_pins(*state_);
   std::unique_lock tree(st.tree_mu);
   --st.access_count;
 }
@@ -174,6 +179,7 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
   std::vector<PinnedSegment> segments;
   try {
     std::shared_lock tree(st.tree_mu);
+    if (IOMM_INJECT("access.alloc_slices")) throw std::bad_alloc();
     if (Status s = check_covered(st, range, prot, &record.slices); !s) return s.error();
     for (const PinSlice& s : record.slices)
       s.area->access_pins.fetch_add(1, std::memory_order_acq_rel);
@@ -192,6 +198,7 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
   }
   if (result) {
     try {
+      if (IOMM_INJECT("access.alloc_pin_record")) throw std::bad_alloc();
       segments.reserve(record.slices.size());
       for (const PinSlice& s : record.slices) {
         segments.push_back(
@@ -244,6 +251,7 @@ Status copy_by_iova(AccessState& state, uint64_t iova, void* buf, size_t length,
     void* host = a.source.object()->host(a.backing_offset(pos));
     const bool ok = write ? mem::safe_copy(host, cursor, n) : mem::safe_copy(cursor, host, n);
     if (!ok) return Error(EFAULT, "memory behind the mapping vanished (file shrunk?)");
+    if (write && !st.dirty.mark(pos, n)) return Error(ENOMEM, "cannot allocate the dirty log");
     cursor += n;
     if (last == range.last) break;
     pos = last + 1;

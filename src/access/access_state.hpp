@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <vector>
 
 #include "ioas/area.hpp"
@@ -47,9 +48,32 @@ struct AccessState {
   std::condition_variable callback_done;
   uint32_t callbacks_running = 0;  // guarded by callback_mu
 
+  // Per-page pins (pin_pages): a reference count per IOVA page, in chunks
+  // of kChunkPages keyed by iova >> (12 + kChunkShift). The backing pin store
+  // holds one pin per page with a non-zero count. Guarded by page_mu, which
+  // is held across a pin_pages call (lock order: page_mu, then tree_mu).
+  static constexpr unsigned kChunkShift = 4;
+  static constexpr unsigned kChunkPages = 1U << kChunkShift;
+  struct PageChunk {
+    uint32_t refs[kChunkPages] = {};
+  };
+  mutable std::mutex page_mu;
+  std::map<uint64_t, PageChunk> page_chunks;  // guarded by page_mu
+  std::atomic<uint64_t> page_pins{0};         // pages with a non-zero count
+
   // Whether this access may hold pins in r.
   [[nodiscard]] bool may_pin(const IovaRange& r) const;
+  // Whether a page pin lies in r (takes page_mu).
+  [[nodiscard]] bool page_pins_overlap(const IovaRange& r) const;
 };
+
+// Drop every page pin (access destruction). Never fails.
+void release_all_page_pins(AccessState& a) noexcept;
+
+// OR into out (bit i = page first_page + i) the pages this access holds
+// pinned, by range or by page.
+void collect_pinned(const AccessState& a, uint64_t first_page, uint64_t npages,
+                    std::span<uint64_t> out);
 
 // Call the unmap callback of every access of the IOAS that may hold pins in
 // r, with no IOAS lock held.

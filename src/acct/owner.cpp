@@ -1,5 +1,7 @@
 #include "acct/owner.hpp"
 
+#include "fault/inject.hpp"
+
 #include <linux/capability.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -49,6 +51,7 @@ std::vector<std::shared_ptr<Owner>> ledger_owners() {
 
 Status Owner::charge(uint64_t pages) {
   if (pages == 0) return {};
+  if (IOMM_INJECT("acct.charge")) return Error(ENOMEM, "memlock limit exceeded (injected)");
   const std::optional<uint64_t> limit = limit_pages();
   stats::publish_owner_limit(charged_, limit);
   uint64_t cur = charged_.load(std::memory_order_relaxed);

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <new>
 
+#include "fault/inject.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/range.hpp"
 
@@ -44,7 +45,7 @@ Result<std::unique_ptr<PageTable>> PageTable::create(uint64_t aperture_last, uin
   if ((page_sizes & kPageSize) == 0 || (page_sizes & ~kSupportedPageSizes) != 0) {
     return Error(EINVAL, "page_sizes must include 4 KiB and may add only 2 MiB and 1 GiB");
   }
-  auto* root = new (std::nothrow) Table();
+  auto* root = IOMM_INJECT("domain.table_alloc") ? nullptr : new (std::nothrow) Table();
   if (root == nullptr) return Error(ENOMEM, "cannot allocate the root page table");
   std::unique_ptr<PageTable> table(new (std::nothrow)
                                        PageTable(root, levels_for(aperture_last), page_sizes));
@@ -125,7 +126,7 @@ Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64
       return level_size(level);
     }
     if (entry == 0) {
-      auto* fresh = new (std::nothrow) Table();
+      auto* fresh = IOMM_INJECT("domain.table_alloc") ? nullptr : new (std::nothrow) Table();
       if (fresh == nullptr) return Error(ENOMEM, "cannot allocate a page table");
       const uint64_t fresh_entry = reinterpret_cast<uint64_t>(fresh) | kPresent | kIsTable;
       // Concurrent maps of disjoint ranges may race for the same slot; the

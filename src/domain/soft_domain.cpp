@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <new>
 
+#include "fault/inject.hpp"
 #include "domain/page_table.hpp"
 #include "domain/soft_domain_impl.hpp"
 #include "iomm/domain.hpp"
@@ -49,7 +50,7 @@ bool inside_aperture(const DomainConfig& config, uint64_t iova) {
   return iova >= config.aperture_start && iova <= config.aperture_last;
 }
 
-Error fault(domain::FaultLog& faults, uint64_t iova, uint32_t access, FaultReason reason) {
+Error record_fault(domain::FaultLog& faults, uint64_t iova, uint32_t access, FaultReason reason) {
   faults.record(IommuFault{.iova = iova, .requested = access, .reason = reason});
   switch (reason) {
     case FaultReason::outside_aperture:
@@ -124,14 +125,14 @@ Status transfer(const DomainConfig& config, const domain::PageTable& table,
   uint64_t left = length;
   while (true) {
     if (!inside_aperture(config, position)) {
-      return fault(faults, position, access, FaultReason::outside_aperture);
+      return record_fault(faults, position, access, FaultReason::outside_aperture);
     }
     domain::Leaf leaf;
     if (!table.lookup_run(position, left, &leaf)) {
-      return fault(faults, position, access, FaultReason::not_present);
+      return record_fault(faults, position, access, FaultReason::not_present);
     }
     if ((leaf.prot & access) != access) {
-      return fault(faults, position, access, FaultReason::permission);
+      return record_fault(faults, position, access, FaultReason::permission);
     }
     const uint64_t chunk = std::min(left, leaf.remaining);
     // Keep checking past simulated memory: a real IOMMU would still fault
@@ -191,7 +192,8 @@ Result<std::shared_ptr<SoftDomain>> SoftDomain::create(const DomainConfig& confi
   if (!table.ok()) return table.error();
   std::unique_ptr<IommuFault[]> ring;
   if (config.fault_log_capacity > 0) {
-    ring.reset(new (std::nothrow) IommuFault[config.fault_log_capacity]);
+    ring.reset(IOMM_INJECT("domain.alloc") ? nullptr
+                                           : new (std::nothrow) IommuFault[config.fault_log_capacity]);
     if (ring == nullptr) return Error(ENOMEM, "cannot allocate the fault log");
   }
   try {
@@ -211,17 +213,17 @@ const DomainConfig& SoftDomain::config() const noexcept { return impl_->config; 
 Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
   if (!valid_access(access)) return Error(EINVAL, "access must be kProtRead and/or kProtWrite");
   if (!inside_aperture(impl_->config, iova)) {
-    return fault(impl_->faults, iova, access, FaultReason::outside_aperture);
+    return record_fault(impl_->faults, iova, access, FaultReason::outside_aperture);
   }
   // No read-side section of our own: page-table pages are freed only when the
   // domain is destroyed, and the leaf is copied out. What RCU protects is the
   // memory behind the translation, which is the caller's guard to hold.
   domain::Leaf leaf;
   if (!impl_->page_table->lookup(iova, &leaf)) {
-    return fault(impl_->faults, iova, access, FaultReason::not_present);
+    return record_fault(impl_->faults, iova, access, FaultReason::not_present);
   }
   if ((leaf.prot & access) != access) {
-    return fault(impl_->faults, iova, access, FaultReason::permission);
+    return record_fault(impl_->faults, iova, access, FaultReason::permission);
   }
   return Translation{
       .iova = iova,
@@ -243,10 +245,20 @@ Status SoftDomain::dma_read(uint64_t iova, void* buf, size_t length) {
 
 Status SoftDomain::dma_write(uint64_t iova, const void* buf, size_t length) {
   const auto* source = static_cast<const std::byte*>(buf);
-  return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtWrite,
-                  [source](std::byte* host, size_t offset, size_t bytes) {
-                    return mem::safe_copy(host, source + offset, bytes);
-                  });
+  // The guard spans the copy and the dirty mark, so a detach (which clears
+  // dirty_log, then waits for readers) never leaves us a stale log.
+  const RcuReadGuard guard;
+  Status st = transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtWrite,
+                       [source](std::byte* host, size_t offset, size_t bytes) {
+                         return mem::safe_copy(host, source + offset, bytes);
+                       });
+  if (st) {
+    dirty::DirtyLog* log = impl_->dirty_log.load(std::memory_order_acquire);
+    if (log != nullptr && !log->mark(iova, length)) {
+      return Error(ENOMEM, "cannot allocate the dirty log");
+    }
+  }
+  return st;
 }
 
 std::vector<IommuFault> SoftDomain::take_faults() { return impl_->faults.drain(); }

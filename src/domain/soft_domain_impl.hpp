@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "dirty/dirty_log.hpp"
 #include "domain/page_table.hpp"
 #include "iomm/domain.hpp"
 
@@ -58,6 +59,9 @@ struct SoftDomain::Impl {
   domain::FaultLog faults;
   // The IOAS this domain is attached to (set and cleared by the IOAS).
   std::atomic<const void*> attached_to{nullptr};
+  // The attached IOAS's dirty log: dma_write marks it (inside its RCU read
+  // section); detach clears it before waiting for readers.
+  std::atomic<dirty::DirtyLog*> dirty_log{nullptr};
 };
 
 }  // namespace iomm

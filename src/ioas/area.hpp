@@ -37,6 +37,11 @@ struct Area {
   std::atomic<bool> domain_pinned{false};
   // Access pins overlapping the area; raised under the tree lock held shared.
   mutable std::atomic<uint32_t> access_pins{0};
+  // Live update: the host address was invalidated (Ioas::invalidate_host).
+  // Domains keep translating; access pins and rw fail with EBUSY until
+  // Ioas::replace_host installs a new source. Written under tree_mu
+  // exclusive.
+  bool host_invalid = false;
   // Next area removed by the same unmap: victims are chained through the
   // areas themselves so that unmapping never allocates. Set under the tree
   // lock held exclusively; read only by that unmap.

@@ -1,4 +1,5 @@
 // Map, unmap and copy (see include/iomm/ioas.hpp for the contract).
+#include "fault/inject.hpp"
 #include "iomm/ioas.hpp"
 
 #include <algorithm>
@@ -96,6 +97,7 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
     }
     uint64_t iova = start;
     for (const Slice& s : slices) {
+      if (IOMM_INJECT("ioas.alloc_area")) throw std::bad_alloc();
       auto area = std::make_shared<Area>(IovaRange{iova, iova + s.source.length() - 1}, s.source,
                                          prot, s.owner);
       st.areas.emplace(iova, area);
@@ -189,7 +191,8 @@ bool drain_access_pins(IoasState& st, const Victims& victims) {
     if (round < 8) {
       std::this_thread::yield();
     } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(std::min(1000, 1 << (round - 8))));
+      const int shift = std::min(round - 8, 10);  // 1 µs doubling up to ~1 ms
+      std::this_thread::sleep_for(std::chrono::microseconds(1 << shift));
     }
   }
   return !victims.any_access_pins();
@@ -240,9 +243,11 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
     });
   }
   std::unique_lock tree(st.tree_mu);
+  st.dirty.clear(victims.head->range.start >> kPageShift, victims.tail->range.last >> kPageShift);
   // Read each link before erasing: erasing may free the area.
   for (Area* a = victims.head; a != nullptr;) {
     Area* next = a->next_victim;
+    if (a->host_invalid) --st.host_invalid_areas;
     st.areas.erase(a->range.start);
     a = next;
   }
@@ -290,6 +295,11 @@ const IoasOptions& Ioas::options() const noexcept { return state_->options; }
 
 Result<uint64_t> Ioas::map(const MemorySource& source, uint32_t prot,
                            std::optional<uint64_t> iova) {
+  return map_as(source, prot, iova, state_->options.owner);
+}
+
+Result<uint64_t> Ioas::map_as(const MemorySource& source, uint32_t prot,
+                              std::optional<uint64_t> iova, const OwnerSpec& owner_spec) {
   if ((iova && *iova == UINT64_MAX) || source.length() == UINT64_MAX) {
     return Error(EOVERFLOW, "iova or length too large");
   }
@@ -297,7 +307,7 @@ Result<uint64_t> Ioas::map(const MemorySource& source, uint32_t prot,
   if ((prot & kProtWrite) != 0 && !source.writable()) {
     return Error(EPERM, "write access requested on a read-only source");
   }
-  auto owner = acct::owner_for_mapping(state_->options.account_mode, state_->options.owner);
+  auto owner = acct::owner_for_mapping(state_->options.account_mode, owner_spec);
   if (!owner.ok()) return owner.error();
   std::vector<Slice> slices;
   slices.push_back({source, std::move(owner).value()});
@@ -340,6 +350,7 @@ Result<uint64_t> Ioas::copy_from(Ioas& src, uint64_t src_iova, uint64_t length, 
         return Error(EPERM, "write access requested on read-only pages");
       }
       const uint64_t last = std::min(a.range.last, range->last);
+      if (IOMM_INJECT("ioas.alloc_copy")) throw std::bad_alloc();
       slices.push_back({a.source.slice(pos - a.range.start, last - pos + 1), a.owner});
       if (last == range->last) {
         covered = true;
@@ -359,6 +370,7 @@ Result<uint64_t> Ioas::copy_from(Ioas& src, uint64_t src_iova, uint64_t length, 
 Status Ioas::set_allowed_ranges(std::span<const IovaRange> ranges) {
   std::vector<IovaRange> sorted;
   try {
+    if (IOMM_INJECT("ioas.alloc_allowed")) throw std::bad_alloc();
     sorted.assign(ranges.begin(), ranges.end());
   } catch (const std::bad_alloc&) {
     return Error(ENOMEM, "out of memory");
@@ -391,6 +403,7 @@ Status Ioas::add_reserved(const IovaRange& range) {
     return Error(EADDRINUSE, "reserved range " + describe(range) + " overlaps an allowed range");
   }
   try {
+    if (IOMM_INJECT("ioas.alloc_reservation")) throw std::bad_alloc();
     state_->insert_reservation({range, nullptr});
   } catch (const std::bad_alloc&) {
     return Error(ENOMEM, "out of memory");

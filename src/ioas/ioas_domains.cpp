@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <string>
 
+#include "fault/inject.hpp"
 #include "domain/soft_domain_impl.hpp"
 #include "ioas/ioas_state.hpp"
 #include "iomm/ioas.hpp"
@@ -76,6 +77,7 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     for (const auto& [start, a] : st.areas) {
       if (a->state == AreaState::live) live.push_back(a);
     }
+    if (IOMM_INJECT("ioas.alloc_reservation")) throw std::bad_alloc();
     st.reserved.reserve(st.reserved.size() + reservations.size());
     for (const IovaRange& r : reservations) st.insert_reservation({r, domain.get()});
     st.domain_alignment = new_alignment;
@@ -104,6 +106,7 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
   }
   if (result) {
     try {
+      if (IOMM_INJECT("ioas.alloc_domain_slot")) throw std::bad_alloc();
       st.domains.push_back(domain);
     } catch (const std::bad_alloc&) {
       result = Error(ENOMEM, "out of memory");
@@ -123,6 +126,7 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
   if (first) {
     for (const auto& a : live) a->domain_pinned.store(true);
   }
+  domain->impl_->dirty_log.store(&st.dirty, std::memory_order_release);
   return {};
 }
 
@@ -137,6 +141,7 @@ Status Ioas::detach(const std::shared_ptr<SoftDomain>& domain) {
     std::shared_lock tree(st.tree_mu);
     for (const auto& [start, a] : st.areas) domain->page_table().unmap(start, a->length());
   }
+  domain->impl_->dirty_log.store(nullptr, std::memory_order_release);
   sync::rcu_synchronize();
   if (st.domains.empty()) {
     std::shared_lock tree(st.tree_mu);

@@ -10,6 +10,7 @@
 #include <shared_mutex>
 #include <vector>
 
+#include "dirty/dirty_log.hpp"
 #include "ioas/area.hpp"
 #include "iomm/ioas.hpp"
 
@@ -41,6 +42,13 @@ struct IoasState {
 
   mutable std::mutex accesses_mu;
   std::vector<access::AccessState*> accesses;  // guarded by accesses_mu
+
+  // Pages written through the domains' DMA and through accesses, while
+  // dirty tracking is on (Ioas::set_dirty_tracking). Domains reach it through
+  // a pointer set at attach and cleared (before a grace period) at detach.
+  dirty::DirtyLog dirty;
+  // Areas whose host address is invalid (live update); tree_mu exclusive.
+  uint64_t host_invalid_areas = 0;
 
   // Required alignment of IOVA, length and backing address (tree_mu).
   [[nodiscard]] uint64_t iova_alignment() const noexcept;

@@ -15,6 +15,7 @@
 
 #include "core/errno_text.hpp"
 #include "mem/populate.hpp"
+#include "mem/sys.hpp"
 
 namespace iomm::mem {
 
@@ -69,7 +70,7 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
     return Error(EOVERFLOW, "offset + length overflows");
   }
   struct stat st {};
-  if (fstat(fd, &st) != 0) return sys_error(EBADF, "fstat of fd " + std::to_string(fd));
+  if (::fstat(fd, &st) != 0) return sys_error(EBADF, "fstat of fd " + std::to_string(fd));
   if (!S_ISREG(st.st_mode)) {
     return Error(ENODEV,
                  "fd " + std::to_string(fd) + " is not a regular file and cannot be mapped shared");
@@ -110,7 +111,7 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   // anyway, so domains use 2 MiB leaves for them.
   const uint64_t skew = page_shift == 21 ? granule : 0;
   // Reserve window + alignment slack, then trim to the (skewed) aligned window.
-  void* raw = mmap(nullptr, window + 2 * kWindowAlign, PROT_NONE,
+  void* raw = sys::mmap(nullptr, window + 2 * kWindowAlign, PROT_NONE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) return sys_error(ENOMEM, "reserving address space for the file");
   const uint64_t raw_addr = reinterpret_cast<uint64_t>(raw);
@@ -121,7 +122,7 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   auto* base = reinterpret_cast<std::byte*>(base_addr);
 
   bool writable = access == O_RDWR;
-  void* m = mmap(base, mapped, writable ? PROT_READ | PROT_WRITE : PROT_READ,
+  void* m = sys::mmap(base, mapped, writable ? PROT_READ | PROT_WRITE : PROT_READ,
                  MAP_SHARED | MAP_FIXED, fd, 0);
   if (m == MAP_FAILED && writable && errno == EPERM) {
     writable = false;  // F_SEAL_WRITE: map it read-only
@@ -135,7 +136,7 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   }
   const int seals = fcntl(fd, F_GET_SEALS);
   const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
-  const int own_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  const int own_fd = sys::dup_cloexec(fd);
   if (own_fd < 0) {
     const int err = errno;
     munmap(base, window);
@@ -157,7 +158,7 @@ Status FileObject::extend(int fd, uint64_t end) {
   std::lock_guard lk(extend_mu_);
   if (end <= mapped_) return {};
   struct stat st {};
-  if (fstat(fd, &st) != 0) return sys_error(EBADF, "fstat");
+  if (sys::fstat(fd, &st) != 0) return sys_error(EBADF, "fstat");
   const uint64_t granule = 1ULL << page_shift();
   const uint64_t target = round_up(static_cast<uint64_t>(st.st_size), granule);
   if (target > window_) {
@@ -165,7 +166,7 @@ Status FileObject::extend(int fd, uint64_t end) {
                  "the file grew past the address window reserved when it was first mapped (" +
                      std::to_string(window_) + " bytes)");
   }
-  void* m = mmap(base_ + mapped_, target - mapped_, writable_ ? PROT_READ | PROT_WRITE : PROT_READ,
+  void* m = sys::mmap(base_ + mapped_, target - mapped_, writable_ ? PROT_READ | PROT_WRITE : PROT_READ,
                  MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(mapped_));
   if (m == MAP_FAILED) return sys_error(ENODEV, "extending the file mapping");
   mapped_ = target;
@@ -177,7 +178,7 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
   // that as ENOMEM, indistinguishable from the memlock limit, so ask first.
   struct stat st {};
   const uint64_t end = (last + 1) << page_shift();
-  if (fstat(fd_, &st) != 0 || static_cast<uint64_t>(st.st_size) < end) {
+  if (sys::fstat(fd_, &st) != 0 || static_cast<uint64_t>(st.st_size) < end) {
     return Error(EFAULT, "the file is shorter than the range being pinned (it shrank)");
   }
   // Our own mapping is read-write whenever the file is, so no write fault is
@@ -188,7 +189,7 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
   // A shared hugetlb mapping reserved its huge pages at mmap time, so inside
   // the file a fault cannot fail for lack of pages, and mincore (a byte per
   // 4 KiB) would cost more than the lock itself.
-  if (syscall(SYS_mlock, addr, length) != 0) {
+  if (sys::mlock(addr, length) != 0) {
     const int err = errno;
     unlock_range(addr, length);
     return Error(ENOMEM, std::string("mlock failed: ") + errno_text(err));

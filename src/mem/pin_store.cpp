@@ -19,6 +19,7 @@
 #include <new>
 
 #include "acct/owner.hpp"
+#include "fault/inject.hpp"
 #include "mem/mem_object.hpp"
 #include "stats/shared_counters.hpp"
 
@@ -93,6 +94,7 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
 
   IntervalCounts* charges = nullptr;
   try {
+    if (IOMM_INJECT("mem.pin_bookkeeping")) throw std::bad_alloc();
     physical_.cover(first, last);
     if (owner != nullptr) {
       charges = &charged_[owner];

@@ -11,6 +11,7 @@
 #include "core/errno_text.hpp"
 #include "iomm/range.hpp"
 #include "mem/mem_object.hpp"
+#include "mem/sys.hpp"
 
 // The build headers may predate these (Linux 5.14); the running kernel is
 // checked by the call itself (EINVAL means unsupported).
@@ -24,15 +25,13 @@
 namespace iomm::mem {
 
 Status populate_and_lock(void* addr, uint64_t length, bool write) {
-  if (madvise(addr, length, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
+  if (sys::madvise(addr, length, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
     const int err = errno;
     return Error(pin_errno(err), "cannot fault in " + std::to_string(length) + " bytes at " +
                                      std::to_string(reinterpret_cast<uintptr_t>(addr)) + ": " +
                                      errno_text(err));
   }
-  // The raw syscall: sanitizer runtimes intercept mlock() as a no-op, and the
-  // tests check VmLck under ASan and TSan too.
-  if (syscall(SYS_mlock, addr, length) != 0) {
+  if (sys::mlock(addr, length) != 0) {
     const int err = errno;
     unlock_range(addr, length);  // see lock_resident
     // The range was just faulted in, so ENOMEM here is the kernel's own
@@ -45,7 +44,7 @@ Status populate_and_lock(void* addr, uint64_t length, bool write) {
 }
 
 Status lock_resident(void* addr, uint64_t length) {
-  if (syscall(SYS_mlock, addr, length) != 0) {
+  if (sys::mlock(addr, length) != 0) {
     const int err = errno;
     // mlock marks the range locked before it faults pages in, and a failed
     // fault does not take the mark back: undo it, or VmLck leaks.
@@ -59,7 +58,7 @@ Status lock_resident(void* addr, uint64_t length) {
   auto* base = static_cast<std::byte*>(addr);
   for (uint64_t off = 0; off < length; off += kChunkPages * kPageSize) {
     const uint64_t chunk = std::min(length - off, kChunkPages * kPageSize);
-    bool ok = mincore(base + off, chunk, resident) == 0;
+    bool ok = sys::mincore(base + off, chunk, resident) == 0;
     for (uint64_t i = 0; ok && i < chunk / kPageSize; ++i) ok = (resident[i] & 1) != 0;
     if (!ok) {
       unlock_range(addr, length);

@@ -2,6 +2,8 @@
 
 #include <atomic>
 
+#include "fault/inject.hpp"
+
 namespace iomm::mem {
 
 namespace {
@@ -32,6 +34,7 @@ std::atomic<uint64_t> g_next_serial{1};
 }  // namespace
 
 Result<std::shared_ptr<MemObject>> make_simulated_object() {
+  if (IOMM_INJECT("mem.alloc_object")) return Error(ENOMEM, "out of memory (injected)");
   const uint64_t serial = g_next_serial.fetch_add(1, std::memory_order_relaxed);
   if (serial >= (1ULL << 17)) return Error(ENOSPC, "too many simulated sources in this process");
   return std::shared_ptr<MemObject>(std::make_shared<SimulatedObject>(serial));

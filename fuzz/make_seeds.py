@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Write the hand-made seed inputs of fuzz/corpus/ioas_sequence/.
+
+Each seed is a small program in the ioas_sequence_fuzzer encoding (see the
+comment at the top of ioas_sequence_fuzzer.cpp): a 4-byte header, then one
+opcode byte per operation followed by its argument bytes. Run it from
+anywhere; it rewrites only the seeds it names (seed-*). Add a seed by adding
+an entry to SEEDS.
+"""
+import os
+
+# Opcodes (enum Op in ioas_sequence_fuzzer.cpp).
+MAP, UNMAP, COPY, ATTACH, DETACH, DOMAIN, ACCESS, ACCESS_DESTROY, PIN, UNPIN, RW, DMA, \
+    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS = range(18)
+
+# Value picks: an index into the length table, or 16 + a number of pages.
+def pages(n):
+    return 16 + n
+LEN0, LEN1, LEN_FFF, LEN_4K, LEN_4K1, LEN_8K, LEN_12K, LEN_32K, LEN_64K, LEN_256K, LEN_1M, \
+    LEN_2M, LEN_1G, LEN_2_47, LEN_MAX, LEN_MAX_FFF = range(16)
+# IOVA picks: an index into the IOVA table, or 20 + a number of pages.
+IOVA_0, IOVA_1, IOVA_800, IOVA_4K, IOVA_8K, IOVA_64K, IOVA_1M, IOVA_2M, IOVA_4M, IOVA_16M, \
+    IOVA_FEE, IOVA_2_39_4K, IOVA_2_47, IOVA_2_48_4K, IOVA_2_48, IOVA_MAX, IOVA_MAX_FFF, \
+    IOVA_MAX_1FFF, IOVA_MAX_1, IOVA_MAX_1000 = range(20)
+def area(i, delta=0):
+    """IOVA relative to the i-th mapping: delta 0 start, 1 +4K, 2 middle,
+    3 last page, 4 end, 5 start-4K, 6 +1, 7 last byte."""
+    return [0xC0 + i, delta]
+def to_end(k=0):
+    """Length from the IOVA to the end of the k-th mapping from there."""
+    return 0xE0 + k
+
+# Sources: kind byte then arguments.
+def file_rw(off, length):
+    return [0, off, length]
+def file_ro(off, length):
+    return [1, off, length]
+def simulated(which, off, length):
+    return [2 + (which & 1) * 6, off, length]  # kind % 6 == 2
+def user_rw(off, length):
+    return [3, off, length]
+def user_ro_flag(off, length):
+    return [4, off, length]  # writable=false source
+def user_unmapped(straddle, length):
+    return [5, 0 if straddle else 1, length]  # 0: last read-only page, 1: first PROT_NONE page
+
+R, W, RW_ = 1, 2, 3
+FIXED = 4
+
+def hdr(io0=0, io1=0, limit_proc=0, limit_user=0):
+    # io byte: mode = b % 3 (per_process, per_user, none); max_mappings = (b/3) % 4
+    # limits: index into (unset, 0, 16K, 256K, 1M, 4M)
+    return [io0, io1, limit_proc, limit_user]
+
+def op(code, *args):
+    out = [code]
+    for a in args:
+        out += a if isinstance(a, list) else [a]
+    return out
+
+SEEDS = {
+    # map a memfd range, attach a domain, DMA both ways, translate, detach, unmap.
+    "seed-map-attach-dma": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_64K), RW_ | FIXED, IOVA_1M) +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) +
+        op(DMA, 0, 1, area(0, 1), LEN_8K) + op(DMA, 0, 0, area(0, 1), LEN_8K) +
+        op(DMA, 0, 1, area(0, 3), LEN_8K) +
+        op(TRANSLATE, 0, 1, area(0, 7)) + op(TRANSLATE, 0, 2, area(0, 4)) +
+        op(FAULTS, 0) + op(DETACH, 0, 0) + op(UNMAP, 0, 2, IOVA_0, LEN0),
+    # an access pins, the mapping is unmapped: callback unpins (and probes).
+    "seed-access-pin-unmap": hdr() +
+        op(MAP, 0, file_rw(LEN_4K, LEN_32K), RW_) +
+        op(ACCESS, 0, 0, 2) + op(PIN, 0, area(0, 0), LEN_12K, RW_) +
+        op(RW, 0, 1, area(0, 1), LEN_4K1) + op(RW, 0, 0, area(0, 0), to_end()) +
+        op(UNMAP, 0, 0, area(0, 0), to_end()) + op(ACCESS_DESTROY, 0),
+    # a domain and two accesses, one refusing every other notification.
+    "seed-access-retry": hdr() +
+        op(DOMAIN, 1, 0, 0) + op(ATTACH, 0, 1) +
+        op(MAP, 0, file_rw(pages(16), LEN_64K), RW_ | FIXED, IOVA_2M) +
+        op(ACCESS, 0, 0, 1) + op(ACCESS, 1, 0, 3) +
+        op(PIN, 0, area(0, 0), LEN_8K, R) + op(PIN, 1, area(0, 1), LEN_8K, W) +
+        op(UNPIN, 1, 0) + op(PIN, 1, area(0, 2), LEN_4K, RW_) +
+        op(UNMAP, 0, 1, IOVA_0, LEN_2M + 0) + op(UNMAP, 0, 0, area(0, 0), to_end()),
+    # copy between address spaces shares pins; unmap the original.
+    "seed-copy": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_64K), RW_) + op(MAP, 0, file_rw(LEN_64K, LEN_32K), R) +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 1, 0) +
+        op(COPY, 1, 0, area(0, 0), to_end(1), R) +
+        op(COPY, 1, 0, area(0, 1), LEN_8K, RW_ | FIXED, IOVA_16M) +
+        op(ACCESS, 0, 1, 0) + op(PIN, 0, area(0, 0), LEN_4K, R) +
+        op(UNMAP, 0, 2, IOVA_0, LEN0) + op(DMA, 0, 0, area(1, 0), LEN_4K) +
+        op(UNMAP, 1, 2, IOVA_0, LEN0),
+    # simulated, user and read-only memory; a small memlock limit.
+    "seed-sources-limits": hdr(0, 1, 4, 3) +
+        op(MAP, 0, simulated(0, LEN0, LEN_256K), RW_) +
+        op(MAP, 0, user_rw(LEN0, LEN_64K), RW_) +
+        op(MAP, 0, user_ro_flag(LEN_64K, LEN_8K), R) +
+        op(MAP, 1, file_ro(LEN0, LEN_32K), R) + op(MAP, 1, file_ro(LEN0, LEN_32K), W) +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) + op(DOMAIN, 1, 0, 1) + op(ATTACH, 1, 1) +
+        op(DMA, 0, 0, area(0, 0), LEN_4K) + op(DMA, 0, 1, area(1, 0), LEN_4K) +
+        op(MAP, 0, user_unmapped(False, LEN_4K), R) + op(DETACH, 0, 0) +
+        op(MAP, 0, user_unmapped(True, LEN_8K), R) + op(ATTACH, 0, 0) +
+        op(LIMIT, 0, 2) + op(MAP, 0, simulated(1, LEN0, LEN_2M), R) + op(LIMIT, 0, 0),
+    # reserved and allowed ranges steer allocation; domain aperture conflicts.
+    "seed-ranges": hdr() +
+        op(ALLOWED, 0, 2, IOVA_1M, LEN_1M, IOVA_16M, LEN_2M) +
+        op(RESERVED, 0, 0, IOVA_4M, LEN_64K) +
+        op(MAP, 0, file_rw(LEN0, LEN_32K), RW_) + op(MAP, 0, file_rw(LEN0, LEN_1M), RW_) +
+        op(RESERVED, 0, 1, IOVA_4M, LEN_64K) + op(RESERVED, 0, 0, IOVA_4M, LEN_64K) +
+        op(RESERVED, 0, 3, 0) +
+        op(DOMAIN, 0, 2, 1) + op(ATTACH, 0, 0) + op(ALLOWED, 0, 0) + op(ATTACH, 0, 0) +
+        op(DOMAIN, 1, 1, 2) + op(ATTACH, 1, 1) +
+        op(MAP, 1, file_rw(LEN0, LEN_4K), R | FIXED, IOVA_0) +
+        op(MAP, 1, file_rw(LEN0, LEN_4K), R | FIXED, IOVA_MAX_1000),
+    # byte-granular mappings, then an access or a domain needs alignment.
+    "seed-alignment": hdr() +
+        op(MAP, 0, user_rw(LEN1, LEN_FFF), R) +
+        op(ACCESS, 0, 0, 0) + op(DOMAIN, 0, 5, 0) + op(ATTACH, 0, 0) +
+        op(UNMAP, 0, 2, IOVA_0, LEN0) + op(ACCESS, 0, 0, 0) +
+        op(MAP, 0, file_rw(LEN0, LEN_64K), RW_ | FIXED, IOVA_64K) +
+        op(DOMAIN, 1, 10, 0) + op(ATTACH, 0, 1),
+    # an access keeps its IOAS alive after the slot is replaced.
+    "seed-recreate": hdr(1, 2) +
+        op(MAP, 0, file_rw(LEN0, LEN_8K), RW_) + op(ACCESS, 1, 0, 0) +
+        op(PIN, 1, area(0, 0), LEN_8K, R) + op(RECREATE, 0, 5) +
+        op(MAP, 0, file_rw(LEN0, LEN_8K), RW_) + op(MAP, 0, file_rw(LEN0, LEN_8K), RW_) +
+        op(ACCESS_DESTROY, 1) + op(LIMIT, 6, 2) + op(LIMIT, 3, 0) + op(LIMIT, 1, 0),
+    # wrap-around and UINT64_MAX arguments.
+    "seed-edges": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_4K), R | FIXED, IOVA_MAX) +
+        op(MAP, 0, file_rw(LEN0, LEN_8K), R | FIXED, IOVA_MAX_FFF) +
+        op(MAP, 0, file_rw(LEN0, LEN_4K), R | FIXED, IOVA_MAX_1FFF) +
+        op(UNMAP, 0, 0, IOVA_MAX_1FFF, LEN_MAX) + op(UNMAP, 0, 0, IOVA_MAX_1FFF, LEN_8K) +
+        op(UNMAP, 0, 1, IOVA_MAX_1FFF, LEN_4K) + op(UNMAP, 0, 0, IOVA_MAX_1FFF, LEN_4K) +
+        op(ACCESS, 0, 0, 0) + op(PIN, 0, IOVA_MAX_1FFF, LEN_8K, R) +
+        op(RW, 0, 0, IOVA_MAX_1, LEN_4K) + op(DOMAIN, 0, 1, 0) + op(ATTACH, 0, 0) +
+        op(TRANSLATE, 0, 1, IOVA_MAX) + op(DMA, 0, 0, IOVA_MAX_1FFF, LEN_8K),
+}
+
+
+# ---------------------------------------------------------------------------
+# vfio_type1_fuzzer seeds (see the comment at the top of vfio_type1_fuzzer.cpp).
+# Header: dma entry limit (& 3: keep, 1, 2, 4), software group config,
+# mediated group (bit 0 set: none), SET_IOMMU (bit 0; bit 1: TYPE1 v1).
+IOCTL, GROUP, SW_GROUP, MED_GROUP = 0, 4, 6, 7
+# ioctl selectors (index into kRequests).
+Q_API, Q_CHECK, Q_SET, Q_INFO, Q_MAP, Q_UNMAP, Q_DIRTY, Q_GROUP_STATUS = range(8)
+ARGSZ = 5  # the struct's natural argsz
+ARGSZ_SHORT = 1
+# iova and size picks (kIovaTable / kSizeTable indexes).
+V_0, V_4K, V_8K, V_64K, V_1M, V_2M, V_16M, V_FEE, V_2_39, V_2_48, V_MAX_FFF, V_MAX = range(12)
+S_0, S_1, S_4K, S_8K, S_12K, S_64K, S_256K, S_1M, S_2M, S_4G, S_MAX = range(11)
+SHARED, ANON, NONE_ = 0, 2, 3
+MAP_R, MAP_W, MAP_VADDR = 1, 2, 4
+UNMAP_DIRTY, UNMAP_ALL, UNMAP_VADDR = 1, 2, 4
+D_START, D_STOP, D_GET = 1, 2, 4
+BITMAP_OK = 1  # 4 KiB pages, natural size, our buffer
+
+def vmap(flags, iova, size, where=SHARED, page=0):
+    return [IOCTL, Q_MAP, ARGSZ, flags, iova, size, where, page, 0]
+def vunmap(flags, iova, size, bitmap=None):
+    return [IOCTL, Q_UNMAP, flags, iova, size, ARGSZ] + (bitmap or []) + [0]
+def vdirty(flags, iova=V_1M, size=S_64K):
+    return [IOCTL, Q_DIRTY, flags, iova, size, BITMAP_OK, ARGSZ, 0]
+def vinfo(argsz=ARGSZ):
+    return [IOCTL, Q_INFO, argsz, 0, 0]
+def vpin(iova, npage, prot=3):
+    return [GROUP, 0, iova, npage - 1, prot]
+def vunpin(index=0):
+    return [GROUP, 1, index]
+def vrw(iova, size, write, device=False):
+    return [GROUP, 3 if device else 2, iova, size, write]
+
+VFIO_SEEDS = {
+    "seed-map-dma-pin-unmap": [0, 0, 0, 1] +
+        vmap(MAP_R | MAP_W, V_1M, S_64K) + vinfo() + vinfo(ARGSZ_SHORT) +
+        vrw(V_1M, S_8K, 1, device=True) + vrw(V_1M, S_8K, 0, device=True) +
+        vpin(V_1M, 2) + vrw(V_1M, S_4K, 1) + vunpin() + vpin(V_1M, 1, 1) +
+        vunmap(0, V_1M, S_64K),
+    "seed-dirty-tracking": [0, 0, 0, 1] +
+        vmap(MAP_R | MAP_W, V_1M, S_64K, ANON) + vdirty(D_START) +
+        vrw(V_1M, S_8K, 1, device=True) + vdirty(D_GET) +
+        vunmap(UNMAP_DIRTY, V_1M, S_64K, [BITMAP_OK]) + vdirty(D_STOP),
+    "seed-vaddr-update": [0, 0, 0, 1] +
+        vmap(MAP_R | MAP_W, V_1M, S_64K, SHARED, 4) + vpin(V_1M, 1) +
+        vunmap(UNMAP_VADDR, V_1M, S_64K) + vpin(V_1M, 1) + vrw(V_1M, S_4K, 0) +
+        vmap(MAP_VADDR, V_1M, S_64K, SHARED, 4) + vrw(V_1M, S_4K, 0) +
+        vunmap(UNMAP_ALL, V_0, S_0),
+    "seed-type1v1-limits": [1, 0, 0, 3] +
+        vmap(MAP_R, V_1M, S_4K) + vmap(MAP_R, V_2M, S_4K) + vpin(V_1M, 1) +
+        [IOCTL, Q_CHECK, 3, 0, IOCTL, Q_CHECK, 8, 0, IOCTL, Q_API, 0] +
+        [IOCTL, 0xf0, 0x3b, 0x6b, 0, 0, 0] + [IOCTL, Q_GROUP_STATUS, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0] +
+        vunmap(0, V_1M, S_8K),
+    "seed-groups": [0, 26, 1, 0] +
+        [IOCTL, Q_INFO, ARGSZ, 0, 0] + [IOCTL, Q_SET, 3, 0] +
+        vmap(MAP_R | MAP_W, V_16M, S_2M, SHARED, 0) +
+        [SW_GROUP, 4] + [MED_GROUP, 0] + vpin(V_16M, 4) +
+        vmap(MAP_R, V_FEE, S_4K, ANON) + [SW_GROUP, 1] + [MED_GROUP, 1] +
+        vmap(MAP_R, V_8K, S_4K, NONE_),
+}
+
+
+def main():
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "ioas_sequence")
+    os.makedirs(out, exist_ok=True)
+    for name, data in SEEDS.items():
+        assert len(data) <= 1024, name
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(bytes(b & 0xFF for b in data))
+        print(f"{name}: {len(data)} bytes")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "vfio_type1")
+    os.makedirs(out, exist_ok=True)
+    for name, data in VFIO_SEEDS.items():
+        assert len(data) <= 1024, name
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(bytes(b & 0xFF for b in data))
+        print(f"vfio_type1/{name}: {len(data)} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Build the libFuzzer targets (clang, ASan + UBSan) in build/fuzz, replay the
+# saved crash reproducers, then fuzz each target for a bounded time.
+#
+# Usage: fuzz/run.sh [target...]        (default: every target built)
+# Env:   FUZZ_SECONDS=60                 fuzzing time per target
+#        IOMM_FUZZ_AVOID_KNOWN=1         while fuzzing, step around the known,
+#                                        still unfixed bugs (fuzz/README.md);
+#                                        0 to hit them. Replays never avoid.
+#        FUZZ_JOBS=$(nproc)              build parallelism
+# Exits non-zero if a build fails, a reproducer in fuzz/regressions/ still
+# crashes, or a target crashed (reports, artifacts: build/fuzz/artifacts/).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+seconds=${FUZZ_SECONDS:-60}
+avoid=${IOMM_FUZZ_AVOID_KNOWN:-1}
+build=build/fuzz
+
+# The project's packages, plus clang and its libFuzzer runtime.
+scripts/install-deps || exit 1
+missing=()
+for p in clang libclang-rt-14-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  echo "installing: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
+    exit 1
+fi
+
+cmake -S . -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
+  -DIOMM_BUILD_FUZZ=ON -DIOMM_BUILD_TESTS=OFF -DIOMM_BUILD_BENCH=OFF >/dev/null || {
+  echo "fuzz: configure failed"
+  exit 1
+}
+cmake --build "$build" -j"${FUZZ_JOBS:-$(nproc)}" --target iomm_fuzzers || {
+  echo "fuzz: build failed"
+  exit 1
+}
+
+targets=("$@")
+if ((${#targets[@]} == 0)); then
+  mapfile -t targets < <(grep -v '^$' "$build/fuzz/fuzz_targets.txt")
+fi
+
+flags=(-timeout=10 -rss_limit_mb=4096 -max_len=1024)
+failed=()
+summary=()
+for target in "${targets[@]}"; do
+  bin=$build/fuzz/$target
+  name=${target%_fuzzer}
+  seeds=fuzz/corpus/$name
+  scratch=$build/corpus/$name
+  artifacts=$build/artifacts/$name
+  logs=$build/logs
+  mkdir -p "$scratch" "$artifacts" "$logs" "$seeds"
+  if [[ ! -x $bin ]]; then
+    echo "fuzz: no binary for $target"
+    failed+=("$target (not built)")
+    continue
+  fi
+
+  # 1. Every saved reproducer must run clean (each on its own: one crash
+  #    does not hide the others).
+  regressions=0
+  still_crashing=()
+  for f in fuzz/regressions/"$name"/*; do
+    [[ -f $f ]] || continue
+    regressions=$((regressions + 1))
+    if ! IOMM_FUZZ_AVOID_KNOWN=0 "$bin" "${flags[@]}" "$f" >"$logs/$name.replay.log" 2>&1; then
+      still_crashing+=("$(basename "$f")")
+      cp "$logs/$name.replay.log" "$logs/$name.replay.$(basename "$f").log"
+    fi
+  done
+  if ((${#still_crashing[@]})); then
+    echo "fuzz: $target: ${#still_crashing[@]} of $regressions reproducers still crash: ${still_crashing[*]}"
+    echo "      (logs: $logs/$name.replay.<file>.log)"
+    failed+=("$target (regressions: ${still_crashing[*]})")
+  fi
+
+  # 2. Fuzz. New inputs go to the scratch corpus (first directory); the
+  #    seed corpus is only read.
+  echo "=== fuzzing $target for ${seconds}s ==="
+  log=$logs/$name.fuzz.log
+  IOMM_FUZZ_AVOID_KNOWN=$avoid timeout --signal=KILL $((seconds + 300)) \
+    "$bin" "${flags[@]}" -max_total_time="$seconds" -print_final_stats=1 \
+    -artifact_prefix="$artifacts/" "$scratch" "$seeds" >"$log" 2>&1
+  rc=$?
+  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
+  ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
+  corpus=$(find "$scratch" -type f | wc -l)
+  crash=no
+  if ((rc != 0)); then
+    crash=yes
+    artifact=$(grep -o "Test unit written to .*" "$log" | tail -1 | sed 's/Test unit written to //')
+    echo "fuzz: $target crashed (exit $rc); log $log; reproducer ${artifact:-none}"
+    grep -E 'INVARIANT VIOLATED|ERROR: (AddressSanitizer|UndefinedBehaviorSanitizer|LeakSanitizer|libFuzzer)|runtime error' "$log" | head -5
+    failed+=("$target (crash)")
+  fi
+  summary+=("$(printf '%-22s runs %-9s cov %-6s ft %-7s corpus %-6s regressions %s/%s clean  crash %s' \
+    "$target" "${runs:-?}" "${cov:-?}" "${ft:-?}" "$corpus" \
+    "$((regressions - ${#still_crashing[@]}))" "$regressions" "$crash")")
+done
+
+echo "=== fuzz summary (${seconds}s per target) ==="
+printf '%s\n' "${summary[@]}"
+if ((${#failed[@]})); then
+  echo "FUZZ FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "fuzz: no crash"

@@ -1,0 +1,574 @@
+// Fuzzer for the VFIO type1 container interface (include/iomm/vfio_compat.h).
+//
+// Each input is a program against one live container with a software group
+// and a mediated group: a 4-byte header (dma entry limit, software group
+// config, whether to SET_IOMMU at once and with which type), then operations:
+// one opcode byte and its argument bytes (bytes past the end read as 0).
+// Most operations are iomm_vfio_ioctl() calls with a request number (mostly
+// the real VFIO_* ones from <linux/vfio.h>, sometimes garbage) and struct
+// bytes taken from the input, with argsz fuzzed; the harness only fixes
+// pointers inside the structs (vaddr, bitmap data) to point at memory it
+// owns, or at memory that is deliberately unmapped, and never claims an argsz
+// larger than the buffer it passes (the kernel would fault; here it would be
+// the harness's own overflow).
+//
+// Checked after every call:
+// - no crash, no sanitizer report;
+// - a -1 return sets a positive errno that the call's contract (or type1's
+//   uapi) lists, and nothing else negative is returned;
+// - a failed call changed nothing: the pinned and charged bytes and VmLck
+//   are what they were before it;
+// - VmLck always equals the pinned bytes.
+// At the end the container is closed: every counter and VmLck must be zero.
+#include <linux/vfio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "fuzz_common.hpp"
+#include "iomm/accounting.hpp"
+#include "iomm/vfio_compat.h"
+
+namespace {
+
+using iomm::fuzz::Reader;
+
+constexpr size_t kArgBuf = 4096;   // struct bytes passed to ioctl
+constexpr size_t kBitmapBuf = 4096;  // dirty bitmap buffer
+constexpr size_t kMaxSteps = 64;
+constexpr uint64_t kPage = 4096;
+
+struct Memory {
+  uint8_t* anon = nullptr;  // anonymous read-write memory
+  size_t anon_size = 256 * 1024;
+  uint8_t* shared = nullptr;  // a memfd mapped MAP_SHARED (pinned as file pages)
+  size_t shared_size = 1 << 20;
+  uint8_t* none = nullptr;  // PROT_NONE (a bad vaddr)
+  size_t none_size = 64 * 1024;
+  bool charged = true;
+};
+Memory* mem = nullptr;
+
+void setup() {
+  mem = new Memory();
+  mem->charged = iomm::fuzz::drop_ipc_lock();
+  // A configured limit well below the kernel's RLIMIT_MEMLOCK (the real mlock
+  // is bound by it once CAP_IPC_LOCK is gone).
+  (void)iomm::set_memlock_limit(iomm::AccountMode::per_process, 0, 2 << 20);
+  void* p = mmap(nullptr, mem->anon_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                 0);
+  const int fd = memfd_create("iomm-fuzz-vfio", MFD_CLOEXEC);
+  if (p == MAP_FAILED || fd < 0 || ftruncate(fd, static_cast<off_t>(mem->shared_size)) != 0) {
+    std::abort();
+  }
+  mem->anon = static_cast<uint8_t*>(p);
+  void* s = mmap(nullptr, mem->shared_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* n = mmap(nullptr, mem->none_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (s == MAP_FAILED || n == MAP_FAILED) std::abort();
+  close(fd);  // the mapping keeps the file; the library reopens it through /proc
+  mem->shared = static_cast<uint8_t*>(s);
+  mem->none = static_cast<uint8_t*>(n);
+}
+
+// Values a type1 user would plausibly pass, plus edges.
+constexpr uint64_t kIovaTable[] = {0,          0x1000,     0x2000,       0x10000,
+                                   0x100000,   0x200000,   0x1000000,    0xfee00000,
+                                   1ULL << 39, 1ULL << 48, UINT64_MAX - 0xfff, UINT64_MAX,
+                                   0x800,      1};
+constexpr uint64_t kSizeTable[] = {0,        1,        0x1000,  0x2000,   0x3000,
+                                   0x10000,  0x40000,  0x100000, 0x200000, 1ULL << 32,
+                                   UINT64_MAX, 0x800,  0x1001};
+
+uint64_t pick(Reader& in, const uint64_t* table, size_t n) {
+  const uint8_t b = in.u8();
+  if (b < n) return table[b];
+  if (b == 0xff) return in.u64();
+  return (b - n) * kPage;
+}
+uint64_t pick_iova(Reader& in) { return pick(in, kIovaTable, std::size(kIovaTable)); }
+uint64_t pick_size(Reader& in) { return pick(in, kSizeTable, std::size(kSizeTable)); }
+
+// A vaddr: inside the shared file mapping, inside anonymous memory, in the
+// PROT_NONE region, or raw.
+uint64_t pick_vaddr(Reader& in, uint64_t size) {
+  const uint8_t b = in.u8();
+  const uint64_t off = static_cast<uint64_t>(in.u8()) * kPage + ((b & 0x80) != 0 ? 0x800 : 0);
+  auto within = [&](uint8_t* base, size_t len) {
+    // Keep [vaddr, vaddr + size) inside the region; a size that does not fit
+    // gets the PROT_NONE region (it must fail, never reach other memory).
+    if (size > len) base = mem->none, len = mem->none_size;
+    uint64_t o = off % len;
+    if (size <= len && o + size > len) o = (len - size) & ~(kPage - 1);
+    return reinterpret_cast<uint64_t>(base) + o;
+  };
+  switch (b % 5) {
+    case 0:
+    case 1:
+      return within(mem->shared, mem->shared_size);
+    case 2:
+      return within(mem->anon, mem->anon_size);
+    case 3:
+      return within(mem->none, mem->none_size);
+    default: {
+      // Addresses that are surely not mapped here (never a raw value: a
+      // DMA write through a stray vaddr would corrupt the harness itself).
+      const uint64_t bad[] = {0, kPage, 0xffff800000001000ULL, UINT64_MAX & ~(kPage - 1)};
+      return bad[(b >> 3) % std::size(bad)];
+    }
+  }
+}
+
+// The mediated driver: records its pins and drops the ones an unmap covers.
+struct Mediated {
+  std::mutex mu;
+  iomm_vfio_group* group = nullptr;
+  std::vector<std::pair<uint64_t, int>> pins;  // iova, npage
+  uint64_t callbacks = 0;
+};
+Mediated* med = nullptr;
+
+void on_dma_unmap(void* opaque, uint64_t iova, uint64_t size) {
+  auto* m = static_cast<Mediated*>(opaque);
+  FUZZ_CHECK(m == med && size > 0, "dma_unmap callback with opaque %p, size %#lx", opaque, size);
+  std::lock_guard lk(m->mu);
+  ++m->callbacks;
+  const uint64_t last = iova + size - 1;
+  std::erase_if(m->pins, [&](const auto& p) {
+    const uint64_t plast = p.first + static_cast<uint64_t>(p.second) * kPage - 1;
+    if (plast < iova || p.first > last) return false;
+    const int r = iomm_vfio_unpin_pages(m->group, p.first, p.second);
+    FUZZ_CHECK(r == p.second, "unpin of a held pin in dma_unmap failed: %d errno %d", r, errno);
+    return true;
+  });
+}
+
+struct Snapshot {
+  uint64_t pinned;
+  uint64_t simulated;
+  uint64_t charged;
+  uint64_t vmlck;
+  bool operator==(const Snapshot&) const = default;
+};
+
+Snapshot snapshot() {
+  const iomm::Counters c = iomm::counters();
+  FUZZ_CHECK(c.vmlck_bytes == c.pinned_bytes, "VmLck %#lx != pinned %#lx", c.vmlck_bytes,
+             c.pinned_bytes);
+  return {c.pinned_bytes, c.simulated_pinned_bytes, c.charged_bytes, c.vmlck_bytes};
+}
+
+// A call's result: -1 with a listed errno and no change, or success.
+bool g_trace = false;  // IOMM_FUZZ_TRACE=1: print every checked call
+unsigned long g_request = 0;  // the last ioctl request (for the trace)
+
+void check_result(long r, int err, const Snapshot& before, const char* call,
+                  std::initializer_list<int> allowed) {
+  if (g_trace) {
+    std::fprintf(stderr, "step %2d %-28s", iomm::fuzz::g_step_index, call);
+    if (std::strcmp(call, "iomm_vfio_ioctl") == 0) std::fprintf(stderr, " %#010lx", g_request);
+    std::fprintf(stderr, " -> %ld %s\n", r, r < 0 ? iomm::errno_name(err) : "");
+  }
+  if (r >= 0) {
+    snapshot();
+    return;
+  }
+  FUZZ_CHECK(r == -1, "%s returned %ld", call, r);
+  FUZZ_CHECK(err > 0, "%s returned -1 with errno %d", call, err);
+  bool listed = false;
+  for (int e : allowed) listed = listed || e == err;
+  FUZZ_CHECK(listed, "%s failed with %s (%d), which its contract does not list", call,
+             iomm::errno_name(err), err);
+  const Snapshot after = snapshot();
+  FUZZ_CHECK(after == before,
+             "failed %s (%s) changed state: pinned %#lx -> %#lx, charged %#lx -> %#lx", call,
+             iomm::errno_name(err), before.pinned, after.pinned, before.charged, after.charged);
+}
+
+// Every errno the type1 uapi may return from these requests.
+#define TYPE1_ERRNOS \
+  EINVAL, EFAULT, ENOMEM, EPERM, EEXIST, ENOENT, EBUSY, ENOSPC, EACCES, ENOTTY, ENODEV
+
+constexpr unsigned long kRequests[] = {
+    VFIO_GET_API_VERSION, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,    VFIO_IOMMU_GET_INFO,
+    VFIO_IOMMU_MAP_DMA,   VFIO_IOMMU_UNMAP_DMA, VFIO_IOMMU_DIRTY_PAGES,
+    // Real VFIO requests that a container does not take.
+    VFIO_GROUP_GET_STATUS, VFIO_DEVICE_GET_INFO, VFIO_IOMMU_ENABLE, VFIO_IOMMU_DISABLE,
+    VFIO_IOMMU_SPAPR_TCE_GET_INFO,
+};
+
+// Struct bytes for a request: the input's bytes, then the fields the
+// harness owns. Returns the argsz the harness passes.
+struct Arg {
+  alignas(8) uint8_t buf[kArgBuf];
+};
+Arg* g_arg = nullptr;
+uint8_t* g_bitmap = nullptr;
+
+uint32_t pick_argsz(Reader& in, uint32_t natural) {
+  const uint8_t b = in.u8();
+  switch (b % 8) {
+    case 0:
+      return 0;
+    case 1:
+      return natural > 0 ? natural - 1 : 0;
+    case 2:
+      return natural + 8;
+    case 3:
+      return static_cast<uint32_t>(in.u16() % (kArgBuf + 1));
+    case 4:
+      return kArgBuf;
+    default:
+      return natural;
+  }
+}
+
+void fill_bitmap(Reader& in, vfio_bitmap* bm, uint64_t size) {
+  const uint8_t b = in.u8();
+  bm->pgsize = (b & 3) == 0 ? static_cast<uint64_t>(1) << (in.u8() % 64) : kPage;
+  bm->size = (b & 4) != 0 ? in.u16() % (kBitmapBuf + 1) : std::min<uint64_t>(kBitmapBuf, ((size / kPage + 63) / 64) * 8);
+  bm->data = (b & 8) != 0 ? nullptr : reinterpret_cast<__u64*>(g_bitmap);
+}
+
+bool g_avoid_known = false;      // IOMM_FUZZ_AVOID_KNOWN=1
+bool g_bad_vaddr_mapped = false;  // a MAP_DMA with a vaddr outside our RW memory succeeded
+
+bool vaddr_ok(uint64_t vaddr, uint64_t size) {
+  auto inside = [&](const uint8_t* base, size_t len) {
+    const auto b = reinterpret_cast<uint64_t>(base);
+    return vaddr >= b && size <= len && vaddr - b <= len - size;
+  };
+  return inside(mem->anon, mem->anon_size) || inside(mem->shared, mem->shared_size);
+}
+
+long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
+  const uint8_t sel = in.u8();
+  unsigned long request = 0;
+  if (sel < 0xf0) {
+    request = kRequests[sel % std::size(kRequests)];
+  } else {
+    request = in.u32();  // garbage
+  }
+  std::memset(g_arg->buf, 0, sizeof(g_arg->buf));
+  void* arg = g_arg->buf;
+  switch (request) {
+    case VFIO_CHECK_EXTENSION:
+    case VFIO_SET_IOMMU: {
+      const uint8_t b = in.u8();
+      arg = reinterpret_cast<void*>(b < 0xf0 ? static_cast<unsigned long>(b % 12) : in.u64());
+      break;
+    }
+    case VFIO_IOMMU_GET_INFO: {
+      auto* info = reinterpret_cast<vfio_iommu_type1_info*>(g_arg->buf);
+      info->argsz = pick_argsz(in, sizeof(*info));
+      info->flags = in.u8() == 0xff ? in.u32() : 0;
+      break;
+    }
+    case VFIO_IOMMU_MAP_DMA: {
+      auto* map = reinterpret_cast<vfio_iommu_type1_dma_map*>(g_arg->buf);
+      map->argsz = pick_argsz(in, sizeof(*map));
+      const uint8_t f = in.u8();
+      map->flags = f & 7;  // READ | WRITE | VADDR
+      if ((f & 0x80) != 0) map->flags |= in.u32();
+      map->iova = pick_iova(in);
+      map->size = pick_size(in);
+      map->vaddr = pick_vaddr(in, map->size);
+      break;
+    }
+    case VFIO_IOMMU_UNMAP_DMA: {
+      auto* unmap = reinterpret_cast<vfio_iommu_type1_dma_unmap*>(g_arg->buf);
+      const uint8_t f = in.u8();
+      unmap->flags = f & 7;  // GET_DIRTY_BITMAP | ALL | VADDR
+      if ((f & 0x80) != 0) unmap->flags |= in.u32();
+      unmap->iova = pick_iova(in);
+      unmap->size = pick_size(in);
+      const bool dirty = (unmap->flags & VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP) != 0;
+      unmap->argsz = pick_argsz(in, sizeof(*unmap) + (dirty ? sizeof(vfio_bitmap) : 0));
+      if (dirty) fill_bitmap(in, reinterpret_cast<vfio_bitmap*>(unmap->data), unmap->size);
+      break;
+    }
+    case VFIO_IOMMU_DIRTY_PAGES: {
+      auto* dirty = reinterpret_cast<vfio_iommu_type1_dirty_bitmap*>(g_arg->buf);
+      const uint8_t f = in.u8();
+      dirty->flags = f % 8;  // START, STOP, GET_BITMAP, or combinations
+      if ((f & 0x80) != 0) dirty->flags = in.u32();
+      auto* get = reinterpret_cast<vfio_iommu_type1_dirty_bitmap_get*>(dirty->data);
+      get->iova = pick_iova(in);
+      get->size = pick_size(in);
+      fill_bitmap(in, &get->bitmap, get->size);
+      dirty->argsz = pick_argsz(in, sizeof(*dirty) + sizeof(*get));
+      break;
+    }
+    default: {
+      // Struct bytes straight from the input.
+      in.bytes(g_arg->buf, std::min<size_t>(in.u8(), 64));
+      const uint8_t b = in.u8();
+      if (b == 0xfe) arg = nullptr;
+      break;
+    }
+  }
+  if (in.u8() == 0xfd) arg = nullptr;  // sometimes no argument at all
+  g_request = request;
+  errno = 0;
+  const long r = iomm_vfio_ioctl(c, request, arg);
+  *err = errno;
+  if (r == 0 && request == VFIO_IOMMU_MAP_DMA && arg != nullptr) {
+    const auto* map = reinterpret_cast<const vfio_iommu_type1_dma_map*>(g_arg->buf);
+    if (!vaddr_ok(map->vaddr, map->size)) g_bad_vaddr_mapped = true;
+  }
+  if (r >= 0) {
+    if (request == VFIO_GET_API_VERSION) {
+      FUZZ_CHECK(r == VFIO_API_VERSION, "VFIO_GET_API_VERSION returned %ld", r);
+    }
+    if (request == VFIO_CHECK_EXTENSION) {
+      FUZZ_CHECK(r == 0 || r == 1, "VFIO_CHECK_EXTENSION returned %ld", r);
+    }
+  }
+  return r;
+}
+
+void recreate_software_group(iomm_vfio_container* c, iomm_vfio_group** g, Reader& in) {
+  if (*g != nullptr) iomm_vfio_group_destroy(*g);
+  *g = nullptr;
+  const uint8_t b = in.u8();
+  iomm_vfio_reserved_range reserved[2] = {{0xfee00000, 0xfeefffff}, {0x200000, 0x3fffff}};
+  iomm_vfio_sw_group_config cfg{};
+  switch (b % 4) {
+    case 1:
+      cfg.aperture_start = 0x100000;
+      cfg.aperture_last = 0xffffffff;
+      break;
+    case 2:
+      cfg.aperture_start = 0;
+      cfg.aperture_last = UINT64_MAX;
+      break;
+    case 3:
+      cfg.aperture_start = 0x2000;
+      cfg.aperture_last = 0x1000;  // invalid
+      break;
+    default:
+      break;
+  }
+  const uint64_t bitmaps[] = {0, 0x1000, 0x201000, 0x10000 | 0x200000, 0x800, 0x200000};
+  cfg.pgsize_bitmap = bitmaps[(b / 4) % std::size(bitmaps)];
+  cfg.nr_reserved = (b / 24) % 3;
+  cfg.reserved = reserved;
+  const Snapshot before = snapshot();
+  errno = 0;
+  *g = iomm_vfio_group_create_software(c, &cfg);
+  const int err = errno;
+  check_result(*g != nullptr ? 0 : -1, err, before, "iomm_vfio_group_create_software",
+               {EINVAL, EBUSY, ENOMEM, EFAULT});
+}
+
+void recreate_mediated_group(iomm_vfio_container* c, Reader& in) {
+  if (med->group != nullptr) iomm_vfio_group_destroy(med->group);
+  {
+    std::lock_guard lk(med->mu);
+    med->group = nullptr;
+    med->pins.clear();  // destroying the group released them
+  }
+  if ((in.u8() & 1) != 0) return;
+  const Snapshot before = snapshot();
+  errno = 0;
+  iomm_vfio_group* g = iomm_vfio_group_create_mediated(c, on_dma_unmap, med);
+  const int err = errno;
+  check_result(g != nullptr ? 0 : -1, err, before, "iomm_vfio_group_create_mediated",
+               {EINVAL, EBUSY, ENOMEM});
+  std::lock_guard lk(med->mu);
+  med->group = g;
+}
+
+// vfio_pin_pages / vfio_unpin_pages / vfio_dma_rw on the mediated group, and
+// device DMA through the software group.
+void group_op(uint8_t which, iomm_vfio_group* sw, Reader& in) {
+  static std::vector<uint8_t> data(256 * 1024);
+  const Snapshot before = snapshot();
+  switch (which % 4) {
+    case 0: {  // pin
+      const uint64_t iova = pick_iova(in);
+      int npage = static_cast<int>(in.u8() % 8) + 1;
+      const uint8_t b = in.u8();
+      if (b == 0xff) npage = static_cast<int>(in.u32());
+      const int prot = b & 3;
+      std::vector<void*> host(std::clamp(npage, 1, 4096));
+      std::lock_guard lk(med->mu);
+      errno = 0;
+      const int r = iomm_vfio_pin_pages(med->group, iova, npage, prot,
+                                        (b & 0x40) != 0 ? nullptr : host.data());
+      const int err = errno;
+      // Known bug (fuzz/regressions/vfio_type1/*-eoverflow): an iova range
+      // that wraps gives EOVERFLOW (passed through from Access / SoftDomain),
+      // which the header does not list (type1 says EINVAL). With
+      // IOMM_FUZZ_AVOID_KNOWN=1 it is accepted so fuzzing can go on.
+      const int err_seen = g_avoid_known && err == EOVERFLOW ? EINVAL : err;
+      check_result(r, err_seen, before, "iomm_vfio_pin_pages",
+                   {E2BIG, EINVAL, EACCES, EBUSY, EPERM, ENOMEM, EFAULT});
+      if (r >= 0) {
+        FUZZ_CHECK(r == npage, "iomm_vfio_pin_pages returned %d for %d pages", r, npage);
+        med->pins.emplace_back(iova, npage);
+      }
+      return;
+    }
+    case 1: {  // unpin a held pin, or a random range
+      std::lock_guard lk(med->mu);
+      const uint8_t b = in.u8();
+      uint64_t iova = 0;
+      int npage = 0;
+      size_t held = med->pins.size();
+      if (b < 0x80 && held > 0) {
+        std::tie(iova, npage) = med->pins[b % held];
+      } else {
+        iova = pick_iova(in);
+        npage = static_cast<int>(in.u8() % 8);
+      }
+      errno = 0;
+      const int r = iomm_vfio_unpin_pages(med->group, iova, npage);
+      const int err = errno;
+      check_result(r, g_avoid_known && err == EOVERFLOW ? EINVAL : err, before,
+                   "iomm_vfio_unpin_pages", {EINVAL, E2BIG});
+      if (r >= 0) {
+        auto it = std::find(med->pins.begin(), med->pins.end(), std::make_pair(iova, npage));
+        FUZZ_CHECK(it != med->pins.end() || med->group == nullptr,
+                   "unpin of [%#lx, %d pages] that the driver never pinned succeeded", iova,
+                   npage);
+        if (it != med->pins.end()) med->pins.erase(it);
+      }
+      return;
+    }
+    case 2:
+    case 3: {  // rw through the mediated group (2) or device DMA (3)
+      const uint64_t iova = pick_iova(in);
+      const size_t len = pick_size(in) % (data.size() + 1);
+      const int write = in.u8() & 1;
+      // Known bug (see ioas_sequence_fuzzer.cpp, touches_inaccessible_user_memory):
+      // mediated rw of a mapping whose vaddr is not mapped crashes (SIGSEGV).
+      if (which % 4 == 2 && g_avoid_known && g_bad_vaddr_mapped) return;
+      errno = 0;
+      const int r = which % 4 == 2 ? iomm_vfio_dma_rw(med->group, iova, data.data(), len, write)
+                                   : iomm_vfio_group_dma_rw(sw, iova, data.data(), len, write);
+      const int err = errno;
+      // As the header lists them (vfio_dma_rw: EINVAL, EPERM, EBUSY, EFAULT;
+      // device DMA: EFAULT, EPERM, EINVAL).
+      if (which % 4 == 2) {
+        check_result(r, g_avoid_known && err == EOVERFLOW ? EINVAL : err, before,
+                     "iomm_vfio_dma_rw", {EINVAL, EPERM, EBUSY, EFAULT});
+      } else {
+        check_result(r, g_avoid_known && err == EOVERFLOW ? EFAULT : err, before,
+                     "iomm_vfio_group_dma_rw", {EFAULT, EPERM, EINVAL});
+      }
+      return;
+    }
+  }
+}
+
+void check_clean(const char* when) {
+  const iomm::Counters c = iomm::counters();
+  FUZZ_CHECK(c.pinned_bytes == 0 && c.simulated_pinned_bytes == 0 && c.charged_bytes == 0 &&
+                 c.vmlck_bytes == 0,
+             "%s: pinned %#lx, simulated %#lx, charged %#lx, VmLck %#lx", when, c.pinned_bytes,
+             c.simulated_pinned_bytes, c.charged_bytes, c.vmlck_bytes);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
+  setup();
+  g_arg = new Arg();
+  g_bitmap = new uint8_t[kBitmapBuf];
+  med = new Mediated();
+  if (const char* e = std::getenv("IOMM_FUZZ_AVOID_KNOWN"); e != nullptr && *e == '1') {
+    g_avoid_known = true;
+  }
+  if (const char* e = std::getenv("IOMM_FUZZ_TRACE"); e != nullptr && *e == '1') g_trace = true;
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (mem == nullptr) LLVMFuzzerInitialize(nullptr, nullptr);
+  Reader in(data, size);
+  iomm::fuzz::g_step_index = -1;
+  iomm::fuzz::g_step_name = "setup";
+  check_clean("before the input");
+  g_bad_vaddr_mapped = false;
+
+  iomm_vfio_container* c = iomm_vfio_open();
+  FUZZ_CHECK(c != nullptr, "iomm_vfio_open failed");
+  const uint8_t h0 = in.u8();
+  if ((h0 & 3) != 0) {
+    const uint32_t limits[] = {0, 1, 2, 4};
+    const int r = iomm_vfio_set_dma_entry_limit(c, limits[h0 & 3]);
+    FUZZ_CHECK(r == 0 || (r == -1 && errno == EINVAL && (h0 & 3) == 0),
+               "iomm_vfio_set_dma_entry_limit gave %d errno %d", r, errno);
+  }
+  iomm_vfio_group* sw = nullptr;
+  recreate_software_group(c, &sw, in);
+  recreate_mediated_group(c, in);
+  if (const uint8_t h3 = in.u8(); (h3 & 1) != 0) {
+    const unsigned long types[] = {VFIO_TYPE1v2_IOMMU, VFIO_TYPE1_IOMMU};
+    errno = 0;
+    const long r = iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(types[(h3 >> 1) & 1]));
+    check_result(r, errno, snapshot(), "VFIO_SET_IOMMU", {TYPE1_ERRNOS});
+  }
+
+  for (size_t step = 0; step < kMaxSteps && !in.empty(); ++step) {
+    iomm::fuzz::g_step_index = static_cast<int>(step);
+    const uint8_t op = in.u8();
+    switch (op % 8) {
+      case 0:
+      case 1:
+      case 2:
+      case 3: {
+        iomm::fuzz::g_step_name = "ioctl";
+        const Snapshot before = snapshot();
+        int err = 0;
+        const long r = do_ioctl(c, in, &err);
+        check_result(r, err, before, "iomm_vfio_ioctl", {TYPE1_ERRNOS});
+        break;
+      }
+      case 4:
+      case 5:
+        iomm::fuzz::g_step_name = "group";
+        group_op(in.u8(), sw, in);
+        break;
+      case 6:
+        iomm::fuzz::g_step_name = "software group";
+        recreate_software_group(c, &sw, in);
+        break;
+      case 7:
+        iomm::fuzz::g_step_name = "mediated group";
+        recreate_mediated_group(c, in);
+        break;
+    }
+  }
+
+  iomm::fuzz::g_step_name = "teardown";
+  // Odd sizes: groups first, then the container. Even sizes: close the
+  // container with its groups in it (it detaches them and releases the
+  // IOMMU), then destroy the group handles, which outlive it as a kernel
+  // group fd outlives its container. (The header says close "destroys" the
+  // groups; the implementation only detaches them, so they are freed here.)
+  const bool groups_first = (size & 1) != 0;
+  if (groups_first) {
+    iomm_vfio_group_destroy(med->group);
+    iomm_vfio_group_destroy(sw);
+  }
+  FUZZ_CHECK(iomm_vfio_close(c) == 0, "iomm_vfio_close failed");
+  check_clean("after close");
+  if (!groups_first) {
+    iomm_vfio_group_destroy(med->group);
+    iomm_vfio_group_destroy(sw);
+  }
+  {
+    std::lock_guard lk(med->mu);
+    med->group = nullptr;
+    med->pins.clear();
+  }
+  check_clean("after the groups are destroyed");
+  return 0;
+}

@@ -1,0 +1,106 @@
+/*
+ * The VFIO type1 container uapi over iomm (C ABI).
+ *
+ * Contract
+ * - iomm_vfio_ioctl() takes the request numbers and structs of
+ *   <linux/vfio.h> and returns what ioctl(2) on a type1 container would: 0 or
+ *   a value, or -1 with errno set. Code written for /dev/vfio/vfio ports by
+ *   replacing ioctl(container_fd, ...) with iomm_vfio_ioctl(container, ...).
+ * - Groups stand in for the kernel's VFIO groups: a container needs one
+ *   before VFIO_SET_IOMMU. A software group is a software IOMMU domain (its
+ *   device DMA goes through iomm_vfio_group_dma_rw); a mediated group is an
+ *   emulated-IOMMU device with type1's vfio_pin_pages / vfio_unpin_pages /
+ *   vfio_dma_rw. Destroying the last group releases the container's IOMMU
+ *   (every mapping is removed), as in the kernel.
+ * - MAP_DMA vaddrs are this process's memory. A vaddr inside a shared file
+ *   mapping (memfd, tmpfs) is pinned as that file's pages, so a later
+ *   VADDR update can be checked (same inode and offset) and DMA keeps working
+ *   after the old address range is unmapped. Other memory is pinned by
+ *   address and must stay mapped until a new vaddr is installed.
+ * - Charging is per process (type1's locked_vm): by default this process;
+ *   iomm_vfio_set_owner_pid() emulates another process issuing the calls.
+ * - Thread-safe. The dma_unmap callback runs on the unmapping thread with no
+ *   container lock held and must unpin every page it holds in the range
+ *   (iomm_vfio_unpin_pages may be called from it).
+ */
+#ifndef IOMM_VFIO_COMPAT_H
+#define IOMM_VFIO_COMPAT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct iomm_vfio_container iomm_vfio_container;
+typedef struct iomm_vfio_group iomm_vfio_group;
+
+/* A container, or NULL with errno (ENOMEM). */
+iomm_vfio_container* iomm_vfio_open(void);
+/* ioctl(2) on the container: 0 or a value, or -1 with errno. */
+long iomm_vfio_ioctl(iomm_vfio_container* c, unsigned long request, void* arg);
+/* Destroys the container's groups first. Returns 0. */
+int iomm_vfio_close(iomm_vfio_container* c);
+
+/* Type1's dma_entry_limit (default 65535); only before VFIO_SET_IOMMU
+ * (EBUSY after). */
+int iomm_vfio_set_dma_entry_limit(iomm_vfio_container* c, uint32_t limit);
+/* The process the following MAP_DMA calls act for (0 = this process). */
+int iomm_vfio_set_owner_pid(iomm_vfio_container* c, int pid);
+
+struct iomm_vfio_reserved_range {
+  uint64_t start;
+  uint64_t last; /* inclusive */
+};
+
+struct iomm_vfio_sw_group_config {
+  uint64_t aperture_start;
+  uint64_t aperture_last; /* inclusive; 0 with start 0 = 48-bit default */
+  uint64_t pgsize_bitmap; /* 0 = 4 KiB | 2 MiB | 1 GiB */
+  const struct iomm_vfio_reserved_range* reserved;
+  uint32_t nr_reserved;
+};
+
+/* Create a group and add it to the container (VFIO_GROUP_SET_CONTAINER).
+ * If the IOMMU is set, the software domain is attached at once: the
+ * container's mappings are replayed and pinned, all or nothing.
+ * Errors: EINVAL bad config, or a mapping outside the aperture / in a
+ * reserved region / misaligned for the page size; EBUSY a vaddr is invalid;
+ * ENOMEM, EFAULT from pinning. */
+iomm_vfio_group* iomm_vfio_group_create_software(iomm_vfio_container* c,
+                                                 const struct iomm_vfio_sw_group_config* cfg);
+
+/* dma_unmap(opaque, iova, size): mandatory (EINVAL without it). */
+typedef void (*iomm_vfio_dma_unmap_fn)(void* opaque, uint64_t iova, uint64_t size);
+iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* c,
+                                                 iomm_vfio_dma_unmap_fn dma_unmap, void* opaque);
+/* Remove the group from its container and free it. A mediated group's pins
+ * are released. Returns 0. */
+int iomm_vfio_group_destroy(iomm_vfio_group* g);
+
+/* Prot for pin and rw: IOMMU_READ / IOMMU_WRITE as in the kernel. */
+#define IOMM_VFIO_PROT_READ 1
+#define IOMM_VFIO_PROT_WRITE 2
+
+/* vfio_pin_pages: npage pages from iova (page aligned); host[i] gets each
+ * page's host address. Returns npage, or -1 with errno: E2BIG npage > 512;
+ * EINVAL npage 0, no host array, no IOMMU set, a page not mapped; EACCES
+ * container not TYPE1v2; EBUSY a vaddr is invalid; EPERM prot mismatch;
+ * ENOMEM memlock limit; EFAULT bad memory. All or nothing. */
+int iomm_vfio_pin_pages(iomm_vfio_group* g, uint64_t iova, int npage, int prot, void** host);
+/* vfio_unpin_pages: returns npage, or -1 with errno (EINVAL a page not
+ * pinned; nothing is unpinned then). */
+int iomm_vfio_unpin_pages(iomm_vfio_group* g, uint64_t iova, int npage);
+/* vfio_dma_rw on a mediated group: EINVAL not mapped, EPERM prot, EBUSY
+ * vaddr invalid, EFAULT copy failure. Returns 0. */
+int iomm_vfio_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, int write);
+/* Device DMA through a software group's domain: EFAULT IOMMU fault
+ * (unmapped), EPERM permission, EINVAL not attached. Returns 0. */
+int iomm_vfio_group_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, int write);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* IOMM_VFIO_COMPAT_H */

@@ -1,0 +1,361 @@
+// Type1 container operations in type1's check order
+// (reference: kernel-semantics.md §1.2, §1.4, §1.6, §1.8).
+#include "compat/container.hpp"
+
+#include <linux/vfio.h>
+
+#include <algorithm>
+#include <bit>
+#include <new>
+
+namespace iomm::compat {
+
+namespace {
+
+constexpr uint64_t kPageMask = ~(kPageSize - 1);
+
+// Type1's error for a failed domain attach: the IOAS says EADDRINUSE for a
+// mapping that does not fit, type1 says EINVAL.
+Error type1_attach_error(const Error& e) {
+  if (e.code() == EADDRINUSE) return Error(EINVAL, e.message());
+  return e;
+}
+
+}  // namespace
+
+Container::~Container() {
+  std::lock_guard lk(mu);
+  while (!groups.empty()) {
+    iomm_vfio_group* g = groups.back();
+    detach_group(g);
+    groups.pop_back();
+    g->container = nullptr;
+  }
+  release_iommu();
+}
+
+bool Container::has_mediated() const {
+  return std::any_of(groups.begin(), groups.end(), [](auto* g) { return g->mediated; });
+}
+
+bool Container::has_domain() const {
+  return std::any_of(groups.begin(), groups.end(),
+                     [](auto* g) { return !g->mediated && g->attached; });
+}
+
+uint64_t Container::pgsize_bitmap() const {
+  uint64_t bitmap = UINT64_MAX;
+  for (const auto* g : groups) {
+    if (!g->mediated && g->attached) bitmap &= g->pgsize_bitmap;
+  }
+  if ((bitmap & ~kPageMask) != 0) {
+    bitmap &= kPageMask;
+    bitmap |= kPageSize;
+  }
+  return bitmap;
+}
+
+Result<long> Container::check_extension(unsigned long ext) {
+  std::lock_guard lk(mu);
+  switch (ext) {
+    case VFIO_TYPE1_IOMMU:
+    case VFIO_TYPE1v2_IOMMU:
+    case VFIO_UNMAP_ALL:
+      return 1L;
+    case VFIO_UPDATE_VADDR:
+      // Asked of the driver with no container data before SET_IOMMU.
+      return (iommu_set && !has_mediated()) ? 1L : 0L;
+    default:
+      return 0L;
+  }
+}
+
+Status Container::attach_group(iomm_vfio_group* g) {
+  if (g->mediated) {
+    auto access = Access::create(
+        ioas, [g](const IovaRange& r) { g->dma_unmap(g->opaque, r.start, r.last - r.start + 1); });
+    if (!access.ok()) return access.error();
+    g->access = std::move(access).value();
+    g->access_ptr.store(g->access.get(), std::memory_order_release);
+    return {};
+  }
+  if (Status s = ioas->attach(g->domain); !s) return type1_attach_error(s.error());
+  g->attached = true;
+  return {};
+}
+
+void Container::detach_group(iomm_vfio_group* g) noexcept {
+  if (g->mediated) {
+    g->access_ptr.store(nullptr, std::memory_order_release);
+    g->access.reset();
+    return;
+  }
+  if (g->attached) {
+    (void)ioas->detach(g->domain);
+    g->attached = false;
+  }
+}
+
+void Container::release_iommu() noexcept {
+  if (!iommu_set) return;
+  if (ioas) (void)ioas->unmap_all();
+  ioas.reset();
+  dmas.clear();
+  iommu_set = false;
+  v2.store(false);
+  vaddr_invalid.store(0);
+  dirty_tracking = false;
+}
+
+Status Container::set_iommu(unsigned long type) {
+  std::lock_guard lk(mu);
+  if (groups.empty() || iommu_set) {
+    return Error(EINVAL, "SET_IOMMU needs a group and an unset container");
+  }
+  bool is_v2 = false;
+  switch (type) {
+    case VFIO_TYPE1_IOMMU:
+      break;
+    case VFIO_TYPE1v2_IOMMU:
+    case VFIO_TYPE1_NESTING_IOMMU:
+      is_v2 = true;
+      break;
+    default:
+      return Error(ENODEV, "no IOMMU driver of this type");
+  }
+  auto created = Ioas::create({.account_mode = AccountMode::per_process, .max_mappings = limit});
+  if (!created.ok()) return created.error();
+  ioas = std::move(created).value();
+  size_t done = 0;
+  Status result;
+  for (; done < groups.size(); ++done) {
+    if (result = attach_group(groups[done]); !result) break;
+  }
+  if (!result) {
+    for (size_t i = 0; i < done; ++i) detach_group(groups[i]);
+    ioas.reset();
+    return result;
+  }
+  iommu_set = true;
+  v2.store(is_v2);
+  return {};
+}
+
+Status Container::add_group(iomm_vfio_group* g) {
+  std::lock_guard lk(mu);
+  try {
+    groups.reserve(groups.size() + 1);
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  if (iommu_set) {
+    if (vaddr_invalid.load() != 0) return Error(EBUSY, "a vaddr is invalid");
+    if (Status s = attach_group(g); !s) return s;
+  }
+  groups.push_back(g);
+  return {};
+}
+
+void Container::remove_group(iomm_vfio_group* g) noexcept {
+  std::lock_guard lk(mu);
+  if (iommu_set) detach_group(g);
+  std::erase(groups, g);
+  if (groups.empty()) release_iommu();
+}
+
+Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vaddr, uint32_t prot) {
+  if ((prot != 0 && set_vaddr) || (prot == 0 && !set_vaddr)) {
+    return Error(EINVAL, "MAP_DMA needs READ/WRITE, or VADDR alone");
+  }
+  std::lock_guard lk(mu);
+  const uint64_t pgsize = min_pgsize();
+  if (size == 0 || ((size | iova | vaddr) & (pgsize - 1)) != 0) {
+    return Error(EINVAL, "size, iova and vaddr must be multiples of the minimum page size");
+  }
+  if (iova + size - 1 < iova || vaddr + size - 1 < vaddr) return Error(EINVAL, "range wraps");
+  const uint64_t last = iova + size - 1;
+  auto overlap = dmas.end();
+  {
+    auto it = dmas.upper_bound(last);
+    if (it != dmas.begin()) {
+      --it;
+      if (it->second.iova + it->second.size - 1 >= iova) overlap = it;
+    }
+  }
+  if (set_vaddr) {
+    if (overlap == dmas.end()) return Error(ENOENT, "no mapping at this IOVA");
+    Dma& d = overlap->second;
+    if (!d.vaddr_invalid || d.iova != iova || d.size != size) {
+      return Error(EINVAL, "VADDR needs an invalidated mapping with the same iova and size");
+    }
+    Backing b;
+    auto source = resolve_vaddr(vaddr, size, &b);
+    if (!source.ok()) return source.error();
+    if (d.backing.file && (!b.file || b.dev != d.backing.dev || b.ino != d.backing.ino ||
+                           b.offset != d.backing.offset)) {
+      return Error(EINVAL, "the new vaddr does not reach the same memory object");
+    }
+    if (!d.backing.file && b.file) {
+      return Error(EINVAL, "the new vaddr does not reach the same memory object");
+    }
+    if (Status s = ioas->replace_host(iova, *source, OwnerSpec{.pid = owner_pid}); !s) return s;
+    d.vaddr = vaddr;
+    d.vaddr_invalid = false;
+    vaddr_invalid.fetch_sub(1);
+    return {};
+  }
+  if (overlap != dmas.end()) return Error(EEXIST, "range overlaps a mapping");
+  if (dmas.size() >= limit) return Error(ENOSPC, "dma_entry_limit reached");
+  if (has_domain()) {
+    const auto ranges = ioas->iova_ranges();
+    const bool fits = std::any_of(ranges.begin(), ranges.end(), [&](const IovaRange& r) {
+      return r.start <= iova && last <= r.last;
+    });
+    if (!fits) return Error(EINVAL, "range is not inside one valid IOVA range");
+  }
+  Backing b;
+  auto source = resolve_vaddr(vaddr, size, &b);
+  if (!source.ok()) return source.error();
+  auto mapped = ioas->map_as(*source, prot, iova, OwnerSpec{.pid = owner_pid});
+  if (!mapped.ok()) {
+    if (mapped.code() == EPERM) return Error(EFAULT, "write access to read-only memory");
+    return mapped.error();
+  }
+  try {
+    dmas.emplace(iova, Dma{iova, size, vaddr, prot, false, b});
+  } catch (const std::bad_alloc&) {
+    (void)ioas->unmap(iova, size);
+    return Error(ENOMEM, "out of memory");
+  }
+  return {};
+}
+
+void Container::fold(std::span<const uint64_t> in, uint64_t npages4k, unsigned shift,
+                     std::span<uint64_t> out) {
+  const unsigned k = shift - kPageShift;
+  std::fill(out.begin(), out.end(), 0);
+  for (uint64_t p = 0; p < npages4k; ++p) {
+    if ((in[p >> 6] >> (p & 63) & 1) == 0) continue;
+    const uint64_t j = p >> k;
+    if ((j >> 6) < out.size()) out[j >> 6] |= uint64_t{1} << (j & 63);
+  }
+}
+
+Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint64_t* unmapped,
+                        uint64_t bitmap_pgsize, std::span<uint64_t> bitmap_out) {
+  *unmapped = 0;
+  std::lock_guard lk(mu);
+  if (vaddr && has_mediated()) return Error(EBUSY, "VADDR with a mediated group present");
+  const uint64_t pgsize = min_pgsize();
+  if ((iova & (pgsize - 1)) != 0) return Error(EINVAL, "iova not aligned to the page size");
+  uint64_t last = 0;
+  if (all) {
+    if (iova != 0 || size != 0) return Error(EINVAL, "ALL needs iova and size 0");
+    last = UINT64_MAX;
+  } else {
+    if (size == 0 || (size & (pgsize - 1)) != 0 || iova + size - 1 < iova) {
+      return Error(EINVAL, "bad size");
+    }
+    last = iova + size - 1;
+  }
+  const bool want_bitmap = bitmap_pgsize != 0;
+  if (want_bitmap && (!dirty_tracking || bitmap_pgsize != pgsize)) {
+    return Error(EINVAL, "dirty bitmap needs tracking on and the minimum page size");
+  }
+  auto containing = [&](uint64_t a) -> const Dma* {
+    auto it = dmas.upper_bound(a);
+    if (it == dmas.begin()) return nullptr;
+    --it;
+    return it->second.iova + it->second.size - 1 >= a ? &it->second : nullptr;
+  };
+  const bool is_v2 = v2.load();
+  if (is_v2 && !all) {
+    if (const Dma* d = containing(iova); d && d->iova != iova) {
+      return Error(EINVAL, "unmap would bisect a mapping");
+    }
+    if (const Dma* d = containing(last); d && d->iova + d->size - 1 != last) {
+      return Error(EINVAL, "unmap would bisect a mapping");
+    }
+  }
+  // The mappings this call removes: those starting in [iova, last]; for v1
+  // nothing if the first one overlapping starts below iova.
+  std::vector<uint64_t> victims;
+  {
+    auto it = dmas.upper_bound(iova);
+    if (it != dmas.begin()) {
+      auto prev = std::prev(it);
+      if (prev->second.iova + prev->second.size - 1 >= iova) it = prev;
+    }
+    if (it != dmas.end() && it->second.iova < iova && !is_v2) {
+      return {};  // v1: start inside a mapping unmaps nothing
+    }
+    if (it != dmas.end() && it->second.iova < iova) ++it;  // v2 all: cannot happen
+    for (; it != dmas.end() && it->second.iova <= last; ++it) victims.push_back(it->first);
+  }
+  if (victims.empty()) return {};
+  if (vaddr) {
+    for (uint64_t v : victims) {
+      if (dmas[v].vaddr_invalid) return Error(EINVAL, "a vaddr is already invalid");
+    }
+    const Dma& lo = dmas[victims.front()];
+    const Dma& hi = dmas[victims.back()];
+    auto bytes = ioas->invalidate_host(lo.iova, hi.iova + hi.size - lo.iova);
+    if (!bytes.ok()) return bytes.error();
+    for (uint64_t v : victims) dmas[v].vaddr_invalid = true;
+    vaddr_invalid.fetch_add(static_cast<uint32_t>(victims.size()));
+    *unmapped = *bytes;
+    return {};
+  }
+  const Dma& lo = dmas[victims.front()];
+  const Dma& hi = dmas[victims.back()];
+  const uint64_t span_start = lo.iova;
+  const uint64_t span_len = hi.iova + hi.size - lo.iova;
+  if (want_bitmap) {
+    // Bits for [iova, iova + size) at pgsize granularity.
+    const uint64_t npages4k = size >> kPageShift;
+    std::vector<uint64_t> raw;
+    try {
+      raw.assign((npages4k + 63) / 64, 0);
+    } catch (const std::bad_alloc&) {
+      return Error(ENOMEM, "out of memory");
+    }
+    if (Status s = ioas->read_and_clear_dirty(iova, size, raw); !s) return s;
+    fold(raw, npages4k, std::countr_zero(pgsize), bitmap_out);
+  }
+  auto bytes = ioas->unmap_range_allow_empty(span_start, span_len);
+  if (!bytes.ok()) return bytes.error();
+  for (uint64_t v : victims) {
+    if (dmas[v].vaddr_invalid) vaddr_invalid.fetch_sub(1);
+    dmas.erase(v);
+  }
+  *unmapped = *bytes;
+  return {};
+}
+
+Status Container::dirty_get(uint64_t iova, uint64_t size, uint64_t pgsize,
+                            std::span<uint64_t> out) {
+  std::lock_guard lk(mu);
+  const uint64_t iommu_pgsize = min_pgsize();
+  if (pgsize != iommu_pgsize) return Error(EINVAL, "bitmap pgsize must be the minimum page size");
+  if ((iova & (iommu_pgsize - 1)) != 0) return Error(EINVAL, "iova not aligned");
+  if (size == 0 || (size & (iommu_pgsize - 1)) != 0) return Error(EINVAL, "bad size");
+  if (!dirty_tracking) return Error(EINVAL, "dirty tracking is off");
+  const uint64_t last = iova + size - 1;
+  for (const auto& [start, d] : dmas) {
+    const uint64_t dl = d.iova + d.size - 1;
+    if (d.iova < iova && dl >= iova) return Error(EINVAL, "range bisects a mapping");
+    if (d.iova <= last && dl > last) return Error(EINVAL, "range bisects a mapping");
+  }
+  const uint64_t npages4k = size >> kPageShift;
+  std::vector<uint64_t> raw;
+  try {
+    raw.assign((npages4k + 63) / 64, 0);
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  if (Status s = ioas->read_and_clear_dirty(iova, size, raw); !s) return s;
+  fold(raw, npages4k, std::countr_zero(pgsize), out);
+  return {};
+}
+
+}  // namespace iomm::compat

@@ -1,0 +1,62 @@
+// Dirty log: one bit per 4 KiB IOVA page, set by writers (software-domain
+// DMA, access writes) while tracking is enabled, read and cleared by range.
+//
+// Storage is a lazily built radix of 512-entry tables over the page index
+// (52 bits of a 64-bit IOVA), with 32768-page leaf blocks of atomic words.
+// Marking is lock-free (tables installed by compare-and-swap); tables are
+// freed only with the log. Marking may allocate: it reports false when it
+// cannot, so the writer can fail rather than lose a dirty bit.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <span>
+
+namespace iomm::dirty {
+
+class DirtyLog {
+ public:
+  DirtyLog() = default;
+  ~DirtyLog();
+  DirtyLog(const DirtyLog&) = delete;
+  DirtyLog& operator=(const DirtyLog&) = delete;
+
+  // Enabling starts from a clean log; disabling clears it.
+  void set_enabled(bool on) noexcept;
+  [[nodiscard]] bool enabled() const noexcept { return enabled_.load(std::memory_order_acquire); }
+
+  // Mark every page touched by [iova, iova + length). No-op when disabled.
+  // False only when a table could not be allocated.
+  bool mark(uint64_t iova, uint64_t length) noexcept;
+
+  // OR the bits of pages [first_page, first_page + npages) into out (bit i
+  // of out = page first_page + i), clearing them in the log.
+  void collect_and_clear(uint64_t first_page, uint64_t npages, std::span<uint64_t> out) noexcept;
+  // Clear pages [first_page, last_page] (inclusive).
+  void clear(uint64_t first_page, uint64_t last_page) noexcept;
+
+ private:
+  static constexpr unsigned kLeafWordsShift = 9;                    // 512 words per block
+  static constexpr unsigned kLeafPagesShift = kLeafWordsShift + 6;  // 32768 pages
+  static constexpr unsigned kBits = 9;                              // per inner level
+  static constexpr unsigned kLevels = 5;  // 15 + 5 * 9 = 60 >= 52 page bits
+
+  struct Node {
+    std::atomic<void*> slot[1U << kBits];
+  };
+  struct Block {
+    std::atomic<uint64_t> word[1U << kLeafWordsShift];
+  };
+
+  // The block for page, created when create is set; nullptr if absent or if
+  // allocation failed.
+  Block* block(uint64_t page, bool create) noexcept;
+  template <typename F>
+  void for_each_word(uint64_t first_page, uint64_t last_page, F f) noexcept;
+  static void free_node(Node* n, unsigned level) noexcept;
+
+  std::atomic<bool> enabled_{false};
+  Node root_{};
+};
+
+}  // namespace iomm::dirty
