@@ -10,6 +10,7 @@
 // Adding a scenario is one entry in kScenarios; adding a point is one
 // IOMM_INJECT in src/ and one name in kAllPoints (and docs/testing.md).
 #include <gtest/gtest.h>
+#include <linux/vfio.h>
 #include <sys/mman.h>
 
 #include <functional>
@@ -23,6 +24,7 @@
 
 #include "fault/fail_nth.hpp"
 #include "iomm/access.hpp"
+#include "iomm/vfio_compat.h"
 #include "test_support.hpp"
 
 namespace iomm {
@@ -34,17 +36,20 @@ constexpr uint64_t kMiB = 1 << 20;
 // Every injection point in src/. EveryPointIsExercised keeps this list and
 // the scenarios honest.
 const std::set<std::string> kAllPoints = {
-    "acct.charge",
     "access.alloc",
+    "access.alloc_page_pins",
     "access.alloc_pin_record",
     "access.alloc_slices",
     "access.callback",
+    "acct.charge",
+    "dirty.alloc",
     "domain.alloc",
     "domain.table_alloc",
     "ioas.alloc_allowed",
     "ioas.alloc_area",
     "ioas.alloc_copy",
     "ioas.alloc_domain_slot",
+    "ioas.alloc_live_area",
     "ioas.alloc_reservation",
     "mem.alloc_object",
     "mem.dup",
@@ -54,6 +59,15 @@ const std::set<std::string> kAllPoints = {
     "mem.mlock",
     "mem.mmap",
     "mem.pin_bookkeeping",
+    "vfio.alloc_bitmap",
+    "vfio.alloc_container",
+    "vfio.alloc_dma",
+    "vfio.alloc_group",
+    "vfio.alloc_group_slot",
+    "vfio.alloc_info",
+    "vfio.alloc_unmap",
+    "vfio.open_map_file",
+    "vfio.read_maps",
 };
 
 // The objects a scenario works on. The memfd, user buffer and spare domain
@@ -167,11 +181,13 @@ Snapshot snapshot(World& w) {
   return s;
 }
 
-struct Scenario {
+template <typename W>
+struct BasicScenario {
   const char* name;
-  std::function<void(World&)> setup;
-  std::function<Status(World&)> op;
+  std::function<void(W&)> setup;
+  std::function<Status(W&)> op;
 };
+using Scenario = BasicScenario<World>;
 
 template <typename T>
 Status status_of(const Result<T>& r) {
@@ -307,35 +323,37 @@ struct RunSummary {
   std::set<std::string> failed_points;
 };
 
-// Fail each point in turn; return what was exercised.
-RunSummary run_fail_nth(const Scenario& sc) {
+// Fail each point in turn; return what was exercised. W is the world type,
+// snap(W&) its observable state.
+template <typename W, typename Snap>
+RunSummary run_fail_nth(const BasicScenario<W>& sc, Snap snap) {
   test::WithoutIpcLock nocap;  // charging on: the acct.charge point is reached
   EXPECT_TRUE(set_memlock_limit(AccountMode::per_process, 0, 64 * kMiB).ok());
-  Snapshot reference;
+  decltype(snap(std::declval<W&>())) reference{};
   {
-    World w;
+    W w;
     sc.setup(w);
     const Status clean = sc.op(w);
     EXPECT_TRUE(clean.ok()) << sc.name << " must succeed without injection: "
                             << (clean.ok() ? "" : clean.error().describe());
-    reference = snapshot(w);
+    reference = snap(w);
   }
   RunSummary summary;
   for (uint64_t n = 1; n < 1000; ++n) {
-    World w;
+    W w;
     sc.setup(w);
-    const Snapshot before = snapshot(w);
+    const auto before = snap(w);
     fault::fail_nth(n);
     const Status st = sc.op(w);
     const fault::Report report = fault::disarm();
     ++summary.runs;
     if (report.failed_point.empty()) {
       EXPECT_TRUE(st.ok()) << sc.name << ": a run with no injected failure failed";
-      EXPECT_TRUE(snapshot(w) == reference) << sc.name << ": clean run differs";
+      EXPECT_TRUE(snap(w) == reference) << sc.name << ": clean run differs";
       break;
     }
     summary.failed_points.insert(report.failed_point);
-    const Snapshot after = snapshot(w);
+    const auto after = snap(w);
     if (!st.ok()) {
       EXPECT_TRUE(after == before)
           << sc.name << ": failing point " << n << " (" << report.failed_point << ", "
@@ -352,14 +370,257 @@ RunSummary run_fail_nth(const Scenario& sc) {
   return summary;
 }
 
+void print_summary(const char* name, const RunSummary& s) {
+  std::cout << "[fail_nth] " << name << ": " << s.runs << " runs, points:";
+  for (const auto& p : s.failed_points) std::cout << " " << p;
+  std::cout << "\n";
+}
+
+// --- The type1 interface --------------------------------------------------
+
+// A container over this process's memory: a memfd mapped shared (so MAP_DMA
+// resolves it to the file) and anonymous memory.
+struct VfioWorld {
+  test::Memfd mfd{4 * kMiB};
+  std::byte* file_map = static_cast<std::byte*>(
+      mmap(nullptr, 4 * kMiB, PROT_READ | PROT_WRITE, MAP_SHARED, mfd.fd(), 0));
+  std::byte* anon = static_cast<std::byte*>(
+      mmap(nullptr, kMiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  iomm_vfio_container* c = iomm_vfio_open();
+  iomm_vfio_group* sw = nullptr;
+  iomm_vfio_group* md = nullptr;
+  std::mutex pins_mu;
+  std::vector<std::pair<uint64_t, int>> pins;  // mediated pins: iova, npage
+
+  VfioWorld() = default;
+  VfioWorld(const VfioWorld&) = delete;
+  VfioWorld& operator=(const VfioWorld&) = delete;
+  ~VfioWorld() {
+    iomm_vfio_close(c);
+    munmap(file_map, 4 * kMiB);
+    munmap(anon, kMiB);
+  }
+
+  static void on_unmap(void* opaque, uint64_t iova, uint64_t size) {
+    auto* w = static_cast<VfioWorld*>(opaque);
+    std::lock_guard lk(w->pins_mu);
+    std::erase_if(w->pins, [&](const auto& p) {
+      const uint64_t last = p.first + static_cast<uint64_t>(p.second) * kPageSize - 1;
+      if (last < iova || p.first > iova + size - 1) return false;
+      EXPECT_EQ(iomm_vfio_unpin_pages(w->md, p.first, p.second), p.second);
+      return true;
+    });
+  }
+  void groups(bool software, bool mediated) {
+    if (software) ASSERT_NE(sw = iomm_vfio_group_create_software(c, nullptr), nullptr);
+    if (mediated) ASSERT_NE(md = iomm_vfio_group_create_mediated(c, on_unmap, this), nullptr);
+    ASSERT_EQ(iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(VFIO_TYPE1v2_IOMMU)), 0);
+  }
+  long map(uint64_t iova, void* vaddr, uint64_t size, uint32_t flags) {
+    vfio_iommu_type1_dma_map m{};
+    m.argsz = sizeof(m);
+    m.flags = flags;
+    m.vaddr = reinterpret_cast<uint64_t>(vaddr);
+    m.iova = iova;
+    m.size = size;
+    return iomm_vfio_ioctl(c, VFIO_IOMMU_MAP_DMA, &m);
+  }
+  long unmap(uint64_t iova, uint64_t size, uint32_t flags) {
+    vfio_iommu_type1_dma_unmap u{};
+    u.argsz = sizeof(u);
+    u.flags = flags;
+    u.iova = iova;
+    u.size = size;
+    return iomm_vfio_ioctl(c, VFIO_IOMMU_UNMAP_DMA, &u);
+  }
+  long dirty(uint32_t flags) {
+    vfio_iommu_type1_dirty_bitmap d{};
+    d.argsz = sizeof(d);
+    d.flags = flags;
+    return iomm_vfio_ioctl(c, VFIO_IOMMU_DIRTY_PAGES, &d);
+  }
+};
+
+constexpr uint32_t kMapRW = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+
+Status errno_status(long rc) {
+  if (rc >= 0) return {};
+  return Error(errno, "type1 call failed");
+}
+
+using VfioScenario = BasicScenario<VfioWorld>;
+
+// What a type1 user can observe: counts, DMA_AVAIL, which IOVAs a device
+// reaches through the software group.
+struct VfioSnapshot {
+  uint64_t pinned = 0, charged = 0, vmlck = 0;
+  uint32_t dma_avail = 0;
+  std::vector<bool> reachable;
+  bool operator==(const VfioSnapshot&) const = default;
+};
+
+VfioSnapshot vfio_snapshot(VfioWorld& w) {
+  VfioSnapshot s;
+  const Counters c = counters();
+  s.pinned = c.pinned_bytes;
+  s.charged = c.charged_bytes;
+  s.vmlck = c.vmlck_bytes;
+  alignas(8) unsigned char buf[512] = {};
+  auto* info = reinterpret_cast<vfio_iommu_type1_info*>(buf);
+  info->argsz = sizeof(buf);
+  if (iomm_vfio_ioctl(w.c, VFIO_IOMMU_GET_INFO, info) == 0 && info->cap_offset != 0) {
+    for (uint32_t off = info->cap_offset; off != 0 && off < sizeof(buf);) {
+      auto* h = reinterpret_cast<vfio_info_cap_header*>(buf + off);
+      if (h->id == VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL) {
+        s.dma_avail = reinterpret_cast<vfio_iommu_type1_info_dma_avail*>(h)->avail;
+      }
+      off = h->next;
+    }
+  }
+  if (w.sw != nullptr) {
+    for (uint64_t iova : {0x100000ULL, 0x1FF000ULL, 0x400000ULL, 0x5FF000ULL, 0x800000ULL}) {
+      char byte = 0;
+      s.reachable.push_back(iomm_vfio_group_dma_rw(w.sw, iova, &byte, 1, 0) == 0);
+    }
+  }
+  return s;
+}
+
+const std::vector<VfioScenario>& vfio_scenarios() {
+  static const std::vector<VfioScenario> list = {
+      {"VfioOpen", [](VfioWorld&) {},
+       [](VfioWorld&) {
+         iomm_vfio_container* c = iomm_vfio_open();
+         if (c == nullptr) return Status(Error(errno, "iomm_vfio_open"));
+         iomm_vfio_close(c);
+         return Status();
+       }},
+      {"VfioCreateSoftwareGroup", [](VfioWorld&) {},
+       [](VfioWorld& w) {
+         w.sw = iomm_vfio_group_create_software(w.c, nullptr);
+         return w.sw != nullptr ? Status() : Status(Error(errno, "group"));
+       }},
+      {"VfioMapAnonymous", [](VfioWorld& w) { w.groups(true, false); },
+       [](VfioWorld& w) { return errno_status(w.map(0x100000, w.anon, kMiB, kMapRW)); }},
+      {"VfioMapMemfd", [](VfioWorld& w) { w.groups(true, false); },
+       [](VfioWorld& w) { return errno_status(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW)); }},
+      {"VfioAttachReplays",
+       [](VfioWorld& w) {
+         w.groups(false, true);
+         ASSERT_EQ(w.map(0x100000, w.anon, kMiB, kMapRW), 0);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+       },
+       [](VfioWorld& w) {
+         w.sw = iomm_vfio_group_create_software(w.c, nullptr);
+         return w.sw != nullptr ? Status() : Status(Error(errno, "group"));
+       }},
+      {"VfioMediatedPin",
+       [](VfioWorld& w) {
+         w.groups(false, true);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+       },
+       [](VfioWorld& w) {
+         void* host[8];
+         std::lock_guard lk(w.pins_mu);
+         const int n = iomm_vfio_pin_pages(w.md, 0x400000, 8, IOMM_VFIO_PROT_WRITE, host);
+         if (n < 0) return Status(Error(errno, "pin_pages"));
+         w.pins.emplace_back(0x400000, 8);
+         return Status();
+       }},
+      {"VfioMediatedRw",
+       [](VfioWorld& w) {
+         w.groups(false, true);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+         ASSERT_EQ(w.dirty(VFIO_IOMMU_DIRTY_PAGES_FLAG_START), 0);
+       },
+       [](VfioWorld& w) {
+         char buf[64] = {7};
+         return iomm_vfio_dma_rw(w.md, 0x400100, buf, sizeof(buf), 1) == 0
+                    ? Status()
+                    : Status(Error(errno, "dma_rw"));
+       }},
+      {"VfioDeviceDmaWithDirtyTracking",
+       [](VfioWorld& w) {
+         w.groups(true, false);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+         ASSERT_EQ(w.dirty(VFIO_IOMMU_DIRTY_PAGES_FLAG_START), 0);
+       },
+       [](VfioWorld& w) {
+         char buf[64] = {7};
+         return iomm_vfio_group_dma_rw(w.sw, 0x5FF000, buf, sizeof(buf), 1) == 0
+                    ? Status()
+                    : Status(Error(errno, "group_dma_rw"));
+       }},
+      {"VfioGetDirtyBitmap",
+       [](VfioWorld& w) {
+         w.groups(true, false);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+         ASSERT_EQ(w.dirty(VFIO_IOMMU_DIRTY_PAGES_FLAG_START), 0);
+       },
+       [](VfioWorld& w) {
+         uint64_t bits[8] = {};
+         alignas(8) unsigned char buf[sizeof(vfio_iommu_type1_dirty_bitmap) +
+                                      sizeof(vfio_iommu_type1_dirty_bitmap_get)] = {};
+         auto* d = reinterpret_cast<vfio_iommu_type1_dirty_bitmap*>(buf);
+         auto* get = reinterpret_cast<vfio_iommu_type1_dirty_bitmap_get*>(d->data);
+         d->argsz = sizeof(buf);
+         d->flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP;
+         get->iova = 0x400000;
+         get->size = 2 * kMiB;
+         get->bitmap.pgsize = kPageSize;
+         get->bitmap.size = sizeof(bits);
+         get->bitmap.data = reinterpret_cast<__u64*>(bits);
+         return errno_status(iomm_vfio_ioctl(w.c, VFIO_IOMMU_DIRTY_PAGES, d));
+       }},
+      {"VfioGetInfo",
+       [](VfioWorld& w) {
+         w.groups(true, false);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+       },
+       [](VfioWorld& w) {
+         alignas(8) unsigned char buf[512] = {};
+         auto* info = reinterpret_cast<vfio_iommu_type1_info*>(buf);
+         info->argsz = sizeof(buf);
+         return errno_status(iomm_vfio_ioctl(w.c, VFIO_IOMMU_GET_INFO, info));
+       }},
+      {"VfioUnmapNotifiesMediated",
+       [](VfioWorld& w) {
+         w.groups(true, true);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+         void* host[4];
+         ASSERT_EQ(iomm_vfio_pin_pages(w.md, 0x400000, 4, IOMM_VFIO_PROT_READ, host), 4);
+         w.pins.emplace_back(0x400000, 4);
+       },
+       [](VfioWorld& w) { return errno_status(w.unmap(0x400000, 2 * kMiB, 0)); }},
+      {"VfioVaddrUpdate",
+       [](VfioWorld& w) {
+         w.groups(true, false);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+         ASSERT_EQ(w.unmap(0x400000, 2 * kMiB, VFIO_DMA_UNMAP_FLAG_VADDR), 0);
+       },
+       [](VfioWorld& w) {
+         // A second mapping of the same file: the same memory object.
+         void* again = mmap(nullptr, 2 * kMiB, PROT_READ | PROT_WRITE, MAP_SHARED, w.mfd.fd(), 0);
+         const Status st = errno_status(w.map(0x400000, again, 2 * kMiB, VFIO_DMA_MAP_FLAG_VADDR));
+         munmap(again, 2 * kMiB);
+         return st;
+       }},
+  };
+  return list;
+}
+
+class FaultInjectionVfio : public testing::TestWithParam<size_t> {};
+
+TEST_P(FaultInjectionVfio, EveryFailureLeavesNoTrace) {
+  const VfioScenario& sc = vfio_scenarios()[GetParam()];
+  print_summary(sc.name, run_fail_nth(sc, vfio_snapshot));
+}
+
 class FaultInjection : public testing::TestWithParam<size_t> {};
 
 TEST_P(FaultInjection, EveryFailureLeavesNoTrace) {
   const Scenario& sc = scenarios()[GetParam()];
-  const RunSummary s = run_fail_nth(sc);
-  std::cout << "[fail_nth] " << sc.name << ": " << s.runs << " runs, points:";
-  for (const auto& p : s.failed_points) std::cout << " " << p;
-  std::cout << "\n";
+  print_summary(sc.name, run_fail_nth(sc, snapshot));
 }
 
 INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 18),
@@ -367,14 +628,24 @@ INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 18
                            return std::string(scenarios()[param.param].name);
                          });
 
+INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjectionVfio, testing::Range<size_t>(0, 12),
+                         [](const testing::TestParamInfo<size_t>& param) {
+                           return std::string(vfio_scenarios()[param.param].name);
+                         });
+
 TEST(FaultInjectionCoverage, ScenarioListIsComplete) {
   EXPECT_EQ(scenarios().size(), 18U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
+  EXPECT_EQ(vfio_scenarios().size(), 12U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
 }
 
 TEST(FaultInjectionCoverage, EveryPointIsExercised) {
   std::set<std::string> seen;
   for (const Scenario& sc : scenarios()) {
-    const RunSummary s = run_fail_nth(sc);
+    const RunSummary s = run_fail_nth(sc, snapshot);
+    seen.insert(s.failed_points.begin(), s.failed_points.end());
+  }
+  for (const VfioScenario& sc : vfio_scenarios()) {
+    const RunSummary s = run_fail_nth(sc, vfio_snapshot);
     seen.insert(s.failed_points.begin(), s.failed_points.end());
   }
   for (const std::string& p : kAllPoints) EXPECT_TRUE(seen.count(p)) << "never failed: " << p;

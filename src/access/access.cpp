@@ -242,6 +242,9 @@ Status copy_by_iova(AccessState& state, uint64_t iova, void* buf, size_t length,
   std::shared_lock tree(st.tree_mu);
   // Check the whole range before moving a byte.
   if (Status s = check_covered(st, range, write ? kProtWrite : kProtRead, nullptr); !s) return s;
+  // Dirty before the first byte moves: a page reported dirty but not written
+  // is harmless, a written page missing from the log is lost by a migration.
+  if (write && !st.dirty.mark(iova, length)) return Error(ENOMEM, "cannot allocate the dirty log");
   auto* cursor = static_cast<std::byte*>(buf);
   uint64_t pos = iova;
   for (auto it = st.first_overlap(range); it != st.areas.end() && it->first <= range.last; ++it) {
@@ -251,7 +254,6 @@ Status copy_by_iova(AccessState& state, uint64_t iova, void* buf, size_t length,
     void* host = a.source.object()->host(a.backing_offset(pos));
     const bool ok = write ? mem::safe_copy(host, cursor, n) : mem::safe_copy(cursor, host, n);
     if (!ok) return Error(EFAULT, "memory behind the mapping vanished (file shrunk?)");
-    if (write && !st.dirty.mark(pos, n)) return Error(ENOMEM, "cannot allocate the dirty log");
     cursor += n;
     if (last == range.last) break;
     pos = last + 1;

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "access/access_state.hpp"
+#include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
 #include "iomm/access.hpp"
 
@@ -119,6 +120,7 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
     for (uint64_t key : new_chunks) as.page_chunks.erase(key);
   };
   try {
+    if (IOMM_INJECT("access.alloc_page_pins")) throw std::bad_alloc();
     areas.resize(npages);
     std::shared_lock tree(st.tree_mu);
     const Area* a = nullptr;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "compat/container.hpp"
+#include "fault/inject.hpp"
 #include "iomm/vfio_compat.h"
 
 using iomm::Error;
@@ -86,6 +87,7 @@ long get_info(Container& c, void* arg) {
   }
   Caps caps;
   try {
+    if (IOMM_INJECT("vfio.alloc_info")) throw std::bad_alloc();
     std::lock_guard lk(c.mu);
     info.flags = VFIO_IOMMU_INFO_PGSIZES;
     info.iova_pgsizes = c.pgsize_bitmap();
@@ -162,6 +164,7 @@ long unmap_dma(Container& c, void* arg) {
   std::vector<uint64_t> words;
   if (dirty) {
     try {
+      if (IOMM_INJECT("vfio.alloc_bitmap")) throw std::bad_alloc();
       words.assign((bitmap.size + 7) / 8, 0);
     } catch (const std::bad_alloc&) {
       return fail(ENOMEM);
@@ -216,6 +219,7 @@ long dirty_pages(Container& c, void* arg) {
   if (Status s = verify_bitmap_size(range.size >> shift, range.bitmap.size); !s) return fail(s);
   std::vector<uint64_t> words;
   try {
+    if (IOMM_INJECT("vfio.alloc_bitmap")) throw std::bad_alloc();
     words.assign((range.bitmap.size + 7) / 8, 0);
   } catch (const std::bad_alloc&) {
     return fail(ENOMEM);
@@ -233,7 +237,7 @@ long dirty_pages(Container& c, void* arg) {
 extern "C" {
 
 iomm_vfio_container* iomm_vfio_open(void) {
-  auto* c = new (std::nothrow) iomm_vfio_container;
+  auto* c = IOMM_INJECT("vfio.alloc_container") ? nullptr : new (std::nothrow) iomm_vfio_container;
   if (c == nullptr) errno = ENOMEM;
   return c;
 }
@@ -303,7 +307,7 @@ iomm_vfio_group* iomm_vfio_group_create_software(iomm_vfio_container* h,
     errno = EINVAL;
     return nullptr;
   }
-  auto* g = new (std::nothrow) iomm_vfio_group;
+  auto* g = IOMM_INJECT("vfio.alloc_group") ? nullptr : new (std::nothrow) iomm_vfio_group;
   if (g == nullptr) {
     errno = ENOMEM;
     return nullptr;
@@ -353,7 +357,7 @@ iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* h,
     errno = EINVAL;
     return nullptr;
   }
-  auto* g = new (std::nothrow) iomm_vfio_group;
+  auto* g = IOMM_INJECT("vfio.alloc_group") ? nullptr : new (std::nothrow) iomm_vfio_group;
   if (g == nullptr) {
     errno = ENOMEM;
     return nullptr;

@@ -8,6 +8,8 @@
 #include <bit>
 #include <new>
 
+#include "fault/inject.hpp"
+
 namespace iomm::compat {
 
 namespace {
@@ -144,6 +146,7 @@ Status Container::set_iommu(unsigned long type) {
 Status Container::add_group(iomm_vfio_group* g) {
   std::lock_guard lk(mu);
   try {
+    if (IOMM_INJECT("vfio.alloc_group_slot")) throw std::bad_alloc();
     groups.reserve(groups.size() + 1);
   } catch (const std::bad_alloc&) {
     return Error(ENOMEM, "out of memory");
@@ -222,6 +225,7 @@ Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vad
     return mapped.error();
   }
   try {
+    if (IOMM_INJECT("vfio.alloc_dma")) throw std::bad_alloc();
     dmas.emplace(iova, Dma{iova, size, vaddr, prot, false, b});
   } catch (const std::bad_alloc&) {
     (void)ioas->unmap(iova, size);
@@ -290,7 +294,12 @@ Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint
       return {};  // v1: start inside a mapping unmaps nothing
     }
     if (it != dmas.end() && it->second.iova < iova) ++it;  // v2 all: cannot happen
-    for (; it != dmas.end() && it->second.iova <= last; ++it) victims.push_back(it->first);
+    try {
+      if (IOMM_INJECT("vfio.alloc_unmap")) throw std::bad_alloc();
+      for (; it != dmas.end() && it->second.iova <= last; ++it) victims.push_back(it->first);
+    } catch (const std::bad_alloc&) {
+      return Error(ENOMEM, "out of memory");
+    }
   }
   if (victims.empty()) return {};
   if (vaddr) {
@@ -315,6 +324,8 @@ Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint
     const uint64_t npages4k = size >> kPageShift;
     std::vector<uint64_t> raw;
     try {
+      if (IOMM_INJECT("vfio.alloc_bitmap")) throw std::bad_alloc();
+      if (IOMM_INJECT("vfio.alloc_bitmap")) throw std::bad_alloc();
       raw.assign((npages4k + 63) / 64, 0);
     } catch (const std::bad_alloc&) {
       return Error(ENOMEM, "out of memory");

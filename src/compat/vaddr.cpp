@@ -13,8 +13,10 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <string>
 
 #include "compat/container.hpp"
+#include "fault/inject.hpp"
 
 namespace iomm::compat {
 
@@ -30,9 +32,11 @@ struct Vma {
   uint64_t ino = 0;
 };
 
-bool find_vma(uint64_t addr, Vma* out) {
-  FILE* f = std::fopen("/proc/self/maps", "re");
-  if (f == nullptr) return false;
+// Whether a VMA contains addr; an error when /proc/self/maps cannot be read
+// (then we cannot tell a file mapping from anonymous memory).
+Result<bool> find_vma(uint64_t addr, Vma* out) {
+  FILE* f = IOMM_INJECT("vfio.read_maps") ? nullptr : std::fopen("/proc/self/maps", "re");
+  if (f == nullptr) return Error(errno != 0 ? errno : EIO, "cannot read /proc/self/maps");
   char line[4096];
   bool found = false;
   while (std::fgets(line, sizeof(line), f) != nullptr) {
@@ -61,22 +65,32 @@ bool find_vma(uint64_t addr, Vma* out) {
 Result<MemorySource> resolve_vaddr(uint64_t vaddr, uint64_t size, Backing* backing) {
   *backing = Backing{};
   Vma vma;
-  if (find_vma(vaddr, &vma) && vma.shared && vma.ino != 0 && vaddr + size <= vma.end) {
-    const uint64_t offset = vma.offset + (vaddr - vma.start);
-    *backing = Backing{true, vma.dev, vma.ino, offset};
-    char path[64];
-    std::snprintf(path, sizeof(path), "/proc/self/map_files/%" PRIx64 "-%" PRIx64, vma.start,
-                  vma.end);
-    const int fd = ::open(path, (vma.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-    if (fd >= 0) {
-      struct stat st {};
-      auto source = MemorySource::from_file(fd, offset, size);
-      const bool same = ::fstat(fd, &st) == 0 && st.st_ino == vma.ino;
-      ::close(fd);
-      if (source.ok() && same) return source;
-    }
+  auto found = find_vma(vaddr, &vma);
+  if (!found.ok()) return found.error();
+  if (!*found || !vma.shared || vma.ino == 0 || vaddr + size > vma.end) {
+    return MemorySource::from_user(reinterpret_cast<void*>(vaddr), size, true);
   }
-  return MemorySource::from_user(reinterpret_cast<void*>(vaddr), size, true);
+  // A shared file mapping is pinned as the file, or not at all: falling back
+  // to its addresses would let a later VADDR update pass the same-object
+  // check while domains point at addresses the caller may unmap.
+  const uint64_t offset = vma.offset + (vaddr - vma.start);
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/self/map_files/%" PRIx64 "-%" PRIx64, vma.start,
+                vma.end);
+  const int fd = IOMM_INJECT("vfio.open_map_file")
+                     ? -1
+                     : ::open(path, (vma.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  if (fd < 0) {
+    return Error(EFAULT, std::string("cannot open the file behind vaddr (") + path + ")");
+  }
+  struct stat st {};
+  const bool same = ::fstat(fd, &st) == 0 && st.st_ino == vma.ino;
+  auto source = MemorySource::from_file(fd, offset, size);
+  ::close(fd);
+  if (!source.ok()) return source.error();
+  if (!same) return Error(EFAULT, "the mapping at vaddr changed while it was resolved");
+  *backing = Backing{true, vma.dev, vma.ino, offset};
+  return source;
 }
 
 }  // namespace iomm::compat

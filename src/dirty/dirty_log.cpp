@@ -2,6 +2,8 @@
 
 #include <new>
 
+#include "fault/inject.hpp"
+
 namespace iomm::dirty {
 
 DirtyLog::~DirtyLog() { free_node(&root_, kLevels - 1); }
@@ -28,8 +30,9 @@ DirtyLog::Block* DirtyLog::block(uint64_t page, bool create) noexcept {
     void* p = slot.load(std::memory_order_acquire);
     if (p == nullptr) {
       if (!create) return nullptr;
-      void* fresh = level == 0 ? static_cast<void*>(new (std::nothrow) Block{})
-                               : static_cast<void*>(new (std::nothrow) Node{});
+      void* fresh = IOMM_INJECT("dirty.alloc") ? nullptr
+                    : level == 0               ? static_cast<void*>(new (std::nothrow) Block{})
+                                               : static_cast<void*>(new (std::nothrow) Node{});
       if (fresh == nullptr) return nullptr;
       if (slot.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) {
         p = fresh;

@@ -108,13 +108,16 @@ class HostSegments {
 };
 
 // Checks the whole of [iova, iova + length) for `access` and collects its
-// host segments, then calls copy(host, offset_in_buf, bytes) for each. One
-// RCU read section spans both steps, so the collected host pointers stay
-// valid until the last byte has moved.
+// host segments, marks the range in dirty_log (when given) and then calls
+// copy(host, offset_in_buf, bytes) for each segment. Marking comes before
+// the first byte moves: a page reported dirty but not written is harmless,
+// a written page missing from the log is lost by a migration. One RCU read
+// section spans it all, so the collected host pointers stay valid until the
+// last byte has moved.
 template <typename CopyFn>
 Status transfer(const DomainConfig& config, const domain::PageTable& table,
                 domain::FaultLog& faults, uint64_t iova, size_t length, uint32_t access,
-                CopyFn copy) {
+                dirty::DirtyLog* dirty_log, CopyFn copy) {
   if (length == 0) return {};
   if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
 
@@ -147,6 +150,9 @@ Status transfer(const DomainConfig& config, const domain::PageTable& table,
     position += chunk;
   }
   if (simulated) return Error(ENXIO, "DMA to simulated memory: no memory behind the mapping");
+  if (dirty_log != nullptr && !dirty_log->mark(iova, length)) {
+    return Error(ENOMEM, "cannot allocate the dirty log");
+  }
 
   size_t offset = 0;
   for (size_t i = 0; i < segments.size(); ++i) {
@@ -238,27 +244,21 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
 Status SoftDomain::dma_read(uint64_t iova, void* buf, size_t length) {
   auto* destination = static_cast<std::byte*>(buf);
   return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtRead,
-                  [destination](const std::byte* host, size_t offset, size_t bytes) {
+                  nullptr, [destination](const std::byte* host, size_t offset, size_t bytes) {
                     return mem::safe_copy(destination + offset, host, bytes);
                   });
 }
 
 Status SoftDomain::dma_write(uint64_t iova, const void* buf, size_t length) {
   const auto* source = static_cast<const std::byte*>(buf);
-  // The guard spans the copy and the dirty mark, so a detach (which clears
+  // The guard spans the dirty mark and the copy, so a detach (which clears
   // dirty_log, then waits for readers) never leaves us a stale log.
   const RcuReadGuard guard;
-  Status st = transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtWrite,
-                       [source](std::byte* host, size_t offset, size_t bytes) {
-                         return mem::safe_copy(host, source + offset, bytes);
-                       });
-  if (st) {
-    dirty::DirtyLog* log = impl_->dirty_log.load(std::memory_order_acquire);
-    if (log != nullptr && !log->mark(iova, length)) {
-      return Error(ENOMEM, "cannot allocate the dirty log");
-    }
-  }
-  return st;
+  return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtWrite,
+                  impl_->dirty_log.load(std::memory_order_acquire),
+                  [source](std::byte* host, size_t offset, size_t bytes) {
+                    return mem::safe_copy(host, source + offset, bytes);
+                  });
 }
 
 std::vector<IommuFault> SoftDomain::take_faults() { return impl_->faults.drain(); }

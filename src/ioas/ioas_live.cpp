@@ -1,12 +1,14 @@
 // Dirty tracking and live update of host addresses
 // (see include/iomm/ioas.hpp for the contract).
 #include <algorithm>
+#include <cassert>
 #include <new>
 #include <string>
 
 #include "access/access_state.hpp"
 #include "acct/owner.hpp"
 #include "domain/page_table.hpp"
+#include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
 #include "iomm/ioas.hpp"
 #include "sync/rcu.hpp"
@@ -101,6 +103,7 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
   if (owner && old->owner && owner.get() == old->owner.get()) owner = old->owner;
   std::shared_ptr<Area> fresh;
   try {
+    if (IOMM_INJECT("ioas.alloc_live_area")) throw std::bad_alloc();
     fresh = std::make_shared<Area>(old->range, source, old->prot, owner);
   } catch (const std::bad_alloc&) {
     restore();
@@ -125,12 +128,17 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
       if (Status s = pt.map(old->range.start, new_addr, old->length(), old->prot,
                             source.object()->synthetic());
           !s) {
-        // Put every domain back on the old pages.
+        // Put every domain back on the old pages. This cannot fail: page
+        // tables are never freed while the domain lives, so every table the
+        // old translation used is still there, and a slot the failed map
+        // turned into a table takes the old pages as smaller leaves in it.
         for (size_t e = 0; e <= d; ++e) {
           domain::PageTable& back = st.domains[e]->page_table();
           back.unmap(old->range.start, old->length());
-          (void)back.map(old->range.start, old_addr, old->length(), old->prot,
-                         old->source.object()->synthetic());
+          [[maybe_unused]] const Status restored =
+              back.map(old->range.start, old_addr, old->length(), old->prot,
+                       old->source.object()->synthetic());
+          assert(restored.ok());
         }
         sync::rcu_synchronize();
         if (pinned) fresh->unpin_all();
