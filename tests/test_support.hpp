@@ -55,3 +55,9 @@ bool hugetlb_available(uint64_t size);
     const auto& result_ = (expr);                                             \
     ASSERT_TRUE(result_.ok()) << #expr << ": " << result_.error().describe(); \
   } while (0)
+
+#define EXPECT_OK(expr)                                                       \
+  do {                                                                        \
+    const auto& result_ = (expr);                                             \
+    EXPECT_TRUE(result_.ok()) << #expr << ": " << result_.error().describe(); \
+  } while (0)

@@ -234,196 +234,235 @@ long dirty_pages(Container& c, void* arg) {
 
 }  // namespace
 
+// No C++ exception may cross the C ABI: an allocation failure anywhere below
+// (a container, an error message) becomes the call's error value with ENOMEM.
+template <typename R, typename F>
+R c_boundary(R on_error, F body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    errno = ENOMEM;
+  } catch (...) {
+    errno = EIO;
+  }
+  return on_error;
+}
+
 extern "C" {
 
 iomm_vfio_container* iomm_vfio_open(void) {
-  auto* c = IOMM_INJECT("vfio.alloc_container") ? nullptr : new (std::nothrow) iomm_vfio_container;
-  if (c == nullptr) errno = ENOMEM;
-  return c;
+  return c_boundary<iomm_vfio_container*>(nullptr, [&]() -> iomm_vfio_container* {
+    auto* c =
+        IOMM_INJECT("vfio.alloc_container") ? nullptr : new (std::nothrow) iomm_vfio_container;
+    if (c == nullptr) errno = ENOMEM;
+    return c;
+  });
 }
 
 int iomm_vfio_close(iomm_vfio_container* c) {
-  delete c;
-  return 0;
+  return c_boundary<int>(0, [&]() -> int {
+    delete c;
+    return 0;
+  });
 }
 
 long iomm_vfio_ioctl(iomm_vfio_container* h, unsigned long request, void* arg) {
-  if (h == nullptr) return fail(EBADF);
-  Container& c = h->c;
-  switch (request) {
-    case VFIO_GET_API_VERSION:
-      return VFIO_API_VERSION;
-    case VFIO_CHECK_EXTENSION:
-      return *c.check_extension(reinterpret_cast<unsigned long>(arg));
-    case VFIO_SET_IOMMU: {
-      Status s = c.set_iommu(reinterpret_cast<unsigned long>(arg));
-      return s ? 0 : fail(s);
+  return c_boundary<long>(-1L, [&]() -> long {
+    if (h == nullptr) return fail(EBADF);
+    Container& c = h->c;
+    switch (request) {
+      case VFIO_GET_API_VERSION:
+        return VFIO_API_VERSION;
+      case VFIO_CHECK_EXTENSION:
+        return *c.check_extension(reinterpret_cast<unsigned long>(arg));
+      case VFIO_SET_IOMMU: {
+        Status s = c.set_iommu(reinterpret_cast<unsigned long>(arg));
+        return s ? 0 : fail(s);
+      }
+      default:
+        break;
     }
-    default:
-      break;
-  }
-  {
-    // Without an IOMMU driver, the container passes nothing on: EINVAL.
-    std::lock_guard lk(c.mu);
-    if (!c.iommu_set) return fail(EINVAL);
-  }
-  if (arg == nullptr && (request == VFIO_IOMMU_GET_INFO || request == VFIO_IOMMU_MAP_DMA ||
-                         request == VFIO_IOMMU_UNMAP_DMA || request == VFIO_IOMMU_DIRTY_PAGES)) {
-    return fail(EFAULT);
-  }
-  switch (request) {
-    case VFIO_IOMMU_GET_INFO:
-      return get_info(c, arg);
-    case VFIO_IOMMU_MAP_DMA:
-      return map_dma(c, arg);
-    case VFIO_IOMMU_UNMAP_DMA:
-      return unmap_dma(c, arg);
-    case VFIO_IOMMU_DIRTY_PAGES:
-      return dirty_pages(c, arg);
-    default:
-      return fail(ENOTTY);
-  }
+    {
+      // Without an IOMMU driver, the container passes nothing on: EINVAL.
+      std::lock_guard lk(c.mu);
+      if (!c.iommu_set) return fail(EINVAL);
+    }
+    if (arg == nullptr && (request == VFIO_IOMMU_GET_INFO || request == VFIO_IOMMU_MAP_DMA ||
+                           request == VFIO_IOMMU_UNMAP_DMA || request == VFIO_IOMMU_DIRTY_PAGES)) {
+      return fail(EFAULT);
+    }
+    switch (request) {
+      case VFIO_IOMMU_GET_INFO:
+        return get_info(c, arg);
+      case VFIO_IOMMU_MAP_DMA:
+        return map_dma(c, arg);
+      case VFIO_IOMMU_UNMAP_DMA:
+        return unmap_dma(c, arg);
+      case VFIO_IOMMU_DIRTY_PAGES:
+        return dirty_pages(c, arg);
+      default:
+        return fail(ENOTTY);
+    }
+  });
 }
 
 int iomm_vfio_set_dma_entry_limit(iomm_vfio_container* h, uint32_t limit) {
-  if (h == nullptr) return static_cast<int>(fail(EBADF));
-  std::lock_guard lk(h->c.mu);
-  if (h->c.iommu_set) return static_cast<int>(fail(EBUSY));
-  if (limit == 0) return static_cast<int>(fail(EINVAL));
-  h->c.limit = limit;
-  return 0;
+  return c_boundary<int>(-1, [&]() -> int {
+    if (h == nullptr) return static_cast<int>(fail(EBADF));
+    std::lock_guard lk(h->c.mu);
+    if (h->c.iommu_set) return static_cast<int>(fail(EBUSY));
+    if (limit == 0) return static_cast<int>(fail(EINVAL));
+    h->c.limit = limit;
+    return 0;
+  });
 }
 
 int iomm_vfio_set_owner_pid(iomm_vfio_container* h, int pid) {
-  if (h == nullptr || pid < 0) return static_cast<int>(fail(EINVAL));
-  std::lock_guard lk(h->c.mu);
-  h->c.owner_pid = pid;
-  return 0;
+  return c_boundary<int>(-1, [&]() -> int {
+    if (h == nullptr || pid < 0) return static_cast<int>(fail(EINVAL));
+    std::lock_guard lk(h->c.mu);
+    h->c.owner_pid = pid;
+    return 0;
+  });
 }
 
 iomm_vfio_group* iomm_vfio_group_create_software(iomm_vfio_container* h,
                                                  const iomm_vfio_sw_group_config* cfg) {
-  if (h == nullptr) {
-    errno = EINVAL;
-    return nullptr;
-  }
-  auto* g = IOMM_INJECT("vfio.alloc_group") ? nullptr : new (std::nothrow) iomm_vfio_group;
-  if (g == nullptr) {
-    errno = ENOMEM;
-    return nullptr;
-  }
-  iomm::DomainConfig dc;
-  uint64_t bitmap = iomm::kPageSize | iomm::kPageSize2M | iomm::kPageSize1G;
-  if (cfg != nullptr) {
-    if (cfg->aperture_start != 0 || cfg->aperture_last != 0) {
-      dc.aperture_start = cfg->aperture_start;
-      dc.aperture_last = cfg->aperture_last;
+  return c_boundary<iomm_vfio_group*>(nullptr, [&]() -> iomm_vfio_group* {
+    if (h == nullptr) {
+      errno = EINVAL;
+      return nullptr;
     }
-    if (cfg->pgsize_bitmap != 0) bitmap = cfg->pgsize_bitmap;
-    for (uint32_t i = 0; i < cfg->nr_reserved; ++i) {
-      dc.reserved.push_back({cfg->reserved[i].start, cfg->reserved[i].last});
+    auto* g = IOMM_INJECT("vfio.alloc_group") ? nullptr : new (std::nothrow) iomm_vfio_group;
+    if (g == nullptr) {
+      errno = ENOMEM;
+      return nullptr;
     }
-  }
-  const uint64_t min = bitmap & -bitmap;
-  if (min < iomm::kPageSize) {
-    delete g;
-    errno = EINVAL;
-    return nullptr;
-  }
-  dc.min_page_size = min;
-  dc.page_sizes =
-      (bitmap & (iomm::kPageSize | iomm::kPageSize2M | iomm::kPageSize1G)) | iomm::kPageSize;
-  auto d = iomm::SoftDomain::create(dc);
-  if (!d.ok()) {
-    delete g;
-    errno = d.code();
-    return nullptr;
-  }
-  g->container = &h->c;
-  g->config = dc;
-  g->pgsize_bitmap = bitmap;
-  g->domain = std::move(d).value();
-  if (Status s = h->c.add_group(g); !s) {
-    delete g;
-    errno = s.code();
-    return nullptr;
-  }
-  return g;
+    iomm::DomainConfig dc;
+    uint64_t bitmap = iomm::kPageSize | iomm::kPageSize2M | iomm::kPageSize1G;
+    if (cfg != nullptr) {
+      if (cfg->aperture_start != 0 || cfg->aperture_last != 0) {
+        dc.aperture_start = cfg->aperture_start;
+        dc.aperture_last = cfg->aperture_last;
+      }
+      if (cfg->pgsize_bitmap != 0) bitmap = cfg->pgsize_bitmap;
+      for (uint32_t i = 0; i < cfg->nr_reserved; ++i) {
+        dc.reserved.push_back({cfg->reserved[i].start, cfg->reserved[i].last});
+      }
+    }
+    const uint64_t min = bitmap & -bitmap;
+    if (min < iomm::kPageSize) {
+      delete g;
+      errno = EINVAL;
+      return nullptr;
+    }
+    dc.min_page_size = min;
+    dc.page_sizes =
+        (bitmap & (iomm::kPageSize | iomm::kPageSize2M | iomm::kPageSize1G)) | iomm::kPageSize;
+    auto d = iomm::SoftDomain::create(dc);
+    if (!d.ok()) {
+      delete g;
+      errno = d.code();
+      return nullptr;
+    }
+    g->container = &h->c;
+    g->config = dc;
+    g->pgsize_bitmap = bitmap;
+    g->domain = std::move(d).value();
+    if (Status s = h->c.add_group(g); !s) {
+      delete g;
+      errno = s.code();
+      return nullptr;
+    }
+    return g;
+  });
 }
 
 iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* h,
                                                  iomm_vfio_dma_unmap_fn dma_unmap, void* opaque) {
-  if (h == nullptr || dma_unmap == nullptr) {
-    errno = EINVAL;
-    return nullptr;
-  }
-  auto* g = IOMM_INJECT("vfio.alloc_group") ? nullptr : new (std::nothrow) iomm_vfio_group;
-  if (g == nullptr) {
-    errno = ENOMEM;
-    return nullptr;
-  }
-  g->container = &h->c;
-  g->mediated = true;
-  g->dma_unmap = dma_unmap;
-  g->opaque = opaque;
-  if (Status s = h->c.add_group(g); !s) {
-    delete g;
-    errno = s.code();
-    return nullptr;
-  }
-  return g;
+  return c_boundary<iomm_vfio_group*>(nullptr, [&]() -> iomm_vfio_group* {
+    if (h == nullptr || dma_unmap == nullptr) {
+      errno = EINVAL;
+      return nullptr;
+    }
+    auto* g = IOMM_INJECT("vfio.alloc_group") ? nullptr : new (std::nothrow) iomm_vfio_group;
+    if (g == nullptr) {
+      errno = ENOMEM;
+      return nullptr;
+    }
+    g->container = &h->c;
+    g->mediated = true;
+    g->dma_unmap = dma_unmap;
+    g->opaque = opaque;
+    if (Status s = h->c.add_group(g); !s) {
+      delete g;
+      errno = s.code();
+      return nullptr;
+    }
+    return g;
+  });
 }
 
 int iomm_vfio_group_destroy(iomm_vfio_group* g) {
-  if (g == nullptr) return 0;
-  if (g->container != nullptr) g->container->remove_group(g);
-  delete g;
-  return 0;
+  return c_boundary<int>(0, [&]() -> int {
+    if (g == nullptr) return 0;
+    if (g->container != nullptr) g->container->remove_group(g);
+    delete g;
+    return 0;
+  });
 }
 
 int iomm_vfio_pin_pages(iomm_vfio_group* g, uint64_t iova, int npage, int prot, void** host) {
-  if (g == nullptr || !g->mediated) return static_cast<int>(fail(EINVAL));
-  if (npage <= 0 || host == nullptr) return static_cast<int>(fail(EINVAL));
-  if (static_cast<unsigned>(npage) > kPinPagesMax) return static_cast<int>(fail(E2BIG));
-  iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
-  if (a == nullptr) return static_cast<int>(fail(EINVAL));
-  Container& c = *g->container;
-  if (!c.v2.load(std::memory_order_relaxed)) return static_cast<int>(fail(EACCES));
-  if (c.vaddr_invalid.load(std::memory_order_relaxed) != 0) return static_cast<int>(fail(EBUSY));
-  const uint32_t p = ((prot & IOMM_VFIO_PROT_READ) != 0 ? iomm::kProtRead : 0U) |
-                     ((prot & IOMM_VFIO_PROT_WRITE) != 0 ? iomm::kProtWrite : 0U);
-  if (p == 0) return static_cast<int>(fail(EINVAL));
-  Status s = a->pin_pages(iova, static_cast<uint64_t>(npage), p, host);
-  if (!s) return static_cast<int>(fail(s.code() == ENOENT ? EINVAL : s.code()));
-  return npage;
+  return c_boundary<int>(-1, [&]() -> int {
+    if (g == nullptr || !g->mediated) return static_cast<int>(fail(EINVAL));
+    if (npage <= 0 || host == nullptr) return static_cast<int>(fail(EINVAL));
+    if (static_cast<unsigned>(npage) > kPinPagesMax) return static_cast<int>(fail(E2BIG));
+    iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
+    if (a == nullptr) return static_cast<int>(fail(EINVAL));
+    Container& c = *g->container;
+    if (!c.v2.load(std::memory_order_relaxed)) return static_cast<int>(fail(EACCES));
+    if (c.vaddr_invalid.load(std::memory_order_relaxed) != 0) return static_cast<int>(fail(EBUSY));
+    const uint32_t p = ((prot & IOMM_VFIO_PROT_READ) != 0 ? iomm::kProtRead : 0U) |
+                       ((prot & IOMM_VFIO_PROT_WRITE) != 0 ? iomm::kProtWrite : 0U);
+    if (p == 0) return static_cast<int>(fail(EINVAL));
+    Status s = a->pin_pages(iova, static_cast<uint64_t>(npage), p, host);
+    if (!s) return static_cast<int>(fail(s.code() == ENOENT ? EINVAL : s.code()));
+    return npage;
+  });
 }
 
 int iomm_vfio_unpin_pages(iomm_vfio_group* g, uint64_t iova, int npage) {
-  if (g == nullptr || !g->mediated || npage <= 0) return static_cast<int>(fail(EINVAL));
-  if (static_cast<unsigned>(npage) > kPinPagesMax) return static_cast<int>(fail(E2BIG));
-  iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
-  if (a == nullptr) return static_cast<int>(fail(EINVAL));
-  Status s = a->unpin_pages(iova, static_cast<uint64_t>(npage));
-  return s ? npage : static_cast<int>(fail(s));
+  return c_boundary<int>(-1, [&]() -> int {
+    if (g == nullptr || !g->mediated || npage <= 0) return static_cast<int>(fail(EINVAL));
+    if (static_cast<unsigned>(npage) > kPinPagesMax) return static_cast<int>(fail(E2BIG));
+    iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
+    if (a == nullptr) return static_cast<int>(fail(EINVAL));
+    Status s = a->unpin_pages(iova, static_cast<uint64_t>(npage));
+    return s ? npage : static_cast<int>(fail(s));
+  });
 }
 
 int iomm_vfio_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, int write) {
-  if (g == nullptr || !g->mediated) return static_cast<int>(fail(EINVAL));
-  iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
-  if (a == nullptr) return static_cast<int>(fail(EINVAL));
-  if (g->container->vaddr_invalid.load(std::memory_order_relaxed) != 0) {
-    return static_cast<int>(fail(EBUSY));
-  }
-  Status s = write != 0 ? a->write(iova, data, len) : a->read(iova, data, len);
-  if (!s) return static_cast<int>(fail(s.code() == ENOENT ? EINVAL : s.code()));
-  return 0;
+  return c_boundary<int>(-1, [&]() -> int {
+    if (g == nullptr || !g->mediated) return static_cast<int>(fail(EINVAL));
+    iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
+    if (a == nullptr) return static_cast<int>(fail(EINVAL));
+    if (g->container->vaddr_invalid.load(std::memory_order_relaxed) != 0) {
+      return static_cast<int>(fail(EBUSY));
+    }
+    Status s = write != 0 ? a->write(iova, data, len) : a->read(iova, data, len);
+    if (!s) return static_cast<int>(fail(s.code() == ENOENT ? EINVAL : s.code()));
+    return 0;
+  });
 }
 
 int iomm_vfio_group_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, int write) {
-  if (g == nullptr || g->mediated || !g->attached) return static_cast<int>(fail(EINVAL));
-  Status s =
-      write != 0 ? g->domain->dma_write(iova, data, len) : g->domain->dma_read(iova, data, len);
-  return s ? 0 : static_cast<int>(fail(s));
+  return c_boundary<int>(-1, [&]() -> int {
+    if (g == nullptr || g->mediated || !g->attached) return static_cast<int>(fail(EINVAL));
+    Status s =
+        write != 0 ? g->domain->dma_write(iova, data, len) : g->domain->dma_read(iova, data, len);
+    return s ? 0 : static_cast<int>(fail(s));
+  });
 }
 
 }  // extern "C"
