@@ -63,8 +63,8 @@ inline thread_local int g_step_index = -1;
   std::abort();
 }
 
-#define FUZZ_CHECK(cond, ...)                                          \
-  do {                                                                 \
+#define FUZZ_CHECK(cond, ...)                                         \
+  do {                                                                \
     if (!(cond)) ::iomm::fuzz::fail(__FILE__, __LINE__, __VA_ARGS__); \
   } while (0)
 
@@ -78,12 +78,12 @@ inline void check_errno(int code, std::initializer_list<int> allowed, const char
        errno_name(code), code, message.c_str());
 }
 
-#define FUZZ_CHECK_ERRNO(result, call, ...)                                                  \
-  do {                                                                                       \
-    const auto& r_ = (result);                                                               \
-    if (!r_.ok())                                                                            \
+#define FUZZ_CHECK_ERRNO(result, call, ...)                                                     \
+  do {                                                                                          \
+    const auto& r_ = (result);                                                                  \
+    if (!r_.ok())                                                                               \
       ::iomm::fuzz::check_errno(r_.code(), {__VA_ARGS__}, call, r_.error().message(), __FILE__, \
-                                __LINE__);                                                   \
+                                __LINE__);                                                      \
   } while (0)
 
 // Drop CAP_IPC_LOCK from this thread's effective set, so mappings are charged

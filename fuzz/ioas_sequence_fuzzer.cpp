@@ -102,8 +102,8 @@ void setup_fixtures() {
   fx->file_rw_whole = MemorySource::from_file(fx->file_rw_fd, 0, fx->file_rw_size).value();
   fx->file_ro_whole = MemorySource::from_file(fx->file_ro_fd, 0, fx->file_ro_size).value();
   for (auto& s : fx->sim) s = MemorySource::simulated(fx->sim_size).value();
-  void* p = mmap(nullptr, fx->user_total(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                 -1, 0);
+  void* p =
+      mmap(nullptr, fx->user_total(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) std::abort();
   fx->user = static_cast<uint8_t*>(p);
   std::memset(fx->user, 0x5a, fx->user_rw + fx->user_ro);
@@ -217,8 +217,8 @@ struct AccessModel {
   std::shared_ptr<IoasModel> io;  // declared first: destroyed after the access
   std::mutex mu;
   std::vector<std::pair<uint64_t, uint64_t>> pins;  // iova, length; guarded by mu
-  bool refuse_alternate = false;  // ignore every other notification (retry path)
-  bool probe_in_callback = false;  // try pin/read of the range being unmapped
+  bool refuse_alternate = false;                    // ignore every other notification (retry path)
+  bool probe_in_callback = false;                   // try pin/read of the range being unmapped
   uint64_t notifications = 0;
   std::shared_ptr<Access> access;
 
@@ -306,14 +306,30 @@ World* w = nullptr;
 // Value pickers: small tables of interesting values, page multiples, or raw.
 
 constexpr uint64_t kIovaTable[] = {
-    0,          1,          0x800,      0x1000,       0x2000,     0x10000,
-    0x100000,   0x200000,   0x400000,   0x1000000,    0xfee00000, (1ULL << 39) - 0x1000,
-    1ULL << 47, (1ULL << 48) - 0x1000, 1ULL << 48, kMax, kMax - 0xfff, kMax - 0x1fff,
-    kMax - 1,   kMax - 0x1000,
+    0,
+    1,
+    0x800,
+    0x1000,
+    0x2000,
+    0x10000,
+    0x100000,
+    0x200000,
+    0x400000,
+    0x1000000,
+    0xfee00000,
+    (1ULL << 39) - 0x1000,
+    1ULL << 47,
+    (1ULL << 48) - 0x1000,
+    1ULL << 48,
+    kMax,
+    kMax - 0xfff,
+    kMax - 0x1fff,
+    kMax - 1,
+    kMax - 0x1000,
 };
 constexpr uint64_t kLenTable[] = {
-    0,      1,       0xfff,    0x1000,    0x1001,     0x2000,     0x3000,     0x8000,
-    0x10000, 0x40000, 0x100000, 0x200000, 1ULL << 30, 1ULL << 47, kMax, kMax - 0xfff,
+    0,       1,       0xfff,    0x1000,   0x1001,     0x2000,     0x3000, 0x8000,
+    0x10000, 0x40000, 0x100000, 0x200000, 1ULL << 30, 1ULL << 47, kMax,   kMax - 0xfff,
 };
 constexpr size_t kIovaN = std::size(kIovaTable);
 constexpr size_t kLenN = std::size(kLenTable);
@@ -338,9 +354,14 @@ uint64_t pick_iova_rel(Reader& in, const IoasModel* m) {
     auto it = m->areas.begin();
     std::advance(it, (b - 0xc0) % m->areas.size());
     const AreaModel& a = it->second;
-    const uint64_t deltas[] = {0,         kPageSize, (a.len / 2) & ~(kPageSize - 1),
-                               a.len - kPageSize, a.len, uint64_t{0} - kPageSize,
-                               1,         a.len - 1};
+    const uint64_t deltas[] = {0,
+                               kPageSize,
+                               (a.len / 2) & ~(kPageSize - 1),
+                               a.len - kPageSize,
+                               a.len,
+                               uint64_t{0} - kPageSize,
+                               1,
+                               a.len - 1};
     return a.iova + deltas[in.u8() % std::size(deltas)];
   }
   return pick_iova_byte(in, b);
@@ -391,8 +412,8 @@ struct PageRun {
 void add_run(std::vector<PageRun>& runs, const MemorySource& src, uint64_t skip, uint64_t len,
              int owner) {
   const uint64_t off = src.offset() + skip;
-  runs.push_back({src.object().get(), src.kind() == SourceKind::simulated, owner,
-                  off >> kPageShift, (off + len - 1) >> kPageShift});
+  runs.push_back({src.object().get(), src.kind() == SourceKind::simulated, owner, off >> kPageShift,
+                  (off + len - 1) >> kPageShift});
 }
 
 // Distinct pages of the runs matching pred, split into (real, simulated).
@@ -465,16 +486,16 @@ void check_translation(DomainModel& d, uint64_t iova, uint32_t access) {
     FUZZ_CHECK(t.code() == EFAULT, "translate(%#lx) of an unmapped IOVA gave %s", iova,
                errno_name(t.code()));
   } else if ((a->prot & access) != access) {
-    FUZZ_CHECK(t.code() == EPERM, "translate(%#lx, %u) of a prot-%u mapping gave %s", iova,
-               access, a->prot, errno_name(t.code()));
+    FUZZ_CHECK(t.code() == EPERM, "translate(%#lx, %u) of a prot-%u mapping gave %s", iova, access,
+               a->prot, errno_name(t.code()));
   } else {
     FUZZ_CHECK(t.ok(), "translate(%#lx, %u) of a mapped IOVA failed: %s", iova, access,
                t.error().describe().c_str());
     const uint64_t want = dma_address(a->src, iova - a->iova);
     const bool sim = a->src.kind() == SourceKind::simulated;
     FUZZ_CHECK(t->iova == iova && t->address == want && t->prot == a->prot,
-               "translate(%#lx) = {iova %#lx, address %#lx, prot %u}, model says {%#lx, %u}",
-               iova, t->iova, t->address, t->prot, want, a->prot);
+               "translate(%#lx) = {iova %#lx, address %#lx, prot %u}, model says {%#lx, %u}", iova,
+               t->iova, t->address, t->prot, want, a->prot);
     FUZZ_CHECK(t->host == (sim ? nullptr : reinterpret_cast<void*>(want)),
                "translate(%#lx) host %p, expected %#lx", iova, t->host, sim ? 0 : want);
     const uint64_t leaf = t->leaf_size;
@@ -510,14 +531,13 @@ void check_ioas(IoasModel& m) {
         if (IovaRange{iova, iova + len - 1}.overlaps(a.range())) ++access_pins;
       }
     }
-    FUZZ_CHECK(mi.iova == a.iova && mi.length == a.len && mi.prot == a.prot &&
-                   mi.kind == a.src.kind() && mi.pinned == !m.domains.empty() &&
-                   mi.access_pins == access_pins,
-               "mapping %zu = {%#lx, %#lx, prot %u, kind %d, pinned %d, access_pins %u}, model "
-               "{%#lx, %#lx, prot %u, kind %d, pinned %d, access_pins %u}",
-               i - 1, mi.iova, mi.length, mi.prot, static_cast<int>(mi.kind), mi.pinned,
-               mi.access_pins, a.iova, a.len, a.prot, static_cast<int>(a.src.kind()),
-               !m.domains.empty(), access_pins);
+    FUZZ_CHECK(
+        mi.iova == a.iova && mi.length == a.len && mi.prot == a.prot && mi.kind == a.src.kind() &&
+            mi.pinned == !m.domains.empty() && mi.access_pins == access_pins,
+        "mapping %zu = {%#lx, %#lx, prot %u, kind %d, pinned %d, access_pins %u}, model "
+        "{%#lx, %#lx, prot %u, kind %d, pinned %d, access_pins %u}",
+        i - 1, mi.iova, mi.length, mi.prot, static_cast<int>(mi.kind), mi.pinned, mi.access_pins,
+        a.iova, a.len, a.prot, static_cast<int>(a.src.kind()), !m.domains.empty(), access_pins);
     bytes += a.len;
   }
   const IoasCounters c = m.ioas->counters();
@@ -550,8 +570,8 @@ void check_all() {
     const DomainCounters dc = d->domain->counters();
     FUZZ_CHECK(dc.mapped_bytes == bytes, "domain maps %#lx bytes, model %#lx", dc.mapped_bytes,
                bytes);
-    FUZZ_CHECK(dc.faults == d->expected_faults, "domain recorded %lu faults, model %lu",
-               dc.faults, d->expected_faults);
+    FUZZ_CHECK(dc.faults == d->expected_faults, "domain recorded %lu faults, model %lu", dc.faults,
+               d->expected_faults);
     if (d->attached != nullptr) {
       // Probe the edges of (up to) the first 6 mappings and the step's IOVA.
       std::vector<uint64_t> probes{w->probe_iova};
@@ -593,8 +613,8 @@ void check_all() {
     FUZZ_CHECK(got == want, "%s owner charged %#lx, model %#lx", to_string(mode), got, want);
     if (got > w->last_charge[o]) {
       const uint64_t limit = w->limit[o].value_or(fx->rlimit);
-      FUZZ_CHECK(got <= limit, "%s charge grew to %#lx, over the limit %#lx", to_string(mode),
-                 got, limit);
+      FUZZ_CHECK(got <= limit, "%s charge grew to %#lx, over the limit %#lx", to_string(mode), got,
+                 limit);
     }
     w->last_charge[o] = got;
     total += got;
@@ -659,8 +679,7 @@ struct HostPiece {
   uint8_t* host;
   uint64_t len;
 };
-std::optional<std::vector<HostPiece>> host_pieces(const IoasModel& m, uint64_t iova,
-                                                  uint64_t len) {
+std::optional<std::vector<HostPiece>> host_pieces(const IoasModel& m, uint64_t iova, uint64_t len) {
   std::vector<HostPiece> out;
   std::vector<PageRun> runs;
   const IovaRange r{iova, iova + len - 1};
@@ -686,15 +705,13 @@ void check_host_bytes(const IoasModel& m, uint64_t iova, const uint8_t* buf, uin
   uint64_t off = 0;
   for (const HostPiece& p : *pieces) {
     FUZZ_CHECK(std::memcmp(p.host, buf + off, p.len) == 0,
-               "%s: memory behind [%#lx, +%#lx) differs from the buffer", what, iova + off,
-               p.len);
+               "%s: memory behind [%#lx, +%#lx) differs from the buffer", what, iova + off, p.len);
     off += p.len;
   }
 }
 
 // ---------------------------------------------------------------------------
 // Operations.
-
 
 // Builds a source from the input. False if its factory failed (checked).
 bool make_source(Reader& in, std::optional<MemorySource>* out) {
@@ -804,8 +821,8 @@ void op_copy(Reader& in) {
       if (a->iova > pos) break;
       if (!a->src.writable()) read_only = true;
       const uint64_t last = std::min(a->last(), r->last);
-      slices.push_back({0, last - pos + 1, prot, a->src.slice(pos - a->iova, last - pos + 1),
-                        a->owner});
+      slices.push_back(
+          {0, last - pos + 1, prot, a->src.slice(pos - a->iova, last - pos + 1), a->owner});
       if (last == r->last) {
         covered = true;
         break;
@@ -856,8 +873,8 @@ void op_unmap(Reader& in) {
     g_unmap_request = IovaRange{0, kMax};
     const auto& r = note(m->ioas->unmap_all());
     g_unmap_request.reset();
-    FUZZ_CHECK(r.ok() && *r == want, "unmap_all gave %s / %#lx, model %#lx",
-               errno_name(r.code()), r.ok() ? *r : 0, want);
+    FUZZ_CHECK(r.ok() && *r == want, "unmap_all gave %s / %#lx, model %#lx", errno_name(r.code()),
+               r.ok() ? *r : 0, want);
     unmap_model(*m, {0, kMax});
     return;
   }
@@ -879,7 +896,8 @@ void op_unmap(Reader& in) {
     if (want_err == 0 && want_bytes == 0 && how == 0) want_err = ENOENT;
   }
   if (range) g_unmap_request = *range;
-  const auto& r = note(how == 0 ? m->ioas->unmap(iova, len) : m->ioas->unmap_range_allow_empty(iova, len));
+  const auto& r =
+      note(how == 0 ? m->ioas->unmap(iova, len) : m->ioas->unmap_range_allow_empty(iova, len));
   g_unmap_request.reset();
   FUZZ_CHECK(r.code() == want_err && (!r.ok() || *r == want_bytes),
              "%s(%#lx, %#lx) gave %s / %#lx, model %s / %#lx",
@@ -971,7 +989,8 @@ void op_domain_create(Reader& in) {
   }
   const uint64_t min_pages[] = {kPageSize, kPageSize, 0x10000, kPageSize2M, 0x1800, 0x800};
   cfg.min_page_size = min_pages[(a / 5) % 6];
-  valid = valid && cfg.min_page_size >= kPageSize && (cfg.min_page_size & (cfg.min_page_size - 1)) == 0;
+  valid =
+      valid && cfg.min_page_size >= kPageSize && (cfg.min_page_size & (cfg.min_page_size - 1)) == 0;
   const uint64_t sizes[] = {kPageSize | kPageSize2M | kPageSize1G, kPageSize,
                             kPageSize | kPageSize2M, kPageSize2M, kPageSize | 0x8000};
   cfg.page_sizes = sizes[b % 5];
@@ -1123,29 +1142,6 @@ void fill_pattern(uint8_t* p, size_t n, uint8_t seed) {
   for (size_t i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(seed + i * 7);
 }
 
-// Known bug (fuzz/regressions/ioas_sequence/*-segv): Access::read/write of a
-// mapping of user memory that is not mapped (or, for write, read-only) in
-// this process crashes with SIGSEGV inside mem::safe_copy, which only
-// recovers from SIGBUS; the contract promises EFAULT. With
-// IOMM_FUZZ_AVOID_KNOWN=1 (fuzz/run.sh sets it while fuzzing, not while
-// replaying the regressions) the harness skips such calls so the fuzzer can
-// look for other bugs. Drop this once the library is fixed.
-bool g_avoid_known = false;
-
-bool touches_inaccessible_user_memory(const IoasModel& m, const IovaRange& r, bool write) {
-  const uint64_t ro = reinterpret_cast<uint64_t>(fx->user) + fx->user_rw;
-  const uint64_t none = ro + fx->user_ro;
-  for (const AreaModel* a : m.overlapping(r)) {
-    if (a->src.kind() != SourceKind::user) continue;
-    const uint64_t s = std::max(a->iova, r.start);
-    const uint64_t l = std::min(a->last(), r.last);
-    const uint64_t first = dma_address(a->src, s - a->iova);
-    const uint64_t last = first + (l - s);
-    if (last >= none || (write && last >= ro)) return true;
-  }
-  return false;
-}
-
 void op_access_rw(Reader& in) {
   AccessModel* acc = w->access[in.u8() & 1].get();
   if (acc == nullptr) return;
@@ -1165,13 +1161,13 @@ void op_access_rw(Reader& in) {
   } else {
     want = walk(m, *range, write ? kProtWrite : kProtRead, true);
   }
-  if (g_avoid_known && range && touches_inaccessible_user_memory(m, *range, write)) return;
   uint8_t* buf = scratch().data();
   fill_pattern(buf, len, mode);
-  const Status& s = note(write ? acc->access->write(iova, buf, len) : acc->access->read(iova, buf, len));
+  const Status& s =
+      note(write ? acc->access->write(iova, buf, len) : acc->access->read(iova, buf, len));
   if (want != 0 || s.code() != EFAULT) {
-    FUZZ_CHECK(s.code() == want, "%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read",
-               iova, len, errno_name(s.code()), errno_name(want));
+    FUZZ_CHECK(s.code() == want, "%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read", iova,
+               len, errno_name(s.code()), errno_name(want));
   }
   if (s && len > 0) check_host_bytes(m, iova, buf, len, write ? "access write" : "access read");
 }
@@ -1219,7 +1215,8 @@ void op_dma(Reader& in) {
   }
   uint8_t* buf = scratch().data();
   fill_pattern(buf, len, mode);
-  const Status& s = note(write ? d->domain->dma_write(iova, buf, len) : d->domain->dma_read(iova, buf, len));
+  const Status& s =
+      note(write ? d->domain->dma_write(iova, buf, len) : d->domain->dma_read(iova, buf, len));
   FUZZ_CHECK(s.code() == want, "dma_%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read",
              iova, len, errno_name(s.code()), errno_name(want));
   if (fault) ++d->expected_faults;
@@ -1338,8 +1335,7 @@ void op_reserved(Reader& in) {
 
 std::shared_ptr<IoasModel> create_ioas(uint8_t b) {
   auto m = std::make_shared<IoasModel>();
-  const AccountMode modes[] = {AccountMode::per_process, AccountMode::per_user,
-                               AccountMode::none};
+  const AccountMode modes[] = {AccountMode::per_process, AccountMode::per_user, AccountMode::none};
   m->mode = modes[b % 3];
   const uint32_t maxes[] = {kDefaultMaxMappings, 1, 2, 4};
   m->max_mappings = maxes[(b / 3) % 4];
@@ -1365,8 +1361,8 @@ void op_recreate_ioas(Reader& in) {
   w->ioas[slot] = create_ioas(b);
 }
 
-const std::optional<uint64_t> kLimits[] = {std::nullopt, 0, 16 * kKiB, 256 * kKiB, 1 * kMiB,
-                                           4 * kMiB};
+const std::optional<uint64_t> kLimits[] = {std::nullopt, 0,        16 * kKiB,
+                                           256 * kKiB,   1 * kMiB, 4 * kMiB};
 
 void op_set_limit(Reader& in) {
   const uint8_t b = in.u8();
@@ -1379,8 +1375,10 @@ void op_set_limit(Reader& in) {
     FUZZ_CHECK(s.code() == EINVAL, "invalid set_memlock_limit gave %s", errno_name(s.code()));
     return;
   }
-  const AccountMode mode = which == kProcessOwner ? AccountMode::per_process : AccountMode::per_user;
-  const int id = (b & 4) == 0 ? 0 : (which == kProcessOwner ? getpid() : static_cast<int>(getuid()));
+  const AccountMode mode =
+      which == kProcessOwner ? AccountMode::per_process : AccountMode::per_user;
+  const int id =
+      (b & 4) == 0 ? 0 : (which == kProcessOwner ? getpid() : static_cast<int>(getuid()));
   Status s = set_memlock_limit(mode, id, limit);
   FUZZ_CHECK(s.ok(), "set_memlock_limit failed: %s", s.ok() ? "" : s.error().describe().c_str());
   w->limit[which] = limit;
@@ -1410,9 +1408,15 @@ enum Op : uint8_t {
 };
 
 const char* const kOpNames[] = {
-    "map",  "unmap",        "copy_from",  "attach",      "detach",    "domain_create",
-    "access_create", "access_destroy", "pin", "unpin",    "access_rw", "dma",
-    "translate", "set_allowed_ranges", "reserved", "recreate_ioas", "set_limit", "take_faults",
+    "map",           "unmap",
+    "copy_from",     "attach",
+    "detach",        "domain_create",
+    "access_create", "access_destroy",
+    "pin",           "unpin",
+    "access_rw",     "dma",
+    "translate",     "set_allowed_ranges",
+    "reserved",      "recreate_ioas",
+    "set_limit",     "take_faults",
 };
 static_assert(std::size(kOpNames) == kOpCount);
 
@@ -1430,7 +1434,8 @@ bool g_trace = false;  // IOMM_FUZZ_TRACE=1: print each step and its outcome
 void print_stats() {
   for (int i = 0; i < kOpCount; ++i) {
     std::fprintf(stderr, "%-20s runs %8lu ok %8lu", kOpNames[i], g_stats[i].runs, g_stats[i].ok);
-    for (const auto& [code, n] : g_stats[i].errors) std::fprintf(stderr, " %s:%lu", errno_name(code), n);
+    for (const auto& [code, n] : g_stats[i].errors)
+      std::fprintf(stderr, " %s:%lu", errno_name(code), n);
     std::fprintf(stderr, "\n");
   }
 }
@@ -1495,9 +1500,6 @@ extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
     std::atexit(print_stats);
   }
   if (const char* e = std::getenv("IOMM_FUZZ_TRACE"); e != nullptr && *e == '1') g_trace = true;
-  if (const char* e = std::getenv("IOMM_FUZZ_AVOID_KNOWN"); e != nullptr && *e == '1') {
-    g_avoid_known = true;
-  }
   return 0;
 }
 
@@ -1530,7 +1532,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (g_last_code > 0) ++g_stats[op].errors[g_last_code];
     if (g_trace) {
       std::fprintf(stderr, "step %2zu %-18s -> %s\n", step, kOpNames[op],
-                   g_last_code < 0 ? "(no call)" : g_last_code == 0 ? "ok" : errno_name(g_last_code));
+                   g_last_code < 0    ? "(no call)"
+                   : g_last_code == 0 ? "ok"
+                                      : errno_name(g_last_code));
     }
     check_all();
   }

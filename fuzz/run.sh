@@ -3,10 +3,7 @@
 # saved crash reproducers, then fuzz each target for a bounded time.
 #
 # Usage: fuzz/run.sh [target...]        (default: every target built)
-# Env:   FUZZ_SECONDS=60                 fuzzing time per target
-#        IOMM_FUZZ_AVOID_KNOWN=1         while fuzzing, step around the known,
-#                                        still unfixed bugs (fuzz/README.md);
-#                                        0 to hit them. Replays never avoid.
+# Env:   FUZZ_SECONDS=60                 fuzzing time per target (0: only replay)
 #        FUZZ_JOBS=$(nproc)              build parallelism
 # Exits non-zero if a build fails, a reproducer in fuzz/regressions/ still
 # crashes, or a target crashed (reports, artifacts: build/fuzz/artifacts/).
@@ -14,7 +11,6 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds=${FUZZ_SECONDS:-60}
-avoid=${IOMM_FUZZ_AVOID_KNOWN:-1}
 build=build/fuzz
 
 # The project's packages, plus clang and its libFuzzer runtime.
@@ -71,7 +67,7 @@ for target in "${targets[@]}"; do
   for f in fuzz/regressions/"$name"/*; do
     [[ -f $f ]] || continue
     regressions=$((regressions + 1))
-    if ! IOMM_FUZZ_AVOID_KNOWN=0 "$bin" "${flags[@]}" "$f" >"$logs/$name.replay.log" 2>&1; then
+    if ! "$bin" "${flags[@]}" "$f" >"$logs/$name.replay.log" 2>&1; then
       still_crashing+=("$(basename "$f")")
       cp "$logs/$name.replay.log" "$logs/$name.replay.$(basename "$f").log"
     fi
@@ -83,10 +79,15 @@ for target in "${targets[@]}"; do
   fi
 
   # 2. Fuzz. New inputs go to the scratch corpus (first directory); the
-  #    seed corpus is only read.
+  #    seed corpus is only read. FUZZ_SECONDS=0: replay only.
+  if ((seconds == 0)); then
+    summary+=("$(printf '%-22s fuzzing skipped (FUZZ_SECONDS=0)  regressions %s/%s clean' \
+      "$target" "$((regressions - ${#still_crashing[@]}))" "$regressions")")
+    continue
+  fi
   echo "=== fuzzing $target for ${seconds}s ==="
   log=$logs/$name.fuzz.log
-  IOMM_FUZZ_AVOID_KNOWN=$avoid timeout --signal=KILL $((seconds + 300)) \
+  timeout --signal=KILL $((seconds + 300)) \
     "$bin" "${flags[@]}" -max_total_time="$seconds" -print_final_stats=1 \
     -artifact_prefix="$artifacts/" "$scratch" "$seeds" >"$log" 2>&1
   rc=$?

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -39,7 +40,7 @@ namespace {
 
 using iomm::fuzz::Reader;
 
-constexpr size_t kArgBuf = 4096;   // struct bytes passed to ioctl
+constexpr size_t kArgBuf = 4096;     // struct bytes passed to ioctl
 constexpr size_t kBitmapBuf = 4096;  // dirty bitmap buffer
 constexpr size_t kMaxSteps = 64;
 constexpr uint64_t kPage = 4096;
@@ -61,8 +62,8 @@ void setup() {
   // A configured limit well below the kernel's RLIMIT_MEMLOCK (the real mlock
   // is bound by it once CAP_IPC_LOCK is gone).
   (void)iomm::set_memlock_limit(iomm::AccountMode::per_process, 0, 2 << 20);
-  void* p = mmap(nullptr, mem->anon_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
-                 0);
+  void* p =
+      mmap(nullptr, mem->anon_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   const int fd = memfd_create("iomm-fuzz-vfio", MFD_CLOEXEC);
   if (p == MAP_FAILED || fd < 0 || ftruncate(fd, static_cast<off_t>(mem->shared_size)) != 0) {
     std::abort();
@@ -77,13 +78,13 @@ void setup() {
 }
 
 // Values a type1 user would plausibly pass, plus edges.
-constexpr uint64_t kIovaTable[] = {0,          0x1000,     0x2000,       0x10000,
-                                   0x100000,   0x200000,   0x1000000,    0xfee00000,
-                                   1ULL << 39, 1ULL << 48, UINT64_MAX - 0xfff, UINT64_MAX,
-                                   0x800,      1};
-constexpr uint64_t kSizeTable[] = {0,        1,        0x1000,  0x2000,   0x3000,
-                                   0x10000,  0x40000,  0x100000, 0x200000, 1ULL << 32,
-                                   UINT64_MAX, 0x800,  0x1001};
+constexpr uint64_t kIovaTable[] = {
+    0,         0x1000,     0x2000,     0x10000,    0x100000,           0x200000,
+    0x1000000, 0xfee00000, 1ULL << 39, 1ULL << 48, UINT64_MAX - 0xfff, UINT64_MAX,
+    0x800,     1};
+constexpr uint64_t kSizeTable[] = {0,          1,       0x1000,   0x2000,   0x3000,
+                                   0x10000,    0x40000, 0x100000, 0x200000, 1ULL << 32,
+                                   UINT64_MAX, 0x800,   0x1001};
 
 uint64_t pick(Reader& in, const uint64_t* table, size_t n) {
   const uint8_t b = in.u8();
@@ -124,12 +125,32 @@ uint64_t pick_vaddr(Reader& in, uint64_t size) {
   }
 }
 
-// The mediated driver: records its pins and drops the ones an unmap covers.
+// The mediated driver: per-page pin counts (vfio_pin_pages pins pages, and
+// any pinned page can be unpinned on its own), dropped for the range an
+// unmap covers.
 struct Mediated {
   std::mutex mu;
   iomm_vfio_group* group = nullptr;
-  std::vector<std::pair<uint64_t, int>> pins;  // iova, npage
+  std::map<uint64_t, int> pins;  // page iova -> pin count; guarded by mu
   uint64_t callbacks = 0;
+
+  // Whether every page of [iova, +npage) is pinned (no wrap).
+  bool all_pinned(uint64_t iova, int npage) const {
+    if (npage <= 0 || (iova & (kPage - 1)) != 0) return false;
+    for (int i = 0; i < npage; ++i) {
+      const uint64_t page = iova + static_cast<uint64_t>(i) * kPage;
+      if (page < iova) return false;
+      auto it = pins.find(page);
+      if (it == pins.end() || it->second == 0) return false;
+    }
+    return true;
+  }
+  void add(uint64_t iova, int npage, int delta) {
+    for (int i = 0; i < npage; ++i) {
+      const uint64_t page = iova + static_cast<uint64_t>(i) * kPage;
+      if ((pins[page] += delta) == 0) pins.erase(page);
+    }
+  }
 };
 Mediated* med = nullptr;
 
@@ -139,13 +160,14 @@ void on_dma_unmap(void* opaque, uint64_t iova, uint64_t size) {
   std::lock_guard lk(m->mu);
   ++m->callbacks;
   const uint64_t last = iova + size - 1;
-  std::erase_if(m->pins, [&](const auto& p) {
-    const uint64_t plast = p.first + static_cast<uint64_t>(p.second) * kPage - 1;
-    if (plast < iova || p.first > last) return false;
-    const int r = iomm_vfio_unpin_pages(m->group, p.first, p.second);
-    FUZZ_CHECK(r == p.second, "unpin of a held pin in dma_unmap failed: %d errno %d", r, errno);
-    return true;
-  });
+  for (auto it = m->pins.lower_bound(iova); it != m->pins.end() && it->first <= last;) {
+    for (int i = 0; i < it->second; ++i) {
+      const int r = iomm_vfio_unpin_pages(m->group, it->first, 1);
+      FUZZ_CHECK(r == 1, "unpin of a held page %#lx in dma_unmap failed: %d errno %d", it->first, r,
+                 errno);
+    }
+    it = m->pins.erase(it);
+  }
 }
 
 struct Snapshot {
@@ -164,7 +186,7 @@ Snapshot snapshot() {
 }
 
 // A call's result: -1 with a listed errno and no change, or success.
-bool g_trace = false;  // IOMM_FUZZ_TRACE=1: print every checked call
+bool g_trace = false;         // IOMM_FUZZ_TRACE=1: print every checked call
 unsigned long g_request = 0;  // the last ioctl request (for the trace)
 
 void check_result(long r, int err, const Snapshot& before, const char* call,
@@ -195,10 +217,18 @@ void check_result(long r, int err, const Snapshot& before, const char* call,
   EINVAL, EFAULT, ENOMEM, EPERM, EEXIST, ENOENT, EBUSY, ENOSPC, EACCES, ENOTTY, ENODEV
 
 constexpr unsigned long kRequests[] = {
-    VFIO_GET_API_VERSION, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,    VFIO_IOMMU_GET_INFO,
-    VFIO_IOMMU_MAP_DMA,   VFIO_IOMMU_UNMAP_DMA, VFIO_IOMMU_DIRTY_PAGES,
+    VFIO_GET_API_VERSION,
+    VFIO_CHECK_EXTENSION,
+    VFIO_SET_IOMMU,
+    VFIO_IOMMU_GET_INFO,
+    VFIO_IOMMU_MAP_DMA,
+    VFIO_IOMMU_UNMAP_DMA,
+    VFIO_IOMMU_DIRTY_PAGES,
     // Real VFIO requests that a container does not take.
-    VFIO_GROUP_GET_STATUS, VFIO_DEVICE_GET_INFO, VFIO_IOMMU_ENABLE, VFIO_IOMMU_DISABLE,
+    VFIO_GROUP_GET_STATUS,
+    VFIO_DEVICE_GET_INFO,
+    VFIO_IOMMU_ENABLE,
+    VFIO_IOMMU_DISABLE,
     VFIO_IOMMU_SPAPR_TCE_GET_INFO,
 };
 
@@ -231,20 +261,11 @@ uint32_t pick_argsz(Reader& in, uint32_t natural) {
 void fill_bitmap(Reader& in, vfio_bitmap* bm, uint64_t size) {
   const uint8_t b = in.u8();
   bm->pgsize = (b & 3) == 0 ? static_cast<uint64_t>(1) << (in.u8() % 64) : kPage;
-  bm->size = (b & 4) != 0 ? in.u16() % (kBitmapBuf + 1) : std::min<uint64_t>(kBitmapBuf, ((size / kPage + 63) / 64) * 8);
+  bm->size = (b & 4) != 0 ? in.u16() % (kBitmapBuf + 1)
+                          : std::min<uint64_t>(kBitmapBuf, ((size / kPage + 63) / 64) * 8);
   bm->data = (b & 8) != 0 ? nullptr : reinterpret_cast<__u64*>(g_bitmap);
 }
 
-bool g_avoid_known = false;      // IOMM_FUZZ_AVOID_KNOWN=1
-bool g_bad_vaddr_mapped = false;  // a MAP_DMA with a vaddr outside our RW memory succeeded
-
-bool vaddr_ok(uint64_t vaddr, uint64_t size) {
-  auto inside = [&](const uint8_t* base, size_t len) {
-    const auto b = reinterpret_cast<uint64_t>(base);
-    return vaddr >= b && size <= len && vaddr - b <= len - size;
-  };
-  return inside(mem->anon, mem->anon_size) || inside(mem->shared, mem->shared_size);
-}
 
 long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   const uint8_t sel = in.u8();
@@ -319,7 +340,6 @@ long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   *err = errno;
   if (r == 0 && request == VFIO_IOMMU_MAP_DMA && arg != nullptr) {
     const auto* map = reinterpret_cast<const vfio_iommu_type1_dma_map*>(g_arg->buf);
-    if (!vaddr_ok(map->vaddr, map->size)) g_bad_vaddr_mapped = true;
   }
   if (r >= 0) {
     if (request == VFIO_GET_API_VERSION) {
@@ -402,43 +422,38 @@ void group_op(uint8_t which, iomm_vfio_group* sw, Reader& in) {
       const int r = iomm_vfio_pin_pages(med->group, iova, npage, prot,
                                         (b & 0x40) != 0 ? nullptr : host.data());
       const int err = errno;
-      // Known bug (fuzz/regressions/vfio_type1/*-eoverflow): an iova range
-      // that wraps gives EOVERFLOW (passed through from Access / SoftDomain),
-      // which the header does not list (type1 says EINVAL). With
-      // IOMM_FUZZ_AVOID_KNOWN=1 it is accepted so fuzzing can go on.
-      const int err_seen = g_avoid_known && err == EOVERFLOW ? EINVAL : err;
-      check_result(r, err_seen, before, "iomm_vfio_pin_pages",
+      check_result(r, err, before, "iomm_vfio_pin_pages",
                    {E2BIG, EINVAL, EACCES, EBUSY, EPERM, ENOMEM, EFAULT});
       if (r >= 0) {
         FUZZ_CHECK(r == npage, "iomm_vfio_pin_pages returned %d for %d pages", r, npage);
-        med->pins.emplace_back(iova, npage);
+        med->add(iova, npage, +1);
       }
       return;
     }
-    case 1: {  // unpin a held pin, or a random range
+    case 1: {  // unpin pinned pages, or a random range
       std::lock_guard lk(med->mu);
       const uint8_t b = in.u8();
       uint64_t iova = 0;
       int npage = 0;
-      size_t held = med->pins.size();
-      if (b < 0x80 && held > 0) {
-        std::tie(iova, npage) = med->pins[b % held];
+      if (b < 0x80 && !med->pins.empty()) {
+        auto it = med->pins.begin();
+        std::advance(it, b % med->pins.size());
+        iova = it->first;
+        npage = static_cast<int>(in.u8() % 4);  // 0 .. 3 pages from a pinned one
       } else {
         iova = pick_iova(in);
         npage = static_cast<int>(in.u8() % 8);
       }
+      const bool held = med->group != nullptr && med->all_pinned(iova, npage);
       errno = 0;
       const int r = iomm_vfio_unpin_pages(med->group, iova, npage);
       const int err = errno;
-      check_result(r, g_avoid_known && err == EOVERFLOW ? EINVAL : err, before,
+      check_result(r, err, before,
                    "iomm_vfio_unpin_pages", {EINVAL, E2BIG});
-      if (r >= 0) {
-        auto it = std::find(med->pins.begin(), med->pins.end(), std::make_pair(iova, npage));
-        FUZZ_CHECK(it != med->pins.end() || med->group == nullptr,
-                   "unpin of [%#lx, %d pages] that the driver never pinned succeeded", iova,
-                   npage);
-        if (it != med->pins.end()) med->pins.erase(it);
-      }
+      FUZZ_CHECK((r == npage) == held,
+                 "unpin of [%#lx, %d pages] gave %d (errno %s); the driver %s every page", iova,
+                 npage, r, iomm::errno_name(err), held ? "holds" : "does not hold");
+      if (r > 0) med->add(iova, npage, -1);
       return;
     }
     case 2:
@@ -446,9 +461,6 @@ void group_op(uint8_t which, iomm_vfio_group* sw, Reader& in) {
       const uint64_t iova = pick_iova(in);
       const size_t len = pick_size(in) % (data.size() + 1);
       const int write = in.u8() & 1;
-      // Known bug (see ioas_sequence_fuzzer.cpp, touches_inaccessible_user_memory):
-      // mediated rw of a mapping whose vaddr is not mapped crashes (SIGSEGV).
-      if (which % 4 == 2 && g_avoid_known && g_bad_vaddr_mapped) return;
       errno = 0;
       const int r = which % 4 == 2 ? iomm_vfio_dma_rw(med->group, iova, data.data(), len, write)
                                    : iomm_vfio_group_dma_rw(sw, iova, data.data(), len, write);
@@ -456,10 +468,10 @@ void group_op(uint8_t which, iomm_vfio_group* sw, Reader& in) {
       // As the header lists them (vfio_dma_rw: EINVAL, EPERM, EBUSY, EFAULT;
       // device DMA: EFAULT, EPERM, EINVAL).
       if (which % 4 == 2) {
-        check_result(r, g_avoid_known && err == EOVERFLOW ? EINVAL : err, before,
+        check_result(r, err, before,
                      "iomm_vfio_dma_rw", {EINVAL, EPERM, EBUSY, EFAULT});
       } else {
-        check_result(r, g_avoid_known && err == EOVERFLOW ? EFAULT : err, before,
+        check_result(r, err, before,
                      "iomm_vfio_group_dma_rw", {EFAULT, EPERM, EINVAL});
       }
       return;
@@ -482,9 +494,6 @@ extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
   g_arg = new Arg();
   g_bitmap = new uint8_t[kBitmapBuf];
   med = new Mediated();
-  if (const char* e = std::getenv("IOMM_FUZZ_AVOID_KNOWN"); e != nullptr && *e == '1') {
-    g_avoid_known = true;
-  }
   if (const char* e = std::getenv("IOMM_FUZZ_TRACE"); e != nullptr && *e == '1') g_trace = true;
   return 0;
 }
@@ -495,7 +504,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   iomm::fuzz::g_step_index = -1;
   iomm::fuzz::g_step_name = "setup";
   check_clean("before the input");
-  g_bad_vaddr_mapped = false;
 
   iomm_vfio_container* c = iomm_vfio_open();
   FUZZ_CHECK(c != nullptr, "iomm_vfio_open failed");
@@ -512,7 +520,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (const uint8_t h3 = in.u8(); (h3 & 1) != 0) {
     const unsigned long types[] = {VFIO_TYPE1v2_IOMMU, VFIO_TYPE1_IOMMU};
     errno = 0;
-    const long r = iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(types[(h3 >> 1) & 1]));
+    const long r =
+        iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(types[(h3 >> 1) & 1]));
     check_result(r, errno, snapshot(), "VFIO_SET_IOMMU", {TYPE1_ERRNOS});
   }
 
@@ -528,7 +537,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const Snapshot before = snapshot();
         int err = 0;
         const long r = do_ioctl(c, in, &err);
-        check_result(r, err, before, "iomm_vfio_ioctl", {TYPE1_ERRNOS});
+        check_result(r, err, before, "iomm_vfio_ioctl",
+                     {TYPE1_ERRNOS});
         break;
       }
       case 4:

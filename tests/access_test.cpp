@@ -238,3 +238,26 @@ TEST(AccessUnmap, PinConcurrentWithUnmapNeverLeaksOrHangs) {
 
 }  // namespace
 }  // namespace iomm
+
+namespace iomm {
+namespace {
+
+TEST(AccessUserMemory, UnmappedOrReadOnlyMemoryIsEfaultNotACrash) {
+  auto* mem = static_cast<char*>(mmap(nullptr, 2 * kPageSize, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(mem, MAP_FAILED);
+  ASSERT_EQ(mprotect(mem + kPageSize, kPageSize, PROT_READ), 0);
+  auto ioas = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(*MemorySource::from_user(mem, 2 * kPageSize), kRW, 0x100000));
+  auto access = Access::create(ioas, [](const IovaRange&) {}).value();
+  char buf[16] = {'x'};
+  ASSERT_OK(access->write(0x100000, buf, sizeof(buf)));
+  EXPECT_ERRNO(access->write(0x101000, buf, sizeof(buf)), EFAULT);  // read-only page
+  ASSERT_OK(access->read(0x101000, buf, sizeof(buf)));
+  ASSERT_EQ(munmap(mem, 2 * kPageSize), 0);
+  EXPECT_ERRNO(access->read(0x100000, buf, sizeof(buf)), EFAULT);  // gone
+  EXPECT_ERRNO(access->write(0x100000, buf, sizeof(buf)), EFAULT);
+}
+
+}  // namespace
+}  // namespace iomm

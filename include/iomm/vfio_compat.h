@@ -40,7 +40,9 @@ typedef struct iomm_vfio_group iomm_vfio_group;
 iomm_vfio_container* iomm_vfio_open(void);
 /* ioctl(2) on the container: 0 or a value, or -1 with errno. */
 long iomm_vfio_ioctl(iomm_vfio_container* c, unsigned long request, void* arg);
-/* Destroys the container's groups first. Returns 0. */
+/* Detaches the container's groups (as closing /dev/vfio/vfio does) and
+ * frees the container. Each group must still be destroyed with
+ * iomm_vfio_group_destroy(). Returns 0. */
 int iomm_vfio_close(iomm_vfio_container* c);
 
 /* Type1's dma_entry_limit (default 65535); only before VFIO_SET_IOMMU

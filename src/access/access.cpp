@@ -1,6 +1,5 @@
 // Accesses: pin, unpin, rw, and the unmap callback protocol
 // (see include/iomm/access.hpp for the contract).
-#include "fault/inject.hpp"
 #include "iomm/access.hpp"
 
 #include <algorithm>
@@ -8,8 +7,8 @@
 #include <string>
 
 #include "access/access_state.hpp"
+#include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
-#include "mem/safe_copy.hpp"
 
 namespace iomm {
 
@@ -251,9 +250,14 @@ Status copy_by_iova(AccessState& state, uint64_t iova, void* buf, size_t length,
     const Area& a = *it->second;
     const uint64_t last = std::min(a.range.last, range.last);
     const uint64_t n = last - pos + 1;
-    void* host = a.source.object()->host(a.backing_offset(pos));
-    const bool ok = write ? mem::safe_copy(host, cursor, n) : mem::safe_copy(cursor, host, n);
-    if (!ok) return Error(EFAULT, "memory behind the mapping vanished (file shrunk?)");
+    const mem::MemObject& backing = *a.source.object();
+    const uint64_t offset = a.backing_offset(pos);
+    const bool ok =
+        write ? backing.copy_in(offset, cursor, n) : backing.copy_out(offset, cursor, n);
+    if (!ok)
+      return Error(
+          EFAULT,
+          "the memory behind the mapping is not there (unmapped, read-only or a shrunk file)");
     cursor += n;
     if (last == range.last) break;
     pos = last + 1;

@@ -30,6 +30,12 @@ long fail(int err) {
 
 long fail(const Status& s) { return fail(s.code()); }
 
+// type1's vfio_pin_pages/unpin_pages/dma_rw report an IOVA with no mapping,
+// and a range that wraps, as EINVAL; the core says ENOENT and EOVERFLOW.
+long fail_page_call(const Status& s) {
+  return fail(s.code() == ENOENT || s.code() == EOVERFLOW ? EINVAL : s.code());
+}
+
 Status verify_bitmap_size(uint64_t npages, uint64_t bitmap_size) {
   if (npages == 0 || bitmap_size == 0 || bitmap_size > kDirtyBitmapSizeMax) {
     return Error(EINVAL, "bad bitmap size");
@@ -426,7 +432,7 @@ int iomm_vfio_pin_pages(iomm_vfio_group* g, uint64_t iova, int npage, int prot, 
                        ((prot & IOMM_VFIO_PROT_WRITE) != 0 ? iomm::kProtWrite : 0U);
     if (p == 0) return static_cast<int>(fail(EINVAL));
     Status s = a->pin_pages(iova, static_cast<uint64_t>(npage), p, host);
-    if (!s) return static_cast<int>(fail(s.code() == ENOENT ? EINVAL : s.code()));
+    if (!s) return static_cast<int>(fail_page_call(s));
     return npage;
   });
 }
@@ -438,7 +444,7 @@ int iomm_vfio_unpin_pages(iomm_vfio_group* g, uint64_t iova, int npage) {
     iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
     if (a == nullptr) return static_cast<int>(fail(EINVAL));
     Status s = a->unpin_pages(iova, static_cast<uint64_t>(npage));
-    return s ? npage : static_cast<int>(fail(s));
+    return s ? npage : static_cast<int>(fail_page_call(s));
   });
 }
 
@@ -451,7 +457,7 @@ int iomm_vfio_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, 
       return static_cast<int>(fail(EBUSY));
     }
     Status s = write != 0 ? a->write(iova, data, len) : a->read(iova, data, len);
-    if (!s) return static_cast<int>(fail(s.code() == ENOENT ? EINVAL : s.code()));
+    if (!s) return static_cast<int>(fail_page_call(s));
     return 0;
   });
 }
@@ -461,7 +467,10 @@ int iomm_vfio_group_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t
     if (g == nullptr || g->mediated || !g->attached) return static_cast<int>(fail(EINVAL));
     Status s =
         write != 0 ? g->domain->dma_write(iova, data, len) : g->domain->dma_read(iova, data, len);
-    return s ? 0 : static_cast<int>(fail(s));
+    // A DMA running past the top of the IOVA space is an IOMMU fault to the
+    // device, like any other unmapped IOVA.
+    if (!s) return static_cast<int>(fail(s.code() == EOVERFLOW ? EFAULT : s.code()));
+    return 0;
   });
 }
 

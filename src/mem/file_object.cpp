@@ -15,6 +15,7 @@
 
 #include "core/errno_text.hpp"
 #include "mem/populate.hpp"
+#include "mem/safe_copy.hpp"
 #include "mem/sys.hpp"
 
 namespace iomm::mem {
@@ -112,7 +113,7 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   const uint64_t skew = page_shift == 21 ? granule : 0;
   // Reserve window + alignment slack, then trim to the (skewed) aligned window.
   void* raw = sys::mmap(nullptr, window + 2 * kWindowAlign, PROT_NONE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) return sys_error(ENOMEM, "reserving address space for the file");
   const uint64_t raw_addr = reinterpret_cast<uint64_t>(raw);
   const uint64_t base_addr = round_up(raw_addr, kWindowAlign) + skew;
@@ -123,7 +124,7 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
 
   bool writable = access == O_RDWR;
   void* m = sys::mmap(base, mapped, writable ? PROT_READ | PROT_WRITE : PROT_READ,
-                 MAP_SHARED | MAP_FIXED, fd, 0);
+                      MAP_SHARED | MAP_FIXED, fd, 0);
   if (m == MAP_FAILED && writable && errno == EPERM) {
     writable = false;  // F_SEAL_WRITE: map it read-only
     m = mmap(base, mapped, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0);
@@ -166,8 +167,9 @@ Status FileObject::extend(int fd, uint64_t end) {
                  "the file grew past the address window reserved when it was first mapped (" +
                      std::to_string(window_) + " bytes)");
   }
-  void* m = sys::mmap(base_ + mapped_, target - mapped_, writable_ ? PROT_READ | PROT_WRITE : PROT_READ,
-                 MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(mapped_));
+  void* m =
+      sys::mmap(base_ + mapped_, target - mapped_, writable_ ? PROT_READ | PROT_WRITE : PROT_READ,
+                MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(mapped_));
   if (m == MAP_FAILED) return sys_error(ENODEV, "extending the file mapping");
   mapped_ = target;
   return {};
@@ -195,6 +197,14 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
     return Error(ENOMEM, std::string("mlock failed: ") + errno_text(err));
   }
   return {};
+}
+
+bool FileObject::copy_out(uint64_t offset, void* buf, size_t n) const noexcept {
+  return safe_copy(buf, base_ + offset, n);
+}
+
+bool FileObject::copy_in(uint64_t offset, const void* buf, size_t n) const noexcept {
+  return safe_copy(base_ + offset, buf, n);
 }
 
 void FileObject::unlock_granules(uint64_t first, uint64_t last) noexcept {

@@ -29,6 +29,10 @@ class FileObject final : public MemObject {
   }
   [[nodiscard]] void* host(uint64_t offset) const noexcept override { return base_ + offset; }
   [[nodiscard]] bool shrink_sealed() const noexcept override { return shrink_sealed_; }
+  // Through our own mapping; a truncated file raises SIGBUS, which
+  // safe_copy turns into false.
+  bool copy_out(uint64_t offset, void* buf, size_t n) const noexcept override;
+  bool copy_in(uint64_t offset, const void* buf, size_t n) const noexcept override;
   [[nodiscard]] bool writable() const noexcept { return writable_; }
 
  protected:

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -44,6 +45,13 @@ class MemObject {
   // Host pointer for byte `offset`, or nullptr when there is no memory.
   [[nodiscard]] virtual void* host(uint64_t offset) const noexcept = 0;
   [[nodiscard]] virtual bool shrink_sealed() const noexcept { return true; }
+
+  // Copy between buf and [offset, offset + n) of the object, for accesses'
+  // read and write (no pin needed). False if the memory is not there (a
+  // shrunk file, unmapped or read-only user memory): EFAULT to the caller,
+  // never a crash. The destination may then be partly written.
+  virtual bool copy_out(uint64_t offset, void* buf, size_t n) const noexcept = 0;
+  virtual bool copy_in(uint64_t offset, const void* buf, size_t n) const noexcept = 0;
 
   // Pin [offset, offset + length) for owner (nullptr: uncharged). Pages are
   // charged to the owner before they are locked; the call is all-or-nothing.

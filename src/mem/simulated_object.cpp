@@ -17,6 +17,13 @@ class SimulatedObject final : public MemObject {
     return base_ | offset;
   }
   [[nodiscard]] void* host(uint64_t /*offset*/) const noexcept override { return nullptr; }
+  // No memory to copy (callers report ENXIO before getting here).
+  bool copy_out(uint64_t /*offset*/, void* /*buf*/, size_t /*n*/) const noexcept override {
+    return false;
+  }
+  bool copy_in(uint64_t /*offset*/, const void* /*buf*/, size_t /*n*/) const noexcept override {
+    return false;
+  }
 
  protected:
   // Nothing to make resident: the pin is bookkeeping and charge only.

@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "iomm/range.hpp"
 #include "mem/file_object.hpp"
 #include "mem/simulated_object.hpp"
 
@@ -16,9 +17,9 @@ Result<MemorySource> MemorySource::from_file(int fd, uint64_t offset, uint64_t l
 
 Result<MemorySource> MemorySource::from_user(void* address, uint64_t length, bool writable) {
   if (length == 0) return Error(EINVAL, "zero length");
-  uint64_t end = 0;
-  if (__builtin_add_overflow(reinterpret_cast<uint64_t>(address), length, &end)) {
-    return Error(EOVERFLOW, "address + length overflows");
+  // Inclusive last: a range may end at the very top of the address space.
+  if (!make_range(reinterpret_cast<uint64_t>(address), length)) {
+    return Error(EOVERFLOW, "address + length wraps past the top of the address space");
   }
   return MemorySource(mem::user_object(), reinterpret_cast<uint64_t>(address), length, writable);
 }
