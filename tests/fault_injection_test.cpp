@@ -396,6 +396,9 @@ struct VfioWorld {
   VfioWorld(const VfioWorld&) = delete;
   VfioWorld& operator=(const VfioWorld&) = delete;
   ~VfioWorld() {
+    // Closing a container detaches its groups; destroying them is ours.
+    if (md != nullptr) iomm_vfio_group_destroy(md);
+    if (sw != nullptr) iomm_vfio_group_destroy(sw);
     iomm_vfio_close(c);
     munmap(file_map, 4 * kMiB);
     munmap(anon, kMiB);
@@ -412,8 +415,12 @@ struct VfioWorld {
     });
   }
   void groups(bool software, bool mediated) {
-    if (software) ASSERT_NE(sw = iomm_vfio_group_create_software(c, nullptr), nullptr);
-    if (mediated) ASSERT_NE(md = iomm_vfio_group_create_mediated(c, on_unmap, this), nullptr);
+    if (software) {
+      ASSERT_NE(sw = iomm_vfio_group_create_software(c, nullptr), nullptr);
+    }
+    if (mediated) {
+      ASSERT_NE(md = iomm_vfio_group_create_mediated(c, on_unmap, this), nullptr);
+    }
     ASSERT_EQ(iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(VFIO_TYPE1v2_IOMMU)), 0);
   }
   long map(uint64_t iova, void* vaddr, uint64_t size, uint32_t flags) {
