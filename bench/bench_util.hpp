@@ -13,8 +13,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <string>
 
+#include "iomm/ioas.hpp"
 #include "iomm/result.hpp"
 
 namespace iomm_bench {
@@ -33,6 +35,35 @@ inline std::string describe(const char* what, const iomm::Error& e) {
 inline void fail(benchmark::State& state, const std::string& msg) {
   std::fprintf(stderr, "BENCH ERROR: %s\n", msg.c_str());
   state.SkipWithError(msg.c_str());
+}
+
+// An IOAS with one software domain attached: the common start of the
+// domain benchmarks. error is empty on success.
+struct DomainSetup {
+  std::shared_ptr<iomm::Ioas> ioas;
+  std::shared_ptr<iomm::SoftDomain> domain;
+  std::string error;
+};
+
+inline DomainSetup ioas_with_domain(const iomm::IoasOptions& options = {}) {
+  DomainSetup d;
+  auto ioas = iomm::Ioas::create(options);
+  if (!ioas) {
+    d.error = describe("Ioas::create", ioas.error());
+    return d;
+  }
+  auto dom = iomm::SoftDomain::create({});
+  if (!dom) {
+    d.error = describe("SoftDomain::create", dom.error());
+    return d;
+  }
+  if (auto s = (*ioas)->attach(*dom); !s) {
+    d.error = describe("Ioas::attach", s.error());
+    return d;
+  }
+  d.ioas = *ioas;
+  d.domain = *dom;
+  return d;
 }
 
 // --- CAP_IPC_LOCK in the calling thread's effective set -------------------

@@ -63,22 +63,13 @@ std::unique_ptr<DmaFixture> build(uint64_t mapping) {
     f->error = describe("MemorySource::from_file", src.error());
     return f;
   }
-  auto ioas = iomm::Ioas::create();
-  if (!ioas) {
-    f->error = describe("Ioas::create", ioas.error());
+  DomainSetup setup = ioas_with_domain();
+  if (!setup.error.empty()) {
+    f->error = setup.error;
     return f;
   }
-  f->ioas = *ioas;
-  auto dom = iomm::SoftDomain::create({});
-  if (!dom) {
-    f->error = describe("SoftDomain::create", dom.error());
-    return f;
-  }
-  f->domain = *dom;
-  if (auto s = f->ioas->attach(f->domain); !s) {
-    f->error = describe("Ioas::attach", s.error());
-    return f;
-  }
+  f->ioas = setup.ioas;
+  f->domain = setup.domain;
   auto iova = f->ioas->map(*src, iomm::kProtRead | iomm::kProtWrite);
   if (!iova) {
     f->error = describe("Ioas::map (domain attached: pins)", iova.error());
@@ -131,49 +122,30 @@ void finish(benchmark::State& state, const DmaFixture& f) {
   state.counters["leaves_2m"] = static_cast<double>(f.leaves_2m);
 }
 
-void BM_write_iomm(benchmark::State& state) {
+// Device DMA of kXfer bytes through the domain, to (write) or from (read)
+// the mapping.
+template <bool kWrite>
+void BM_iomm(benchmark::State& state) {
   DmaFixture& f = fixture(static_cast<uint64_t>(state.range(0)));
   if (!f.error.empty()) return fail(state, f.error);
   for (auto _ : state) {
-    if (auto s = f.domain->dma_write(f.iova, f.buf, kXfer); !s) {
-      return fail(state, describe("SoftDomain::dma_write", s.error()));
-    }
+    auto s = kWrite ? f.domain->dma_write(f.iova, f.buf, kXfer)
+                    : f.domain->dma_read(f.iova, f.buf, kXfer);
+    if (!s)
+      return fail(state,
+                  describe(kWrite ? "SoftDomain::dma_write" : "SoftDomain::dma_read", s.error()));
     benchmark::ClobberMemory();
   }
   finish(state, f);
 }
 
-void BM_write_memcpy(benchmark::State& state) {
+// The baseline: memcpy between the same buffer and the mapping's memory.
+template <bool kWrite>
+void BM_memcpy(benchmark::State& state) {
   DmaFixture& f = fixture(static_cast<uint64_t>(state.range(0)));
   if (!f.error.empty()) return fail(state, f.error);
-  void* dst = f.host;
-  const void* src = f.buf;
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(dst);
-    benchmark::DoNotOptimize(src);
-    std::memcpy(dst, src, kXfer);
-    benchmark::ClobberMemory();
-  }
-  finish(state, f);
-}
-
-void BM_read_iomm(benchmark::State& state) {
-  DmaFixture& f = fixture(static_cast<uint64_t>(state.range(0)));
-  if (!f.error.empty()) return fail(state, f.error);
-  for (auto _ : state) {
-    if (auto s = f.domain->dma_read(f.iova, f.buf, kXfer); !s) {
-      return fail(state, describe("SoftDomain::dma_read", s.error()));
-    }
-    benchmark::ClobberMemory();
-  }
-  finish(state, f);
-}
-
-void BM_read_memcpy(benchmark::State& state) {
-  DmaFixture& f = fixture(static_cast<uint64_t>(state.range(0)));
-  if (!f.error.empty()) return fail(state, f.error);
-  void* dst = f.buf;
-  const void* src = f.host;
+  void* dst = kWrite ? f.host : f.buf;
+  const void* src = kWrite ? f.buf : f.host;
   for (auto _ : state) {
     benchmark::DoNotOptimize(dst);
     benchmark::DoNotOptimize(src);
@@ -188,10 +160,10 @@ constexpr int64_t k2M = 2 * 1024 * 1024;
 
 }  // namespace
 
-BENCHMARK(BM_write_memcpy)->Name("dma_64KiB/write/memcpy")->ArgName("mapping")->Arg(k64K)->Arg(k2M);
-BENCHMARK(BM_write_iomm)->Name("dma_64KiB/write/iomm")->ArgName("mapping")->Arg(k64K)->Arg(k2M);
-BENCHMARK(BM_read_memcpy)->Name("dma_64KiB/read/memcpy")->ArgName("mapping")->Arg(k64K)->Arg(k2M);
-BENCHMARK(BM_read_iomm)->Name("dma_64KiB/read/iomm")->ArgName("mapping")->Arg(k64K)->Arg(k2M);
+BENCHMARK(BM_memcpy<true>)->Name("dma_64KiB/write/memcpy")->ArgName("mapping")->Arg(k64K)->Arg(k2M);
+BENCHMARK(BM_iomm<true>)->Name("dma_64KiB/write/iomm")->ArgName("mapping")->Arg(k64K)->Arg(k2M);
+BENCHMARK(BM_memcpy<false>)->Name("dma_64KiB/read/memcpy")->ArgName("mapping")->Arg(k64K)->Arg(k2M);
+BENCHMARK(BM_iomm<false>)->Name("dma_64KiB/read/iomm")->ArgName("mapping")->Arg(k64K)->Arg(k2M);
 
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);

@@ -67,22 +67,13 @@ std::unique_ptr<TranslateFixture> build() {
   const auto t0 = std::chrono::steady_clock::now();
   iomm::IoasOptions opt;
   opt.max_mappings = static_cast<uint32_t>(kMappings);
-  auto ioas = iomm::Ioas::create(opt);
-  if (!ioas) {
-    f->error = describe("Ioas::create(max_mappings=1M)", ioas.error());
+  DomainSetup setup = ioas_with_domain(opt);
+  if (!setup.error.empty()) {
+    f->error = setup.error + " (max_mappings=1M)";
     return f;
   }
-  f->ioas = *ioas;
-  auto dom = iomm::SoftDomain::create({});
-  if (!dom) {
-    f->error = describe("SoftDomain::create", dom.error());
-    return f;
-  }
-  f->domain = *dom;
-  if (auto s = f->ioas->attach(f->domain); !s) {
-    f->error = describe("Ioas::attach", s.error());
-    return f;
-  }
+  f->ioas = setup.ioas;
+  f->domain = setup.domain;
   auto src = iomm::MemorySource::simulated(kMappings * kPage);
   if (!src) {
     f->error = describe("MemorySource::simulated(4 GiB)", src.error());
