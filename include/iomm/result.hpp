@@ -1,8 +1,12 @@
 // Errors and results of the iomm public API.
 //
-// Contract: no exception crosses the public API. Every fallible call returns
-// Status or Result<T>; on error it carries a positive errno value and a
+// Contract: every call that changes state returns Status or Result<T> and
+// lets no exception out; on error it carries a positive errno value and a
 // human-readable message, and the call has had no effect (all-or-nothing).
+// The one exception: read-only queries that return a container
+// (Ioas::mappings, Ioas::iova_ranges, SoftDomain::take_faults,
+// iomm::counters) may throw std::bad_alloc when that container cannot be
+// allocated; they change nothing either way.
 #pragma once
 
 #include <cerrno>
