@@ -338,9 +338,6 @@ long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   errno = 0;
   const long r = iomm_vfio_ioctl(c, request, arg);
   *err = errno;
-  if (r == 0 && request == VFIO_IOMMU_MAP_DMA && arg != nullptr) {
-    const auto* map = reinterpret_cast<const vfio_iommu_type1_dma_map*>(g_arg->buf);
-  }
   if (r >= 0) {
     if (request == VFIO_GET_API_VERSION) {
       FUZZ_CHECK(r == VFIO_API_VERSION, "VFIO_GET_API_VERSION returned %ld", r);
