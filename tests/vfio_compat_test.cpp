@@ -486,3 +486,57 @@ TEST(VfioLiveUpdate, OwnerChangeMovesTheCharge) {
 }
 
 }  // namespace
+
+namespace {
+
+// An UNMAP with GET_DIRTY_BITMAP that fails (here: a mediated driver that
+// never unpins, so the unmap ends in EDEADLOCK) must not consume the dirty
+// bits: a later GET_BITMAP still reports the written page.
+TEST(VfioDirty, FailedUnmapKeepsTheDirtyLog) {
+  auto* c = iomm_vfio_open();
+  auto* sw = iomm_vfio_group_create_software(c, nullptr);
+  auto* md = iomm_vfio_group_create_mediated(
+      c, [](void*, uint64_t, uint64_t) {}, nullptr);
+  ASSERT_EQ(iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(VFIO_TYPE1v2_IOMMU)), 0);
+  Mem m(64 * kPage);
+  ASSERT_EQ(map(c, 0x100000, m.va(), 64 * kPage), 0);
+  vfio_iommu_type1_dirty_bitmap start{.argsz = sizeof(start),
+                                      .flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_START};
+  ASSERT_EQ(ioctl_errno(c, VFIO_IOMMU_DIRTY_PAGES, &start), 0);
+  void* host[1];
+  ASSERT_EQ(iomm_vfio_pin_pages(md, 0x100000, 1, IOMM_VFIO_PROT_READ, host), 1);
+  char byte = 1;
+  ASSERT_EQ(iomm_vfio_group_dma_rw(sw, 0x100000 + 5 * kPage, &byte, 1, 1), 0);
+
+  uint64_t bits[1] = {};
+  alignas(8) unsigned char ubuf[sizeof(vfio_iommu_type1_dma_unmap) + sizeof(vfio_bitmap)] = {};
+  auto* u = reinterpret_cast<vfio_iommu_type1_dma_unmap*>(ubuf);
+  u->argsz = sizeof(ubuf);
+  u->flags = VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP;
+  u->iova = 0x100000;
+  u->size = 64 * kPage;
+  *reinterpret_cast<vfio_bitmap*>(u->data) = {
+      .pgsize = kPage, .size = sizeof(bits), .data = reinterpret_cast<__u64*>(bits)};
+  EXPECT_EQ(ioctl_errno(c, VFIO_IOMMU_UNMAP_DMA, u), EDEADLOCK);
+  EXPECT_EQ(u->size, 0U);
+
+  alignas(8) unsigned char
+      gbuf[sizeof(vfio_iommu_type1_dirty_bitmap) + sizeof(vfio_iommu_type1_dirty_bitmap_get)] = {};
+  auto* hdr = reinterpret_cast<vfio_iommu_type1_dirty_bitmap*>(gbuf);
+  hdr->argsz = sizeof(gbuf);
+  hdr->flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP;
+  *reinterpret_cast<vfio_iommu_type1_dirty_bitmap_get*>(hdr->data) = {
+      .iova = 0x100000,
+      .size = 64 * kPage,
+      .bitmap = {.pgsize = kPage, .size = sizeof(bits), .data = reinterpret_cast<__u64*>(bits)}};
+  bits[0] = 0;
+  ASSERT_EQ(ioctl_errno(c, VFIO_IOMMU_DIRTY_PAGES, hdr), 0);
+  EXPECT_EQ(bits[0], (1ULL << 5) | 1ULL);  // the written page, and the pinned one
+
+  ASSERT_EQ(iomm_vfio_unpin_pages(md, 0x100000, 1), 1);
+  iomm_vfio_group_destroy(md);
+  iomm_vfio_group_destroy(sw);
+  iomm_vfio_close(c);
+}
+
+}  // namespace

@@ -201,6 +201,8 @@ long dirty_pages(Container& c, void* arg) {
   if (dirty.flags == 0 || (dirty.flags & (dirty.flags - 1)) != 0) return fail(EINVAL);
   if ((dirty.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_START) != 0) {
     std::lock_guard lk(c.mu);
+    // v2 was read without the lock: the IOMMU may have gone since.
+    if (!c.iommu_set) return fail(EACCES);
     if (!c.dirty_tracking) {
       c.ioas->set_dirty_tracking(true);
       c.dirty_tracking = true;
@@ -209,6 +211,8 @@ long dirty_pages(Container& c, void* arg) {
   }
   if ((dirty.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP) != 0) {
     std::lock_guard lk(c.mu);
+    // v2 was read without the lock: the IOMMU may have gone since.
+    if (!c.iommu_set) return fail(EACCES);
     if (c.dirty_tracking) {
       c.ioas->set_dirty_tracking(false);
       c.dirty_tracking = false;

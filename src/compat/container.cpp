@@ -23,6 +23,18 @@ Error type1_attach_error(const Error& e) {
   return e;
 }
 
+// OR 4 KiB-page bits into bits of 2^shift-byte pages.
+void fold(std::span<const uint64_t> in, uint64_t npages4k, unsigned shift,
+          std::span<uint64_t> out) {
+  const unsigned k = shift - kPageShift;
+  std::fill(out.begin(), out.end(), 0);
+  for (uint64_t p = 0; p < npages4k; ++p) {
+    if ((in[p >> 6] >> (p & 63) & 1) == 0) continue;
+    const uint64_t j = p >> k;
+    if ((j >> 6) < out.size()) out[j >> 6] |= uint64_t{1} << (j & 63);
+  }
+}
+
 }  // namespace
 
 Container::~Container() {
@@ -234,17 +246,6 @@ Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vad
   return {};
 }
 
-void Container::fold(std::span<const uint64_t> in, uint64_t npages4k, unsigned shift,
-                     std::span<uint64_t> out) {
-  const unsigned k = shift - kPageShift;
-  std::fill(out.begin(), out.end(), 0);
-  for (uint64_t p = 0; p < npages4k; ++p) {
-    if ((in[p >> 6] >> (p & 63) & 1) == 0) continue;
-    const uint64_t j = p >> k;
-    if ((j >> 6) < out.size()) out[j >> 6] |= uint64_t{1} << (j & 63);
-  }
-}
-
 Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint64_t* unmapped,
                         uint64_t bitmap_pgsize, std::span<uint64_t> bitmap_out) {
   *unmapped = 0;
@@ -319,19 +320,10 @@ Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint
   const Dma& hi = dmas[victims.back()];
   const uint64_t span_start = lo.iova;
   const uint64_t span_len = hi.iova + hi.size - lo.iova;
+  // Only read here: if the unmap below fails, the log must still hold the
+  // bits; if it succeeds, it clears the range itself.
   if (want_bitmap) {
-    // Bits for [iova, iova + size) at pgsize granularity.
-    const uint64_t npages4k = size >> kPageShift;
-    std::vector<uint64_t> raw;
-    try {
-      if (IOMM_INJECT("vfio.alloc_bitmap")) throw std::bad_alloc();
-      if (IOMM_INJECT("vfio.alloc_bitmap")) throw std::bad_alloc();
-      raw.assign((npages4k + 63) / 64, 0);
-    } catch (const std::bad_alloc&) {
-      return Error(ENOMEM, "out of memory");
-    }
-    if (Status s = ioas->read_and_clear_dirty(iova, size, raw); !s) return s;
-    fold(raw, npages4k, std::countr_zero(pgsize), bitmap_out);
+    if (Status st = collect_dirty(iova, size, pgsize, bitmap_out, false); !st) return st;
   }
   auto bytes = ioas->unmap_range_allow_empty(span_start, span_len);
   if (!bytes.ok()) return bytes.error();
@@ -357,14 +349,22 @@ Status Container::dirty_get(uint64_t iova, uint64_t size, uint64_t pgsize,
     if (d.iova < iova && dl >= iova) return Error(EINVAL, "range bisects a mapping");
     if (d.iova <= last && dl > last) return Error(EINVAL, "range bisects a mapping");
   }
+  return collect_dirty(iova, size, pgsize, out, true);
+}
+
+Status Container::collect_dirty(uint64_t iova, uint64_t size, uint64_t pgsize,
+                                std::span<uint64_t> out, bool clear) {
   const uint64_t npages4k = size >> kPageShift;
   std::vector<uint64_t> raw;
   try {
+    if (IOMM_INJECT("vfio.alloc_bitmap")) throw std::bad_alloc();
     raw.assign((npages4k + 63) / 64, 0);
   } catch (const std::bad_alloc&) {
     return Error(ENOMEM, "out of memory");
   }
-  if (Status s = ioas->read_and_clear_dirty(iova, size, raw); !s) return s;
+  const Status st =
+      clear ? ioas->read_and_clear_dirty(iova, size, raw) : ioas->peek_dirty(iova, size, raw);
+  if (!st) return st;
   fold(raw, npages4k, std::countr_zero(pgsize), out);
   return {};
 }

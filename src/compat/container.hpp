@@ -104,9 +104,10 @@ class Container {
   Status attach_group(iomm_vfio_group* g);  // mu held, IOMMU set
   void detach_group(iomm_vfio_group* g) noexcept;
   void release_iommu() noexcept;
-  // Fold a 4 KiB-page bitmap into one bit per pgsize page.
-  static void fold(std::span<const uint64_t> in, uint64_t npages4k, unsigned shift,
-                   std::span<uint64_t> out);
+  // The dirty bits of [iova, iova + size) at pgsize granularity into out,
+  // read and cleared, or (clear false) only read. mu held.
+  Status collect_dirty(uint64_t iova, uint64_t size, uint64_t pgsize, std::span<uint64_t> out,
+                       bool clear);
 };
 
 }  // namespace iomm::compat

@@ -77,7 +77,7 @@ bool DirtyLog::mark(uint64_t iova, uint64_t length) noexcept {
 }
 
 template <typename F>
-void DirtyLog::for_each_word(uint64_t first_page, uint64_t last_page, F f) noexcept {
+void DirtyLog::for_each_word(uint64_t first_page, uint64_t last_page, bool clear, F f) noexcept {
   for (uint64_t page = first_page; page <= last_page;) {
     const uint64_t block_last = page | ((uint64_t{1} << kLeafPagesShift) - 1);
     const uint64_t end = last_page < block_last ? last_page : block_last;
@@ -89,7 +89,9 @@ void DirtyLog::for_each_word(uint64_t first_page, uint64_t last_page, F f) noexc
         const uint64_t mask = (n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1)) << bit;
         std::atomic<uint64_t>& w = b->word[(page >> 6) & ((1U << kLeafWordsShift) - 1)];
         if ((w.load(std::memory_order_relaxed) & mask) != 0) {
-          f(page, (w.fetch_and(~mask, std::memory_order_acq_rel) & mask) >> bit, n);
+          const uint64_t word = clear ? w.fetch_and(~mask, std::memory_order_acq_rel)
+                                      : w.load(std::memory_order_acquire);
+          f(page, (word & mask) >> bit, n);
         }
         page += n;
       }
@@ -99,17 +101,18 @@ void DirtyLog::for_each_word(uint64_t first_page, uint64_t last_page, F f) noexc
   }
 }
 
-void DirtyLog::collect_and_clear(uint64_t first_page, uint64_t npages,
-                                 std::span<uint64_t> out) noexcept {
+void DirtyLog::collect(uint64_t first_page, uint64_t npages, std::span<uint64_t> out,
+                       bool clear) noexcept {
   if (npages == 0) return;
-  for_each_word(first_page, first_page + npages - 1, [&](uint64_t page, uint64_t bits, uint64_t) {
-    while (bits != 0) {
-      const unsigned b = __builtin_ctzll(bits);
-      bits &= bits - 1;
-      const uint64_t i = page - first_page + b;
-      if ((i >> 6) < out.size()) out[i >> 6] |= uint64_t{1} << (i & 63);
-    }
-  });
+  for_each_word(first_page, first_page + npages - 1, clear,
+                [&](uint64_t page, uint64_t bits, uint64_t) {
+                  while (bits != 0) {
+                    const unsigned b = __builtin_ctzll(bits);
+                    bits &= bits - 1;
+                    const uint64_t i = page - first_page + b;
+                    if ((i >> 6) < out.size()) out[i >> 6] |= uint64_t{1} << (i & 63);
+                  }
+                });
 }
 
 void DirtyLog::clear(uint64_t first_page, uint64_t last_page) noexcept {
@@ -127,7 +130,7 @@ void DirtyLog::clear(uint64_t first_page, uint64_t last_page) noexcept {
         if (level == 0) {
           const uint64_t bfirst = lo << kLeafPagesShift;
           const uint64_t blast = bfirst | ((uint64_t{1} << kLeafPagesShift) - 1);
-          log->for_each_word(fp > bfirst ? fp : bfirst, lp < blast ? lp : blast,
+          log->for_each_word(fp > bfirst ? fp : bfirst, lp < blast ? lp : blast, true,
                              [](uint64_t, uint64_t, uint64_t) {});
         } else {
           walk(static_cast<Node*>(p), level - 1, lo, first_block, last_block, log, fp, lp);

@@ -30,8 +30,8 @@ class DirtyLog {
   bool mark(uint64_t iova, uint64_t length) noexcept;
 
   // OR the bits of pages [first_page, first_page + npages) into out (bit i
-  // of out = page first_page + i), clearing them in the log.
-  void collect_and_clear(uint64_t first_page, uint64_t npages, std::span<uint64_t> out) noexcept;
+  // of out = page first_page + i); with clear, also clear them in the log.
+  void collect(uint64_t first_page, uint64_t npages, std::span<uint64_t> out, bool clear) noexcept;
   // Clear pages [first_page, last_page] (inclusive).
   void clear(uint64_t first_page, uint64_t last_page) noexcept;
 
@@ -51,8 +51,9 @@ class DirtyLog {
   // The block for page, created when create is set; nullptr if absent or if
   // allocation failed.
   Block* block(uint64_t page, bool create) noexcept;
+  // f(page, bits, n) for every non-zero word in range; clear also clears it.
   template <typename F>
-  void for_each_word(uint64_t first_page, uint64_t last_page, F f) noexcept;
+  void for_each_word(uint64_t first_page, uint64_t last_page, bool clear, F f) noexcept;
   static void free_node(Node* n, unsigned level) noexcept;
 
   std::atomic<bool> enabled_{false};

@@ -23,8 +23,11 @@ void Ioas::set_dirty_tracking(bool on) noexcept { state_->dirty.set_enabled(on);
 
 bool Ioas::dirty_tracking() const noexcept { return state_->dirty.enabled(); }
 
-Status Ioas::read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
-  if (!state_->dirty.enabled()) return Error(EINVAL, "dirty tracking is off");
+namespace {
+
+Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint64_t> bitmap,
+                  bool clear) {
+  if (!st.dirty.enabled()) return Error(EINVAL, "dirty tracking is off");
   if (length == 0) return Error(EINVAL, "zero length");
   if (!is_aligned(iova, kPageSize) || !is_aligned(length, kPageSize)) {
     return Error(EINVAL, "iova and length must be page aligned");
@@ -33,13 +36,22 @@ Status Ioas::read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint
   const uint64_t npages = length >> kPageShift;
   if (bitmap.size() < (npages + 63) / 64) return Error(EINVAL, "bitmap too small");
   std::fill(bitmap.begin(), bitmap.end(), 0);
-  IoasState& st = *state_;
-  st.dirty.collect_and_clear(iova >> kPageShift, npages, bitmap);
+  st.dirty.collect(iova >> kPageShift, npages, bitmap, clear);
   std::lock_guard lk(st.accesses_mu);
   for (const access::AccessState* a : st.accesses) {
     access::collect_pinned(*a, iova >> kPageShift, npages, bitmap);
   }
   return {};
+}
+
+}  // namespace
+
+Status Ioas::read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
+  return read_dirty(*state_, iova, length, bitmap, true);
+}
+
+Status Ioas::peek_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
+  return read_dirty(*state_, iova, length, bitmap, false);
 }
 
 Result<uint64_t> Ioas::invalidate_host(uint64_t iova, uint64_t length) {
