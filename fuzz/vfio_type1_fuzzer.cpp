@@ -100,12 +100,18 @@ uint64_t pick_size(Reader& in) { return pick(in, kSizeTable, std::size(kSizeTabl
 uint64_t pick_vaddr(Reader& in, uint64_t size) {
   const uint8_t b = in.u8();
   const uint64_t off = static_cast<uint64_t>(in.u8()) * kPage + ((b & 0x80) != 0 ? 0x800 : 0);
+  // Kernel half of the address space: never mapped in user space, however
+  // long the range, so a map of it must fail (or stay lazy) and no pin, rw or
+  // DMA through it can reach memory.
+  constexpr uint64_t kNeverMapped = 0xffff800000000000ULL;
   auto within = [&](uint8_t* base, size_t len) {
-    // Keep [vaddr, vaddr + size) inside the region; a size that does not fit
-    // gets the PROT_NONE region (it must fail, never reach other memory).
-    if (size > len) base = mem->none, len = mem->none_size;
+    // Keep [vaddr, vaddr + size) inside the region. A size that does not fit
+    // gets a range that is unmapped in its entirety: starting it in the
+    // PROT_NONE region would let its tail reach whatever is mapped after it,
+    // and a lazy MAP_DMA plus a mediated write would corrupt the harness.
+    if (size > len) return kNeverMapped + off;
     uint64_t o = off % len;
-    if (size <= len && o + size > len) o = (len - size) & ~(kPage - 1);
+    if (o + size > len) o = (len - size) & ~(kPage - 1);
     return reinterpret_cast<uint64_t>(base) + o;
   };
   switch (b % 5) {
