@@ -1,7 +1,5 @@
 #include "acct/owner.hpp"
 
-#include "fault/inject.hpp"
-
 #include <linux/capability.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -9,12 +7,14 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cassert>
 #include <map>
 #include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "core/check.hpp"
+#include "fault/inject.hpp"
 
 namespace iomm::acct {
 
@@ -70,7 +70,7 @@ Status Owner::charge(uint64_t pages) {
 void Owner::uncharge(uint64_t pages) noexcept {
   if (pages == 0) return;
   [[maybe_unused]] const uint64_t before = charged_.fetch_sub(pages, std::memory_order_relaxed);
-  assert(before >= pages && "charge underflow");
+  IOMM_CHECK(before >= pages, "charge underflow");
 }
 
 std::optional<uint64_t> Owner::limit_pages() const {

@@ -1,9 +1,7 @@
 // Map, unmap and copy (see include/iomm/ioas.hpp for the contract).
-#include "fault/inject.hpp"
 #include "iomm/ioas.hpp"
 
 #include <algorithm>
-#include <cassert>
 #include <chrono>
 #include <cstdio>
 #include <new>
@@ -11,7 +9,9 @@
 #include <thread>
 
 #include "access/access_state.hpp"
+#include "core/check.hpp"
 #include "domain/page_table.hpp"
+#include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
 #include "sync/rcu.hpp"
 
@@ -277,8 +277,8 @@ Ioas::Ioas(std::unique_ptr<IoasState> state) : state_(std::move(state)) {}
 Ioas::~Ioas() {
   // Accesses hold a reference, so none is left: unmap_all cannot deadlock,
   // and nothing else can race with us.
-  [[maybe_unused]] auto unmapped = remove_range(*state_, {0, UINT64_MAX});
-  assert(unmapped.ok());
+  auto unmapped = remove_range(*state_, {0, UINT64_MAX});
+  IOMM_CHECK(unmapped.ok(), "unmapping everything at destruction failed");
   for (;;) {
     std::shared_ptr<SoftDomain> d;
     {
@@ -286,8 +286,8 @@ Ioas::~Ioas() {
       if (state_->domains.empty()) break;
       d = state_->domains.back();
     }
-    [[maybe_unused]] Status s = detach(d);
-    assert(s.ok());
+    Status s = detach(d);
+    IOMM_CHECK(s.ok(), "detach at destruction failed");
   }
 }
 

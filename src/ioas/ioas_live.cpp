@@ -1,12 +1,12 @@
 // Dirty tracking and live update of host addresses
 // (see include/iomm/ioas.hpp for the contract).
 #include <algorithm>
-#include <cassert>
 #include <new>
 #include <string>
 
 #include "access/access_state.hpp"
 #include "acct/owner.hpp"
+#include "core/check.hpp"
 #include "domain/page_table.hpp"
 #include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
@@ -147,10 +147,9 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
         for (size_t e = 0; e <= d; ++e) {
           domain::PageTable& back = st.domains[e]->page_table();
           back.unmap(old->range.start, old->length());
-          [[maybe_unused]] const Status restored =
-              back.map(old->range.start, old_addr, old->length(), old->prot,
-                       old->source.object()->synthetic());
-          assert(restored.ok());
+          const Status restored = back.map(old->range.start, old_addr, old->length(), old->prot,
+                                           old->source.object()->synthetic());
+          IOMM_CHECK(restored.ok(), "restoring the old translation failed");
         }
         sync::rcu_synchronize();
         if (pinned) fresh->unpin_all();

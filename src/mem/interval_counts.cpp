@@ -1,6 +1,6 @@
 #include "mem/interval_counts.hpp"
 
-#include <cassert>
+#include "core/check.hpp"
 
 namespace iomm::mem {
 
@@ -74,14 +74,14 @@ uint64_t IntervalCounts::add(uint64_t first, uint64_t last, int delta, uint64_t 
   uint64_t crossed = 0;
   for (auto it = map_.lower_bound(first); it != map_.end() && it->first <= last; ++it) {
     Segment& seg = it->second;
-    assert(seg.last <= last && "range not covered");
+    IOMM_CHECK(seg.last <= last, "range not covered");
     if (delta > 0) {
       if (seg.count++ == 0) {
         crossed += seg.last - it->first + 1;
         if (op != 0) seg.pending_op = op;
       }
     } else {
-      assert(seg.count > 0 && "pin count underflow");
+      IOMM_CHECK(seg.count > 0, "pin count underflow");
       if (--seg.count == 0) {
         crossed += seg.last - it->first + 1;
         if (op != 0) seg.pending_op = op;

@@ -15,10 +15,10 @@
 // no allocation because pin left the boundaries in place.
 #include <array>
 #include <atomic>
-#include <cassert>
 #include <new>
 
 #include "acct/owner.hpp"
+#include "core/check.hpp"
 #include "fault/inject.hpp"
 #include "mem/mem_object.hpp"
 #include "stats/shared_counters.hpp"
@@ -84,7 +84,7 @@ size_t MemObject::collect_runs(uint64_t op, uint64_t first, uint64_t last,
 }
 
 Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool write) {
-  assert(length > 0);
+  IOMM_CHECK(length > 0, "empty pin range");
   const uint64_t first = offset >> page_shift_;
   const uint64_t last = (offset + length - 1) >> page_shift_;
   const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
@@ -163,7 +163,7 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
 }
 
 void MemObject::unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept {
-  assert(length > 0);
+  IOMM_CHECK(length > 0, "empty unpin range");
   const uint64_t first = offset >> page_shift_;
   const uint64_t last = (offset + length - 1) >> page_shift_;
 
@@ -176,7 +176,7 @@ void MemObject::unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noex
   // Memory first, then the charge (teardown order).
   if (owner != nullptr) {
     auto it = charged_.find(owner);
-    assert(it != charged_.end() && "unpin without a charge");
+    IOMM_CHECK(it != charged_.end(), "unpin without a charge");
     const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
     const uint64_t uncharged = it->second.add(first, last, -1, 0) * granule_pages;
     it->second.erase_zeros(first, last);
@@ -201,7 +201,8 @@ void MemObject::finish_unlock(uint64_t op, uint64_t first, uint64_t last,
       auto& segs = physical_.segments();
       for (auto it = segs.lower_bound(runs[i].first);
            it != segs.end() && it->first <= runs[i].last;) {
-        assert(it->second.pending_op == op && it->second.count == 0);
+        IOMM_CHECK(it->second.pending_op == op && it->second.count == 0,
+                   "failed pin unwinds a segment it does not own");
         it = segs.erase(it);
       }
     }
