@@ -222,7 +222,7 @@ TEST(AttachShrunk, PinningPastTheEndOfAShrunkFileIsEfault) {
 }
 
 TEST(AttachShrunk, HugetlbPastTheEndIsEfault) {
-  if (!test::hugetlb_available(4 * kMiB)) GTEST_SKIP() << "no 2 MiB huge pages available";
+  IOMM_NEEDS(test::hugetlb_available(4 * kMiB), "2 MiB huge pages (vm.nr_hugepages)");
   test::Memfd huge(4 * kMiB, MFD_HUGETLB);
   auto ioas = Ioas::create({}).value();
   auto src = MemorySource::from_file(huge.fd(), 0, 4 * kMiB);

@@ -7,14 +7,18 @@
 //   not unpin) left the same state as a run with no injection;
 // - tearing the world down returns every count to zero; LeakSanitizer (ASan
 //   preset) checks that nothing leaked.
-// Adding a scenario is one entry in kScenarios; adding a point is one
-// IOMM_INJECT in src/ and one name in kAllPoints (and docs/testing.md).
+// Coverage is by site (file and line): the build lists every IOMM_INJECT in
+// src/ (tests/list_inject_sites.cmake) and EverySiteIsFailed checks that some
+// scenario failed each of them. Adding a scenario is one entry in scenarios()
+// or vfio_scenarios(); adding a site is one IOMM_INJECT in src/ (plus its
+// name in docs/testing.md) and, if no scenario reaches it yet, a scenario.
 #include <gtest/gtest.h>
 #include <linux/vfio.h>
 #include <sys/mman.h>
 
 #include <functional>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -33,41 +37,14 @@ namespace {
 constexpr uint32_t kRW = kProtRead | kProtWrite;
 constexpr uint64_t kMiB = 1 << 20;
 
-// Every injection point in src/. EveryPointIsExercised keeps this list and
-// the scenarios honest.
-const std::set<std::string> kAllPoints = {
-    "access.alloc",
-    "access.alloc_page_pins",
-    "access.alloc_pin_record",
-    "access.alloc_slices",
-    "access.callback",
-    "acct.charge",
-    "dirty.alloc",
-    "domain.alloc",
-    "domain.table_alloc",
-    "ioas.alloc_allowed",
-    "ioas.alloc_area",
-    "ioas.alloc_copy",
-    "ioas.alloc_domain_slot",
-    "ioas.alloc_live_area",
-    "ioas.alloc_reservation",
-    "mem.alloc_object",
-    "mem.dup",
-    "mem.fstat",
-    "mem.madvise",
-    "mem.mincore",
-    "mem.mlock",
-    "mem.mmap",
-    "mem.pin_bookkeeping",
-    "vfio.alloc_bitmap",
-    "vfio.alloc_container",
-    "vfio.alloc_dma",
-    "vfio.alloc_group",
-    "vfio.alloc_group_slot",
-    "vfio.alloc_info",
-    "vfio.alloc_unmap",
-    "vfio.open_map_file",
-    "vfio.read_maps",
+// Every injection site in src/, listed at build time: {"src/<path>:<line>",
+// "<name>"}.
+struct Site {
+  const char* site;
+  const char* name;
+};
+const Site kSites[] = {
+#include "inject_sites.inc"
 };
 
 // The objects a scenario works on. The memfd, user buffer and spare domain
@@ -136,8 +113,12 @@ struct Snapshot {
   std::vector<MappingRow> maps_a, maps_b;
   std::vector<IovaRange> ranges_a, ranges_b;
   uint64_t domains_a = 0, accesses_a = 0, align_a = 0, align_b = 0;
-  std::vector<std::tuple<uint64_t, uint64_t, uint64_t, uint64_t>> domain_tables;
-  uint64_t pinned = 0, charged = 0, vmlck = 0, access_pins = 0;
+  // Per domain: mapped bytes, leaves 4K/2M/1G, faults recorded and dropped.
+  std::vector<std::tuple<uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t>> domain_tables;
+  uint64_t pinned = 0, charged = 0, vmlck = 0, access_pins = 0, access_page_pins = 0;
+  // Dirty tracking of a and b, and (while on) the log over the first 16 MiB.
+  bool dirty_a = false, dirty_b = false;
+  std::vector<uint64_t> dirty_log_a, dirty_log_b;
   bool spare_attached_elsewhere_ok = false;
 
   bool operator==(const Snapshot&) const = default;
@@ -161,17 +142,27 @@ Snapshot snapshot(World& w) {
   s.accesses_a = w.a->counters().accesses;
   s.align_a = w.a->counters().iova_alignment;
   s.align_b = w.b->counters().iova_alignment;
-  for (const auto& d : w.domains) {
-    const DomainCounters c = d->counters();
-    s.domain_tables.emplace_back(c.mapped_bytes, c.leaves_4k, c.leaves_2m, c.leaves_1g);
-  }
-  const DomainCounters sc = w.spare->counters();
-  s.domain_tables.emplace_back(sc.mapped_bytes, sc.leaves_4k, sc.leaves_2m, sc.leaves_1g);
+  auto tables = [&](const SoftDomain& d) {
+    const DomainCounters c = d.counters();
+    s.domain_tables.emplace_back(c.mapped_bytes, c.leaves_4k, c.leaves_2m, c.leaves_1g, c.faults,
+                                 c.faults_dropped);
+  };
+  for (const auto& d : w.domains) tables(*d);
+  tables(*w.spare);
+  auto dirty_log = [](Ioas& ioas, bool& on, std::vector<uint64_t>& log) {
+    on = ioas.dirty_tracking();
+    if (!on) return;
+    log.assign(16 * kMiB / kPageSize / 64, 0);
+    EXPECT_TRUE(ioas.peek_dirty(0, 16 * kMiB, log).ok());
+  };
+  dirty_log(*w.a, s.dirty_a, s.dirty_log_a);
+  dirty_log(*w.b, s.dirty_b, s.dirty_log_b);
   const Counters c = counters();
   s.pinned = c.pinned_bytes + c.simulated_pinned_bytes;
   s.charged = c.charged_bytes;
   s.vmlck = c.vmlck_bytes;
   s.access_pins = w.access ? w.access->pin_count() : 0;
+  s.access_page_pins = w.access ? w.access->page_pinned_count() : 0;
   // Whether the spare domain is free: attaching it to a scratch IOAS works.
   auto scratch = Ioas::create({}).value();
   s.spare_attached_elsewhere_ok = scratch->attach(w.spare).ok();
@@ -228,6 +219,10 @@ const std::vector<Scenario>& scenarios() {
          w.attach_domains(2);
          ASSERT_OK(w.a->map(w.file(0, kMiB), kRW, 0x100000));
          ASSERT_OK(w.a->map(w.file(kMiB, kMiB), kRW, 0x300000));
+         w.a->set_dirty_tracking(true);
+         w.make_access();
+         char byte = 1;
+         ASSERT_OK(w.access->write(0x300000, &byte, 1));
        },
        [](World& w) { return status_of(w.a->unmap(0, 0x400000)); }},
       {"CopyIntoDomainedIoas",
@@ -293,6 +288,7 @@ const std::vector<Scenario>& scenarios() {
       {"AccessReadWrite",
        [](World& w) {
          ASSERT_OK(w.a->map(w.file(0, kMiB), kRW, 0x100000));
+         w.a->set_dirty_tracking(true);
          w.make_access();
        },
        [](World& w) {
@@ -320,14 +316,15 @@ const std::vector<Scenario>& scenarios() {
 
 struct RunSummary {
   int runs = 0;
-  std::set<std::string> failed_points;
+  bool reached_clean_run = false;
+  std::map<std::string, std::string> failed_sites;  // site -> name
 };
 
-// Fail each point in turn; return what was exercised. W is the world type,
-// snap(W&) its observable state.
+// Fail each site in turn until a run reaches none; return what was
+// exercised. W is the world type, snap(W&) its observable state.
 template <typename W, typename Snap>
 RunSummary run_fail_nth(const BasicScenario<W>& sc, Snap snap) {
-  test::WithoutIpcLock nocap;  // charging on: the acct.charge point is reached
+  test::WithoutIpcLock nocap;  // charging on: the acct.charge site is reached
   EXPECT_TRUE(set_memlock_limit(AccountMode::per_process, 0, 64 * kMiB).ok());
   decltype(snap(std::declval<W&>())) reference{};
   {
@@ -339,7 +336,8 @@ RunSummary run_fail_nth(const BasicScenario<W>& sc, Snap snap) {
     reference = snap(w);
   }
   RunSummary summary;
-  for (uint64_t n = 1; n < 1000; ++n) {
+  constexpr uint64_t kMaxRuns = 1000;
+  for (uint64_t n = 1; n <= kMaxRuns; ++n) {
     W w;
     sc.setup(w);
     const auto before = snap(w);
@@ -347,22 +345,26 @@ RunSummary run_fail_nth(const BasicScenario<W>& sc, Snap snap) {
     const Status st = sc.op(w);
     const fault::Report report = fault::disarm();
     ++summary.runs;
-    if (report.failed_point.empty()) {
+    if (report.failed_site.empty()) {
+      summary.reached_clean_run = true;
       EXPECT_TRUE(st.ok()) << sc.name << ": a run with no injected failure failed";
       EXPECT_TRUE(snap(w) == reference) << sc.name << ": clean run differs";
       break;
     }
-    summary.failed_points.insert(report.failed_point);
+    summary.failed_sites.emplace(report.failed_site, report.failed_name);
     const auto after = snap(w);
     if (!st.ok()) {
       EXPECT_TRUE(after == before)
-          << sc.name << ": failing point " << n << " (" << report.failed_point << ", "
-          << st.error().describe() << ") changed the state";
+          << sc.name << ": failing site " << n << " (" << report.failed_name << " at "
+          << report.failed_site << ", " << st.error().describe() << ") changed the state";
     } else {
-      EXPECT_TRUE(after == reference) << sc.name << ": recovered from point " << n << " ("
-                                      << report.failed_point << ") into a different state";
+      EXPECT_TRUE(after == reference)
+          << sc.name << ": recovered from site " << n << " (" << report.failed_name << " at "
+          << report.failed_site << ") into a different state";
     }
   }
+  EXPECT_TRUE(summary.reached_clean_run)
+      << sc.name << ": still failing an injected site after " << kMaxRuns << " runs";
   const Counters c = counters();
   EXPECT_EQ(c.pinned_bytes + c.simulated_pinned_bytes, 0U) << sc.name;
   EXPECT_EQ(c.charged_bytes, 0U) << sc.name;
@@ -371,8 +373,8 @@ RunSummary run_fail_nth(const BasicScenario<W>& sc, Snap snap) {
 }
 
 void print_summary(const char* name, const RunSummary& s) {
-  std::cout << "[fail_nth] " << name << ": " << s.runs << " runs, points:";
-  for (const auto& p : s.failed_points) std::cout << " " << p;
+  std::cout << "[fail_nth] " << name << ": " << s.runs << " runs, sites:";
+  for (const auto& [site, point] : s.failed_sites) std::cout << " " << point << "@" << site;
   std::cout << "\n";
 }
 
@@ -440,6 +442,20 @@ struct VfioWorld {
     u.size = size;
     return iomm_vfio_ioctl(c, VFIO_IOMMU_UNMAP_DMA, &u);
   }
+  long get_bitmap(uint64_t iova, uint64_t size, std::vector<uint64_t>& bits) {
+    alignas(8) unsigned char
+        buf[sizeof(vfio_iommu_type1_dirty_bitmap) + sizeof(vfio_iommu_type1_dirty_bitmap_get)] = {};
+    auto* d = reinterpret_cast<vfio_iommu_type1_dirty_bitmap*>(buf);
+    auto* get = reinterpret_cast<vfio_iommu_type1_dirty_bitmap_get*>(d->data);
+    d->argsz = sizeof(buf);
+    d->flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP;
+    get->iova = iova;
+    get->size = size;
+    get->bitmap.pgsize = kPageSize;
+    get->bitmap.size = bits.size() * sizeof(uint64_t);
+    get->bitmap.data = reinterpret_cast<__u64*>(bits.data());
+    return iomm_vfio_ioctl(c, VFIO_IOMMU_DIRTY_PAGES, d);
+  }
   long dirty(uint32_t flags) {
     vfio_iommu_type1_dirty_bitmap d{};
     d.argsz = sizeof(d);
@@ -463,6 +479,11 @@ struct VfioSnapshot {
   uint64_t pinned = 0, charged = 0, vmlck = 0;
   uint32_t dma_avail = 0;
   std::vector<bool> reachable;
+  size_t mediated_pins = 0;  // the driver's pins, which unmap notifications drop
+  // GET_BITMAP of [0x400000, +2 MiB): its result and the bits.
+  long bitmap_rc = 0;
+  int bitmap_errno = 0;
+  std::vector<uint64_t> dirty;
   bool operator==(const VfioSnapshot&) const = default;
 };
 
@@ -483,6 +504,23 @@ VfioSnapshot vfio_snapshot(VfioWorld& w) {
       }
       off = h->next;
     }
+  }
+  s.mediated_pins = w.pins.size();
+  s.dirty.assign(8, 0);
+  s.bitmap_rc = w.get_bitmap(0x400000, 2 * kMiB, s.dirty);
+  s.bitmap_errno = s.bitmap_rc == 0 ? 0 : errno;
+  // GET_BITMAP cleared the bits: the device writes each page back as it was,
+  // which marks it again, so that looking does not change the log.
+  for (size_t i = 0; i < s.dirty.size() * 64; ++i) {
+    if ((s.dirty[i / 64] >> (i % 64) & 1) == 0) continue;
+    const uint64_t iova = 0x400000 + i * kPageSize;
+    char byte = 0;
+    auto rw = [&](int write) {
+      return w.sw != nullptr ? iomm_vfio_group_dma_rw(w.sw, iova, &byte, 1, write)
+                             : iomm_vfio_dma_rw(w.md, iova, &byte, 1, write);
+    };
+    EXPECT_EQ(rw(0), 0);
+    EXPECT_EQ(rw(1), 0);
   }
   if (w.sw != nullptr) {
     for (uint64_t iova : {0x100000ULL, 0x1FF000ULL, 0x400000ULL, 0x5FF000ULL, 0x800000ULL}) {
@@ -565,19 +603,38 @@ const std::vector<VfioScenario>& vfio_scenarios() {
          ASSERT_EQ(w.dirty(VFIO_IOMMU_DIRTY_PAGES_FLAG_START), 0);
        },
        [](VfioWorld& w) {
+         std::vector<uint64_t> bits(8);
+         return errno_status(w.get_bitmap(0x400000, 2 * kMiB, bits));
+       }},
+      {"VfioUnmapWithDirtyBitmap",
+       [](VfioWorld& w) {
+         w.groups(true, false);
+         ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
+         ASSERT_EQ(w.dirty(VFIO_IOMMU_DIRTY_PAGES_FLAG_START), 0);
+         char byte = 1;
+         ASSERT_EQ(iomm_vfio_group_dma_rw(w.sw, 0x401000, &byte, 1, 1), 0);
+       },
+       [](VfioWorld& w) {
          uint64_t bits[8] = {};
-         alignas(8) unsigned char buf[sizeof(vfio_iommu_type1_dirty_bitmap) +
-                                      sizeof(vfio_iommu_type1_dirty_bitmap_get)] = {};
-         auto* d = reinterpret_cast<vfio_iommu_type1_dirty_bitmap*>(buf);
-         auto* get = reinterpret_cast<vfio_iommu_type1_dirty_bitmap_get*>(d->data);
-         d->argsz = sizeof(buf);
-         d->flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP;
-         get->iova = 0x400000;
-         get->size = 2 * kMiB;
-         get->bitmap.pgsize = kPageSize;
-         get->bitmap.size = sizeof(bits);
-         get->bitmap.data = reinterpret_cast<__u64*>(bits);
-         return errno_status(iomm_vfio_ioctl(w.c, VFIO_IOMMU_DIRTY_PAGES, d));
+         alignas(
+             8) unsigned char buf[sizeof(vfio_iommu_type1_dma_unmap) + sizeof(vfio_bitmap)] = {};
+         auto* u = reinterpret_cast<vfio_iommu_type1_dma_unmap*>(buf);
+         auto* bitmap = reinterpret_cast<vfio_bitmap*>(u->data);
+         u->argsz = sizeof(buf);
+         u->flags = VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP;
+         u->iova = 0x400000;
+         u->size = 2 * kMiB;
+         bitmap->pgsize = kPageSize;
+         bitmap->size = sizeof(bits);
+         bitmap->data = reinterpret_cast<__u64*>(bits);
+         if (iomm_vfio_ioctl(w.c, VFIO_IOMMU_UNMAP_DMA, u) != 0) return errno_status(-1);
+         // The page the device wrote, and only it.
+         return bits[0] == 2 && bits[1] == 0 ? Status() : Status(Error(EIO, "wrong dirty bits"));
+       }},
+      {"VfioCreateMediatedGroup", [](VfioWorld&) {},
+       [](VfioWorld& w) {
+         w.md = iomm_vfio_group_create_mediated(w.c, VfioWorld::on_unmap, &w);
+         return w.md != nullptr ? Status() : Status(Error(errno, "mediated group"));
        }},
       {"VfioGetInfo",
        [](VfioWorld& w) {
@@ -635,28 +692,34 @@ INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 18
                            return std::string(scenarios()[param.param].name);
                          });
 
-INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjectionVfio, testing::Range<size_t>(0, 12),
+INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjectionVfio, testing::Range<size_t>(0, 14),
                          [](const testing::TestParamInfo<size_t>& param) {
                            return std::string(vfio_scenarios()[param.param].name);
                          });
 
 TEST(FaultInjectionCoverage, ScenarioListIsComplete) {
   EXPECT_EQ(scenarios().size(), 18U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
-  EXPECT_EQ(vfio_scenarios().size(), 12U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
+  EXPECT_EQ(vfio_scenarios().size(), 14U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
 }
 
-TEST(FaultInjectionCoverage, EveryPointIsExercised) {
-  std::set<std::string> seen;
-  for (const Scenario& sc : scenarios()) {
-    const RunSummary s = run_fail_nth(sc, snapshot);
-    seen.insert(s.failed_points.begin(), s.failed_points.end());
-  }
+TEST(FaultInjectionCoverage, EverySiteIsFailed) {
+  std::map<std::string, std::string> seen;  // site -> name
+  for (const Scenario& sc : scenarios()) seen.merge(run_fail_nth(sc, snapshot).failed_sites);
   for (const VfioScenario& sc : vfio_scenarios()) {
-    const RunSummary s = run_fail_nth(sc, vfio_snapshot);
-    seen.insert(s.failed_points.begin(), s.failed_points.end());
+    seen.merge(run_fail_nth(sc, vfio_snapshot).failed_sites);
   }
-  for (const std::string& p : kAllPoints) EXPECT_TRUE(seen.count(p)) << "never failed: " << p;
-  for (const std::string& p : seen) EXPECT_TRUE(kAllPoints.count(p)) << "not listed: " << p;
+  std::map<std::string, std::string> listed;
+  for (const Site& s : kSites) listed.emplace(s.site, s.name);
+  for (const auto& [site, name] : listed) {
+    EXPECT_TRUE(seen.count(site)) << "no scenario fails the site IOMM_INJECT(\"" << name
+                                  << "\") at " << site
+                                  << ": add one to tests/fault_injection_test.cpp that reaches it";
+  }
+  for (const auto& [site, name] : seen) {
+    ASSERT_TRUE(listed.count(site)) << "IOMM_INJECT(\"" << name << "\") failed at " << site
+                                    << ", which the build's list of sites lacks (stale build?)";
+    EXPECT_EQ(listed[site], name) << "the site " << site << " is named differently in src/";
+  }
 }
 
 }  // namespace

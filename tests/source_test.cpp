@@ -118,7 +118,7 @@ TEST(Source, UserAndSimulatedValidation) {
 }
 
 TEST(Source, HugetlbRangesMustBeHugeAligned) {
-  if (!test::hugetlb_available(4 << 20)) GTEST_SKIP() << "no 2 MiB huge pages available";
+  IOMM_NEEDS(test::hugetlb_available(4 << 20), "2 MiB huge pages (vm.nr_hugepages)");
   Memfd huge(4 << 20, MFD_HUGETLB);
   EXPECT_ERRNO(MemorySource::from_file(huge.fd(), 4096, 2 << 20), EINVAL);
   EXPECT_ERRNO(MemorySource::from_file(huge.fd(), 0, 4096), EINVAL);

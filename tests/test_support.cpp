@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <stdexcept>
+#include <string_view>
 
 namespace iomm::test {
 
@@ -56,5 +57,14 @@ bool hugetlb_available(uint64_t size) {
   close(fd);
   return ok;
 }
+
+bool require_all() {
+  const char* all = std::getenv("IOMM_REQUIRE_ALL");
+  const char* ci = std::getenv("CI");
+  return (all != nullptr && std::string_view(all) == "1") ||
+         (ci != nullptr && std::string_view(ci) == "true");
+}
+
+bool is_root() { return geteuid() == 0; }
 
 }  // namespace iomm::test

@@ -39,7 +39,35 @@ class WithoutIpcLock {
 // Whether a 2 MiB hugetlb memfd of `size` can be created and populated here.
 bool hugetlb_available(uint64_t size);
 
+// Whether a missing machine feature must fail the test instead of skipping
+// it: in CI (CI=true) and under scripts/test (IOMM_REQUIRE_ALL=1), where the
+// machine is set up to have every feature, a skip would hide a check that
+// did not run.
+bool require_all();
+
+// Whether this process runs as root (effective uid 0).
+bool is_root();
+
 }  // namespace iomm::test
+
+// A test that needs a machine feature (huge pages, userfaultfd): skips with
+// "needs <what>" where the feature may be missing, fails where require_all().
+#define IOMM_NEEDS(available, what)                                                      \
+  do {                                                                                   \
+    if (!(available)) {                                                                  \
+      if (::iomm::test::require_all()) {                                                 \
+        GTEST_FAIL() << "needs " << (what) << " (required: CI or IOMM_REQUIRE_ALL set)"; \
+      }                                                                                  \
+      GTEST_SKIP() << "needs " << (what);                                                \
+    }                                                                                    \
+  } while (0)
+
+// A test that truly needs root skips as an ordinary user, saying why; the
+// unprivileged CI stage counts it as skipped.
+#define IOMM_NEEDS_ROOT(why)                                               \
+  do {                                                                     \
+    if (!::iomm::test::is_root()) GTEST_SKIP() << "needs root: " << (why); \
+  } while (0)
 
 // Assert a Result/Status failed with exactly this errno.
 #define EXPECT_ERRNO(expr, err)                                               \

@@ -1,13 +1,17 @@
-// Fault injection: every fallible step of the library is a named point.
+// Fault injection: every fallible step of the library is an injection site.
 //
 // In test builds (IOMM_FAULT_INJECTION, the iomm_testing library) a test arms
-// the calling thread with fail_nth(N); the Nth point that thread reaches
+// the calling thread with fail_nth(N); the Nth site that thread reaches
 // reports failure and the caller takes its real error path (iommufd's
-// fail_nth, in user space). Points are per thread, so concurrent threads do
+// fail_nth, in user space). Sites are per thread, so concurrent threads do
 // not disturb each other. In the production library IOMM_INJECT is the
 // constant false and costs nothing.
 //
-// The points are listed in docs/testing.md; add one with a single
+// A site is identified by its file and line; the name says which kind of
+// failure it stands for (several sites may share one). The sites are listed
+// at build time from src/ (tests/list_inject_sites.cmake), and the
+// fault-injection tests check that some scenario fails each of them; the
+// names are described in docs/testing.md. Add a site with a single
 // `if (IOMM_INJECT("area.what")) <fail as the real call would>;`.
 #pragma once
 
@@ -16,10 +20,10 @@
 namespace iomm::fault {
 
 #ifdef IOMM_FAULT_INJECTION
-bool should_fail(const char* point) noexcept;
-#define IOMM_INJECT(point) (::iomm::fault::should_fail(point))
+bool should_fail(const char* name, const char* file, int line) noexcept;
+#define IOMM_INJECT(name) (::iomm::fault::should_fail(name, __FILE__, __LINE__))
 #else
-#define IOMM_INJECT(point) (false)
+#define IOMM_INJECT(name) (false)
 #endif
 
 }  // namespace iomm::fault
