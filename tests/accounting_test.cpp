@@ -120,6 +120,7 @@ TEST(Accounting, RlimitIsTheDefaultLimit) {
 }
 
 TEST(Accounting, CapIpcLockAtMapTimeBypassesTheCharge) {
+  IOMM_NEEDS_ROOT("maps made while holding CAP_IPC_LOCK, which only root has here");
   ASSERT_OK(set_memlock_limit(AccountMode::per_process, 0, kMiB));
   Memfd mfd(4 * kMiB);
   auto ioas = make_ioas();

@@ -155,7 +155,11 @@ TEST(Attach, UnmapRemovesTranslationsFromEveryDomain) {
 }
 
 TEST(Attach, OneGigabyteLeavesWhenAligned) {
-  auto ioas = Ioas::create({}).value();
+  // 2 GiB of simulated memory: not charged, so that an ordinary user's
+  // memlock limit does not refuse it.
+  IoasOptions options;
+  options.account_mode = AccountMode::none;
+  auto ioas = Ioas::create(options).value();
   auto d = make_domain();
   ASSERT_OK(ioas->attach(d));
   // Simulated addresses are 2^47-aligned at offset 0.
