@@ -2,11 +2,13 @@
 # Build the libFuzzer targets (clang, ASan + UBSan) in build/fuzz, replay the
 # saved crash reproducers, then fuzz each target for a bounded time.
 #
-# Usage: fuzz/run.sh [target...]        (default: every target built)
+# Usage: fuzz/run.sh [target...]        (default: every target with a corpus)
 # Env:   FUZZ_SECONDS=60                 fuzzing time per target (0: only replay)
+#        FUZZ_UPDATE_TRACES=1            rewrite the reproducers' expected traces
 #        FUZZ_JOBS=$(nproc)              build parallelism
-# Exits non-zero if a build fails, a reproducer in fuzz/regressions/ still
-# crashes, or a target crashed (reports, artifacts: build/fuzz/artifacts/).
+# Exits non-zero if a build fails, a target with a corpus in fuzz/corpus/ was
+# not built, a reproducer in fuzz/regressions/ still crashes or departs from
+# its expected trace, or a target crashed (reports, artifacts: build/fuzz/artifacts/).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -38,9 +40,13 @@ cmake --build "$build" -j"${FUZZ_JOBS:-$(nproc)}" --target iomm_fuzzers || {
   exit 1
 }
 
+# Every target with a seed corpus runs by default; one that was not built
+# fails the run below ("not built").
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-  mapfile -t targets < <(grep -v '^$' "$build/fuzz/fuzz_targets.txt")
+  for dir in fuzz/corpus/*/; do
+    targets+=("$(basename "$dir")_fuzzer")
+  done
 fi
 
 flags=(-timeout=10 -rss_limit_mb=4096 -max_len=1024)
@@ -61,28 +67,39 @@ for target in "${targets[@]}"; do
   fi
 
   # 1. Every saved reproducer must run clean (each on its own: one crash
-  #    does not hide the others).
+  #    does not hide the others) and take exactly the steps of its expected
+  #    trace, <reproducer>.trace (the IOMM_FUZZ_TRACE=1 lines: each call and
+  #    its result), so that it still reaches the call it guards.
+  #    FUZZ_UPDATE_TRACES=1 rewrites the traces (after an intended change).
   regressions=0
-  still_crashing=()
+  bad_repros=()
   for f in fuzz/regressions/"$name"/*; do
-    [[ -f $f ]] || continue
+    [[ -f $f && $f != *.trace ]] || continue
     regressions=$((regressions + 1))
-    if ! "$bin" "${flags[@]}" "$f" >"$logs/$name.replay.log" 2>&1; then
-      still_crashing+=("$(basename "$f")")
-      cp "$logs/$name.replay.log" "$logs/$name.replay.$(basename "$f").log"
+    log=$logs/$name.replay.$(basename "$f").log
+    if ! IOMM_FUZZ_TRACE=1 "$bin" "${flags[@]}" "$f" >"$log" 2>&1; then
+      bad_repros+=("$(basename "$f") (crash)")
+      continue
+    fi
+    if [[ ${FUZZ_UPDATE_TRACES:-0} == 1 ]]; then
+      grep '^step ' "$log" >"$f.trace"
+    elif [[ ! -f $f.trace ]]; then
+      bad_repros+=("$(basename "$f") (no $f.trace)")
+    elif ! diff -u "$f.trace" <(grep '^step ' "$log") >"$log.diff"; then
+      bad_repros+=("$(basename "$f") (trace differs: $log.diff)")
     fi
   done
-  if ((${#still_crashing[@]})); then
-    echo "fuzz: $target: ${#still_crashing[@]} of $regressions reproducers still crash: ${still_crashing[*]}"
+  if ((${#bad_repros[@]})); then
+    echo "fuzz: $target: ${#bad_repros[@]} of $regressions reproducers fail: ${bad_repros[*]}"
     echo "      (logs: $logs/$name.replay.<file>.log)"
-    failed+=("$target (regressions: ${still_crashing[*]})")
+    failed+=("$target (regressions: ${bad_repros[*]})")
   fi
 
   # 2. Fuzz. New inputs go to the scratch corpus (first directory); the
   #    seed corpus is only read. FUZZ_SECONDS=0: replay only.
   if ((seconds == 0)); then
     summary+=("$(printf '%-22s fuzzing skipped (FUZZ_SECONDS=0)  regressions %s/%s clean' \
-      "$target" "$((regressions - ${#still_crashing[@]}))" "$regressions")")
+      "$target" "$((regressions - ${#bad_repros[@]}))" "$regressions")")
     continue
   fi
   echo "=== fuzzing $target for ${seconds}s ==="
@@ -105,7 +122,7 @@ for target in "${targets[@]}"; do
   fi
   summary+=("$(printf '%-22s runs %-9s cov %-6s ft %-7s corpus %-6s regressions %s/%s clean  crash %s' \
     "$target" "${runs:-?}" "${cov:-?}" "${ft:-?}" "$corpus" \
-    "$((regressions - ${#still_crashing[@]}))" "$regressions" "$crash")")
+    "$((regressions - ${#bad_repros[@]}))" "$regressions" "$crash")")
 done
 
 echo "=== fuzz summary (${seconds}s per target) ==="

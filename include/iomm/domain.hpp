@@ -96,7 +96,7 @@ class SoftDomain {
   [[nodiscard]] const DomainConfig& config() const noexcept;
 
   // Translate one IOVA for the given access (kProtRead or kProtWrite).
-  // Lock-free and wait-free. The returned host pointer is only guaranteed
+  // Lock-free (it takes no lock), not wait-free. The returned host pointer is only guaranteed
   // valid while the caller holds an iomm::RcuReadGuard (see rcu.hpp) taken
   // before the call; translate() takes none itself, so a batch of lookups
   // under one guard pays for it once.
