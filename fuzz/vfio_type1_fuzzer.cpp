@@ -18,7 +18,10 @@
 //   uapi) lists, and nothing else negative is returned;
 // - a failed call changed nothing: the pinned and charged bytes and VmLck
 //   are what they were before it;
-// - VmLck always equals the pinned bytes.
+// - VmLck always equals the pinned bytes;
+// - in a type1v2 container, a successful MAP_DMA overlaps no mapping of the
+//   shadow (Type1Shadow) and a successful UNMAP_DMA reports exactly the
+//   bytes of the shadow's mappings it removes.
 // At the end the container is closed: every counter and VmLck must be zero.
 #include <linux/vfio.h>
 #include <sys/mman.h>
@@ -176,6 +179,70 @@ void on_dma_unmap(void* opaque, uint64_t iova, uint64_t size) {
   }
 }
 
+// A type1 shadow of the container: whether an IOMMU is set and of which
+// type, and the mappings (iova -> size) that successful calls made. It
+// predicts the outputs of successful calls: MAP_DMA never overlaps a mapping
+// (VADDR: matches one exactly), UNMAP_DMA reports exactly the bytes of the
+// mappings it removes. Only type1v2 is predicted: v1's unmap of an
+// overlapping range depends on the kernel's tree search order. Failed calls
+// are not read (their output fields are the type1 layer's own tests'
+// business).
+struct Type1Shadow {
+  int groups = 0;
+  bool v2 = false;
+  std::map<uint64_t, uint64_t> maps;
+
+  void group_created() { ++groups; }
+  void group_destroyed() {
+    // The last group leaving releases the IOMMU and every mapping.
+    if (--groups == 0) {
+      v2 = false;
+      maps.clear();
+    }
+  }
+  void iommu_set(unsigned long type) { v2 = type != VFIO_TYPE1_IOMMU; }
+
+  void mapped(const vfio_iommu_type1_dma_map& m) {
+    if (!v2) return;
+    const uint64_t last = m.iova + m.size - 1;
+    if ((m.flags & VFIO_DMA_MAP_FLAG_VADDR) != 0) {
+      auto it = maps.find(m.iova);
+      FUZZ_CHECK(it != maps.end() && it->second == m.size,
+                 "MAP_DMA VADDR of [%#llx, +%#llx) succeeded without that exact mapping",
+                 static_cast<unsigned long long>(m.iova), static_cast<unsigned long long>(m.size));
+      return;
+    }
+    for (const auto& [iova, size] : maps) {
+      FUZZ_CHECK(iova + size - 1 < m.iova || iova > last,
+                 "MAP_DMA of [%#llx, +%#llx) succeeded over the mapping [%#lx, +%#lx)",
+                 static_cast<unsigned long long>(m.iova), static_cast<unsigned long long>(m.size),
+                 iova, size);
+    }
+    maps.emplace(m.iova, m.size);
+  }
+
+  void unmapped(const vfio_iommu_type1_dma_unmap& u, uint64_t iova, uint64_t size) {
+    if (!v2) return;
+    const bool all = (u.flags & VFIO_DMA_UNMAP_FLAG_ALL) != 0;
+    const uint64_t last = iova + size - 1;
+    uint64_t want = 0;
+    std::vector<uint64_t> gone;
+    for (const auto& [start, len] : maps) {
+      if (!all && (start + len - 1 < iova || start > last)) continue;
+      FUZZ_CHECK(all || (start >= iova && start + len - 1 <= last),
+                 "v2 UNMAP_DMA of [%#lx, +%#lx) succeeded bisecting [%#lx, +%#lx)", iova, size,
+                 start, len);
+      want += len;
+      gone.push_back(start);
+    }
+    FUZZ_CHECK(u.size == want, "UNMAP_DMA of [%#lx, +%#lx) reported %#llx bytes, shadow %#lx", iova,
+               size, static_cast<unsigned long long>(u.size), want);
+    if ((u.flags & VFIO_DMA_UNMAP_FLAG_VADDR) != 0) return;  // the mappings stay
+    for (uint64_t start : gone) maps.erase(start);
+  }
+};
+Type1Shadow* shadow = nullptr;
+
 struct Snapshot {
   uint64_t pinned;
   uint64_t simulated;
@@ -272,7 +339,6 @@ void fill_bitmap(Reader& in, vfio_bitmap* bm, uint64_t size) {
   bm->data = (b & 8) != 0 ? nullptr : reinterpret_cast<__u64*>(g_bitmap);
 }
 
-
 long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   const uint8_t sel = in.u8();
   unsigned long request = 0;
@@ -341,10 +407,20 @@ long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   }
   if (in.u8() == 0xfd) arg = nullptr;  // sometimes no argument at all
   g_request = request;
+  // UNMAP_DMA writes the unmapped bytes over size: keep the request.
+  const bool is_unmap = request == VFIO_IOMMU_UNMAP_DMA && arg != nullptr;
+  const auto* unmap = static_cast<const vfio_iommu_type1_dma_unmap*>(arg);
+  const uint64_t unmap_iova = is_unmap ? unmap->iova : 0;
+  const uint64_t unmap_size = is_unmap ? unmap->size : 0;
   errno = 0;
   const long r = iomm_vfio_ioctl(c, request, arg);
   *err = errno;
   if (r >= 0) {
+    if (request == VFIO_SET_IOMMU) shadow->iommu_set(reinterpret_cast<unsigned long>(arg));
+    if (request == VFIO_IOMMU_MAP_DMA && arg != nullptr) {
+      shadow->mapped(*static_cast<const vfio_iommu_type1_dma_map*>(arg));
+    }
+    if (is_unmap) shadow->unmapped(*unmap, unmap_iova, unmap_size);
     if (request == VFIO_GET_API_VERSION) {
       FUZZ_CHECK(r == VFIO_API_VERSION, "VFIO_GET_API_VERSION returned %ld", r);
     }
@@ -356,7 +432,10 @@ long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
 }
 
 void recreate_software_group(iomm_vfio_container* c, iomm_vfio_group** g, Reader& in) {
-  if (*g != nullptr) iomm_vfio_group_destroy(*g);
+  if (*g != nullptr) {
+    iomm_vfio_group_destroy(*g);
+    shadow->group_destroyed();
+  }
   *g = nullptr;
   const uint8_t b = in.u8();
   iomm_vfio_reserved_range reserved[2] = {{0xfee00000, 0xfeefffff}, {0x200000, 0x3fffff}};
@@ -387,10 +466,14 @@ void recreate_software_group(iomm_vfio_container* c, iomm_vfio_group** g, Reader
   const int err = errno;
   check_result(*g != nullptr ? 0 : -1, err, before, "iomm_vfio_group_create_software",
                {EINVAL, EBUSY, ENOMEM, EFAULT});
+  if (*g != nullptr) shadow->group_created();
 }
 
 void recreate_mediated_group(iomm_vfio_container* c, Reader& in) {
-  if (med->group != nullptr) iomm_vfio_group_destroy(med->group);
+  if (med->group != nullptr) {
+    iomm_vfio_group_destroy(med->group);
+    shadow->group_destroyed();
+  }
   {
     std::lock_guard lk(med->mu);
     med->group = nullptr;
@@ -403,6 +486,7 @@ void recreate_mediated_group(iomm_vfio_container* c, Reader& in) {
   const int err = errno;
   check_result(g != nullptr ? 0 : -1, err, before, "iomm_vfio_group_create_mediated",
                {EINVAL, EBUSY, ENOMEM});
+  if (g != nullptr) shadow->group_created();
   std::lock_guard lk(med->mu);
   med->group = g;
 }
@@ -451,8 +535,7 @@ void group_op(uint8_t which, iomm_vfio_group* sw, Reader& in) {
       errno = 0;
       const int r = iomm_vfio_unpin_pages(med->group, iova, npage);
       const int err = errno;
-      check_result(r, err, before,
-                   "iomm_vfio_unpin_pages", {EINVAL, E2BIG});
+      check_result(r, err, before, "iomm_vfio_unpin_pages", {EINVAL, E2BIG});
       FUZZ_CHECK((r == npage) == held,
                  "unpin of [%#lx, %d pages] gave %d (errno %s); the driver %s every page", iova,
                  npage, r, iomm::errno_name(err), held ? "holds" : "does not hold");
@@ -471,11 +554,9 @@ void group_op(uint8_t which, iomm_vfio_group* sw, Reader& in) {
       // As the header lists them (vfio_dma_rw: EINVAL, EPERM, EBUSY, EFAULT;
       // device DMA: EFAULT, EPERM, EINVAL).
       if (which % 4 == 2) {
-        check_result(r, err, before,
-                     "iomm_vfio_dma_rw", {EINVAL, EPERM, EBUSY, EFAULT});
+        check_result(r, err, before, "iomm_vfio_dma_rw", {EINVAL, EPERM, EBUSY, EFAULT});
       } else {
-        check_result(r, err, before,
-                     "iomm_vfio_group_dma_rw", {EFAULT, EPERM, EINVAL});
+        check_result(r, err, before, "iomm_vfio_group_dma_rw", {EFAULT, EPERM, EINVAL});
       }
       return;
     }
@@ -508,6 +589,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   iomm::fuzz::g_step_name = "setup";
   check_clean("before the input");
 
+  Type1Shadow type1_shadow;
+  shadow = &type1_shadow;
   iomm_vfio_container* c = iomm_vfio_open();
   FUZZ_CHECK(c != nullptr, "iomm_vfio_open failed");
   const uint8_t h0 = in.u8();
@@ -526,6 +609,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const long r =
         iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(types[(h3 >> 1) & 1]));
     check_result(r, errno, snapshot(), "VFIO_SET_IOMMU", {TYPE1_ERRNOS});
+    if (r == 0) shadow->iommu_set(types[(h3 >> 1) & 1]);
   }
 
   for (size_t step = 0; step < kMaxSteps && !in.empty(); ++step) {
@@ -540,8 +624,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const Snapshot before = snapshot();
         int err = 0;
         const long r = do_ioctl(c, in, &err);
-        check_result(r, err, before, "iomm_vfio_ioctl",
-                     {TYPE1_ERRNOS});
+        check_result(r, err, before, "iomm_vfio_ioctl", {TYPE1_ERRNOS});
         break;
       }
       case 4:
