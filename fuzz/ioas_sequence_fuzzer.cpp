@@ -11,7 +11,8 @@
 // with it exactly:
 // - every error is one the call's contract lists, and where the model can
 //   tell (unmap, pin, rw, DMA, translate, attach conflicts, reservations) it is
-//   exactly the errno the model predicts;
+//   exactly the errno the model predicts; access rw gives EFAULT exactly
+//   where the model says the user memory is bad;
 // - a failed call changed nothing (mappings, counters and pins still equal the
 //   model, which a failure does not touch);
 // - mappings() and counters() of each IOAS, pin counts of each access, the

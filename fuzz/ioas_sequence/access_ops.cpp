@@ -144,15 +144,14 @@ void op_access_rw(Reader& in) {
     want = EOVERFLOW;
   } else {
     want = walk(m, *range, write ? kProtWrite : kProtRead, true);
+    if (want == 0 && user_memory_faults(m, *range, write)) want = EFAULT;
   }
   uint8_t* buf = scratch().data();
   fill_pattern(buf, len, mode);
   const Status& s =
       note(write ? acc->access->write(iova, buf, len) : acc->access->read(iova, buf, len));
-  if (want != 0 || s.code() != EFAULT) {
-    FUZZ_CHECK(s.code() == want, "%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read", iova,
-               len, errno_name(s.code()), errno_name(want));
-  }
+  FUZZ_CHECK(s.code() == want, "%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read", iova,
+             len, errno_name(s.code()), errno_name(want));
   if (s && len > 0) check_host_bytes(m, iova, buf, len, write ? "access write" : "access read");
 }
 

@@ -309,6 +309,20 @@ std::optional<std::vector<HostPiece>> host_pieces(const IoasModel& m, uint64_t i
 
 }  // namespace
 
+bool user_memory_faults(const IoasModel& m, const IovaRange& r, bool write) {
+  const uint64_t user = reinterpret_cast<uint64_t>(fx->user);
+  const uint64_t good_last = user + fx->user_rw + (write ? 0 : fx->user_ro) - 1;
+  for (const AreaModel* a : m.overlapping(r)) {
+    if (a->src.kind() != SourceKind::user) continue;
+    const uint64_t s = std::max(a->iova, r.start);
+    const uint64_t l = std::min(a->last(), r.last);
+    const uint64_t host_first = dma_address(a->src, s - a->iova);
+    const uint64_t host_last = host_first + (l - s);
+    if (host_first < user || host_last > good_last) return true;
+  }
+  return false;
+}
+
 void check_host_bytes(const IoasModel& m, uint64_t iova, const uint8_t* buf, uint64_t len,
                       const char* what) {
   auto pieces = host_pieces(m, iova, len);

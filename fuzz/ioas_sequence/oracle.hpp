@@ -35,6 +35,11 @@ void check_placement(const IoasModel& m, uint64_t iova, const std::vector<AreaMo
 // simulated memory is ENXIO for rw.
 int walk(const IoasModel& m, const IovaRange& r, uint32_t need, bool rw);
 
+// Whether an access read (or write) of r in m touches user memory that
+// cannot be read (PROT_NONE) or written (read-only or PROT_NONE): the only
+// memory in the fixtures that gives EFAULT.
+bool user_memory_faults(const IoasModel& m, const IovaRange& r, bool write);
+
 void check_host_bytes(const IoasModel& m, uint64_t iova, const uint8_t* buf, uint64_t len,
                       const char* what);
 
