@@ -78,6 +78,31 @@ IoasModel* ioas_slot(Reader& in) { return w->ioas[in.u8() & 1].get(); }
 
 }  // namespace
 
+namespace {
+
+// The errno map() gives, checked in the library's order: arguments, then
+// alignment, then (for a fixed IOVA) placement, then the mapping limit. -1
+// where the model cannot tell: the allocation of a free IOVA, and pinning
+// and charging when a domain is attached.
+int predict_map_errno(const IoasModel& m, const MemorySource& src, uint32_t prot,
+                      std::optional<uint64_t> fixed) {
+  if ((fixed && *fixed == kMax) || src.length() == kMax) return EOVERFLOW;
+  if ((prot & ~3U) != 0 || (prot & 3U) == 0) return EINVAL;
+  if ((prot & kProtWrite) != 0 && !src.writable()) return EPERM;
+  const uint64_t align = m.alignment();
+  if (!is_aligned(src.length(), align) || !is_aligned(dma_address(src), align)) return EINVAL;
+  if (!fixed) return -1;
+  if (!is_aligned(*fixed, align)) return EINVAL;
+  const auto range = range_of(*fixed, src.length());
+  if (!range) return EOVERFLOW;
+  if (any_overlap(m.reserved(), *range)) return EINVAL;
+  if (!m.overlapping(*range).empty()) return EEXIST;
+  if (m.areas.size() + 1 > m.max_mappings) return ENOSPC;
+  return m.domains.empty() ? 0 : -1;
+}
+
+}  // namespace
+
 void op_map(Reader& in) {
   IoasModel* m = ioas_slot(in);
   std::optional<MemorySource> src;
@@ -87,8 +112,13 @@ void op_map(Reader& in) {
   std::optional<uint64_t> fixed;
   if ((pb & 4) != 0) fixed = pick_iova_rel(in, m);
   w->probe_iova = fixed.value_or(0);
+  const int want = predict_map_errno(*m, *src, prot, fixed);
   const auto& r = note(m->ioas->map(*src, prot, fixed));
   FUZZ_CHECK_ERRNO(r, "map", EOVERFLOW, EINVAL, EEXIST, ENOSPC, EPERM, EFAULT, ENOMEM);
+  if (want >= 0) {
+    FUZZ_CHECK(r.code() == want, "map of [%#lx, +%#lx) prot %u gave %s, model %s",
+               fixed.value_or(0), src->length(), prot, errno_name(r.code()), errno_name(want));
+  }
   if (!r) return;
   FUZZ_CHECK(prot == kProtRead || prot == kProtWrite || prot == (kProtRead | kProtWrite),
              "map with prot %#x succeeded", prot);
