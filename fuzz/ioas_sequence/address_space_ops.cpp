@@ -101,6 +101,32 @@ int predict_map_errno(const IoasModel& m, const MemorySource& src, uint32_t prot
   return m.domains.empty() ? 0 : -1;
 }
 
+// The same for copy_from into dst of the slices the model cut from the
+// source range: arguments, the source walk (a read-only page before any
+// hole is EPERM for a writable copy, a hole ENOENT), then placement as map.
+int predict_copy_errno(const IoasModel& dst, uint64_t src_iova, uint64_t len, uint32_t prot,
+                       std::optional<uint64_t> fixed, const std::vector<AreaModel>& slices,
+                       bool covered, bool read_only) {
+  if (len == kMax || src_iova == kMax || (fixed && *fixed == kMax)) return EOVERFLOW;
+  if ((prot & ~3U) != 0 || (prot & 3U) == 0) return EINVAL;
+  if (len == 0) return EINVAL;
+  if (!range_of(src_iova, len)) return EOVERFLOW;
+  if ((prot & kProtWrite) != 0 && read_only) return EPERM;
+  if (!covered) return ENOENT;
+  const uint64_t align = dst.alignment();
+  for (const AreaModel& s : slices) {
+    if (!is_aligned(s.len, align) || !is_aligned(dma_address(s.src), align)) return EINVAL;
+  }
+  if (!fixed) return -1;
+  if (!is_aligned(*fixed, align)) return EINVAL;
+  const auto range = range_of(*fixed, len);
+  if (!range) return EOVERFLOW;
+  if (any_overlap(dst.reserved(), *range)) return EINVAL;
+  if (!dst.overlapping(*range).empty()) return EEXIST;
+  if (dst.areas.size() + slices.size() > dst.max_mappings) return ENOSPC;
+  return dst.domains.empty() ? 0 : -1;
+}
+
 }  // namespace
 
 void op_map(Reader& in) {
@@ -157,9 +183,14 @@ void op_copy(Reader& in) {
       pos = last + 1;
     }
   }
+  const int want = predict_copy_errno(*dst, src_iova, len, prot, fixed, slices, covered, read_only);
   const auto& r = note(dst->ioas->copy_from(*src->ioas, src_iova, len, prot, fixed));
   FUZZ_CHECK_ERRNO(r, "copy_from", EOVERFLOW, EINVAL, EEXIST, ENOSPC, EPERM, ENOENT, EFAULT,
                    ENOMEM);
+  if (want >= 0) {
+    FUZZ_CHECK(r.code() == want, "copy_from(%#lx, %#lx) prot %u gave %s, model %s", src_iova, len,
+               prot, errno_name(r.code()), errno_name(want));
+  }
   if (!r) return;
   FUZZ_CHECK(covered, "copy of [%#lx, +%#lx), not fully mapped, succeeded", src_iova, len);
   FUZZ_CHECK(!((prot & kProtWrite) != 0 && read_only), "writable copy of read-only pages");
