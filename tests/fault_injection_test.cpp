@@ -602,6 +602,9 @@ const std::vector<VfioScenario>& vfio_scenarios() {
       {"VfioVaddrUpdate",
        [](VfioWorld& w) {
          w.groups(true, false);
+         // Invalidating a file vaddr needs the library's own mapping of the
+         // file, which an unprivileged process gets from a registered fd.
+         ASSERT_EQ(iomm_vfio_register_fd(w.c, w.mfd.fd()), 0);
          ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
          ASSERT_EQ(w.unmap(0x400000, 2 * kMiB, VFIO_DMA_UNMAP_FLAG_VADDR), 0);
        },
