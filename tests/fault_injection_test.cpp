@@ -9,10 +9,13 @@
 //   preset) checks that nothing leaked.
 // Adding a scenario is one entry in kScenarios; adding a point is one
 // IOMM_INJECT in src/ and one name in kAllPoints (and docs/testing.md).
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <linux/vfio.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <cstdio>
 #include <functional>
 #include <iostream>
 #include <mutex>
@@ -223,6 +226,20 @@ const std::vector<Scenario>& scenarios() {
          if (!s.ok()) return Status(s.error());
          return status_of(w.a->map(*s, kRW, 0x800000));
        }},
+      {"MapUpgradedFile",
+       [](World& w) {
+         // The window is first mapped read-only, and pinned through it.
+         char path[64];
+         std::snprintf(path, sizeof(path), "/proc/self/fd/%d", w.mfd.fd());
+         const int ro = open(path, O_RDONLY | O_CLOEXEC);
+         ASSERT_GE(ro, 0);
+         auto s = MemorySource::from_file(ro, 0, kMiB);
+         close(ro);
+         ASSERT_OK(s);
+         w.attach_domains(1);
+         ASSERT_OK(w.a->map(*s, kProtRead, 0x100000));
+       },
+       [](World& w) { return status_of(w.map_file(*w.a, 0, 2 * kMiB, 0x400000)); }},
       {"UnmapTwoDomains",
        [](World& w) {
          w.attach_domains(2);
@@ -633,7 +650,7 @@ TEST_P(FaultInjection, EveryFailureLeavesNoTrace) {
   print_summary(sc.name, run_fail_nth(sc, snapshot));
 }
 
-INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 18),
+INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 19),
                          [](const testing::TestParamInfo<size_t>& param) {
                            return std::string(scenarios()[param.param].name);
                          });
@@ -644,7 +661,7 @@ INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjectionVfio, testing::Range<size_t>(0
                          });
 
 TEST(FaultInjectionCoverage, ScenarioListIsComplete) {
-  EXPECT_EQ(scenarios().size(), 18U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
+  EXPECT_EQ(scenarios().size(), 19U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
   EXPECT_EQ(vfio_scenarios().size(), 12U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
 }
 

@@ -225,8 +225,9 @@ Status FileObject::extend(int fd, uint64_t end) {
 
 namespace {
 
-// The VM_LOCKED parts of [start, end) of this process's address space, from
-// /proc/self/smaps (mlock splits VMAs exactly at the locked boundaries).
+// The VM_LOCKED parts of [start, end) of this process's address space, in
+// address order, from /proc/self/smaps (mlock splits VMAs exactly at the
+// locked boundaries).
 Result<std::vector<std::pair<uint64_t, uint64_t>>> locked_ranges(uint64_t start, uint64_t end) {
   FILE* f = std::fopen("/proc/self/smaps", "re");
   if (f == nullptr) return sys_error(errno, "cannot read /proc/self/smaps");
@@ -265,26 +266,36 @@ Status FileObject::make_writable(int fd) {
   if (!locked.ok()) return locked.error();
   const int own_fd = sys::dup_cloexec(fd);
   if (own_fd < 0) return sys_error(errno, "duplicating fd " + std::to_string(fd));
-  // MAP_FIXED replaces the read-only mapping in one step under the kernel's
-  // mmap lock: a concurrent copy through the window faults into the new one.
-  if (mapped_ != 0 && sys::mmap(base_, mapped_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                                own_fd, 0) == MAP_FAILED) {
+  // MAP_FIXED replaces a piece of the read-only mapping in one step under
+  // the kernel's mmap lock: a concurrent copy through the window faults into
+  // the new one. Pinned pieces are mapped MAP_LOCKED, so they stay locked
+  // (window_mu_ keeps every lock and unlock out meanwhile), and MAP_LOCKED's
+  // memlock check comes before anything is replaced. A failure leaves each
+  // piece either old or new, every pinned page locked, and the window
+  // marked read-only, so a later writable fd starts over.
+  auto remap = [&](uint64_t from, uint64_t to, bool lock) {
+    if (from == to) return true;
+    return sys::mmap(base_ + from, to - from, PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_FIXED | (lock ? MAP_LOCKED : 0), own_fd,
+                     static_cast<off_t>(from)) != MAP_FAILED;
+  };
+  uint64_t pos = 0;
+  bool ok = true;
+  for (const auto& [a, b] : *locked) {
+    ok = remap(pos, a - start, false) && remap(a - start, b - start, true);
+    if (!ok) break;
+    pos = b - start;
+  }
+  if (ok) ok = remap(pos, mapped_, false);
+  if (!ok) {
     const int err = errno;
     close(own_fd);
     errno = err;
-    return sys_error(ENODEV, "remapping the file read-write");
+    return sys_error(err == EAGAIN ? ENOMEM : ENODEV, "remapping the file read-write");
   }
   close(fd_);
   fd_ = own_fd;
   writable_ = true;
-  // The new mapping is not locked; the pinned ranges were (we hold
-  // window_mu_, so no lock or unlock is in flight). Relocking resident
-  // pages takes back the memlock the old mapping released.
-  for (const auto& [a, b] : *locked) {
-    if (sys::mlock(reinterpret_cast<void*>(a), b - a) != 0) {
-      return sys_error(ENOMEM, "relocking the pinned pages of the remapped file");
-    }
-  }
   return {};
 }
 

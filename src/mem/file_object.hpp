@@ -11,7 +11,7 @@
 // writable when the fd it was made from is open read-write and the file
 // carries no write seal. The window is read-write as soon as one such fd has
 // been seen (a window first mapped read-only is remapped in place, its locked
-// ranges locked again) and is never downgraded; read-only sources are kept
+// ranges mapped locked) and is never downgraded; read-only sources are kept
 // read-only by the IOAS, which refuses to map them for write.
 //
 // Locking: window_mu_ (shared by lock/unlock, exclusive to extend or
