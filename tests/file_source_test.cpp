@@ -6,8 +6,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 #include "iomm/accounting.hpp"
 #include "iomm/domain.hpp"
@@ -109,6 +112,48 @@ TEST(FileSourceWritability, ReadWriteFdAfterReadOnlyUpgradesTheWindow) {
   close(ro_fd);
 }
 
+// The upgrade replaces the window under running DMA and pin churn: DMA
+// through it never fails, pins made meanwhile stay locked.
+TEST(FileSourceWritability, UpgradeUnderConcurrentDmaAndPins) {
+  test::Memfd mfd(4 * kLen);
+  const int ro_fd = reopen(mfd.fd(), O_RDONLY);
+  ASSERT_GE(ro_fd, 0);
+  auto ro = MemorySource::from_file(ro_fd, 0, 4 * kLen);
+  ASSERT_OK(ro);
+  Attached a;
+  ASSERT_OK(a.ioas->map(ro->slice(0, kLen), kProtRead, 0x100000));
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0};
+  std::thread reader([&] {
+    char byte = 0;
+    while (!stop.load()) {
+      if (!a.domain->dma_read(0x100000 + kPage, &byte, 1).ok()) failures.fetch_add(1);
+    }
+  });
+  std::thread churn([&] {
+    while (!stop.load()) {
+      if (!a.ioas->map(ro->slice(2 * kLen, kLen), kProtRead, 0x400000).ok() ||
+          !a.ioas->unmap(0x400000, kLen).ok()) {
+        failures.fetch_add(1);
+      }
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  auto rw = MemorySource::from_file(mfd.fd(), 0, 4 * kLen);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  stop.store(true);
+  reader.join();
+  churn.join();
+  ASSERT_OK(rw);
+  EXPECT_TRUE(rw->writable());
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(counters().vmlck_bytes, kLen);
+  ASSERT_OK(a.ioas->map(rw->slice(kLen, kLen), kRW, 0x200000));
+  const char byte = 4;
+  EXPECT_OK(a.domain->dma_write(0x200000, &byte, 1));
+  close(ro_fd);
+}
+
 TEST(FileSourceWritability, GrowingThroughAReadOnlyFdKeepsTheWindowWritable) {
   test::Memfd mfd(kLen);
   auto rw = MemorySource::from_file(mfd.fd(), 0, kLen);
@@ -194,6 +239,20 @@ TEST(FileSeal, RequireRefusesAnUnsealedFile) {
   ASSERT_GE(fd, 0);
   ASSERT_EQ(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK), 0);  // shrink alone is not enough
   EXPECT_ERRNO(MemorySource::from_file(fd, 0, kLen, FileSeal::require), EPERM);
+  close(fd);
+}
+
+TEST(FileSeal, ShrinkSealAddedLaterIsSeen) {
+  const int fd = sealable_memfd(kLen);
+  ASSERT_GE(fd, 0);
+  auto first = MemorySource::from_file(fd, 0, kLen);
+  ASSERT_OK(first);
+  EXPECT_FALSE(first->shrink_sealed());
+  ASSERT_EQ(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK), 0);
+  auto second = MemorySource::from_file(fd, 0, kLen);
+  ASSERT_OK(second);
+  EXPECT_TRUE(second->shrink_sealed());
+  EXPECT_TRUE(first->shrink_sealed());  // one object per inode
   close(fd);
 }
 

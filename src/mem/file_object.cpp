@@ -123,6 +123,8 @@ Result<FileObject::Range> FileObject::for_range(int fd, uint64_t offset, uint64_
     reg.files[{st.st_dev, st.st_ino}] = obj;
     lk.unlock();
   }
+  // Seals only accumulate: one added since the window was made counts too.
+  if ((seals & F_SEAL_SHRINK) != 0) obj->shrink_sealed_.store(true, std::memory_order_relaxed);
   if (seal == FileSeal::apply) {
     // F_SEAL_FUTURE_WRITE, not F_SEAL_WRITE: our window may be mapped
     // read-write already (F_SEAL_WRITE would be EBUSY), and writes through
@@ -142,6 +144,7 @@ Result<FileObject::Range> FileObject::for_range(int fd, uint64_t offset, uint64_
   }
   return Range{std::move(obj), writable};
 }
+
 Result<std::shared_ptr<FileObject>> FileObject::create(int fd, const struct stat& st,
                                                        unsigned page_shift, bool writable,
                                                        bool shrink_sealed) {
@@ -167,9 +170,8 @@ Result<std::shared_ptr<FileObject>> FileObject::create(int fd, const struct stat
          raw_addr + window + 2 * kWindowAlign - (base_addr + window));
   auto* base = reinterpret_cast<std::byte*>(base_addr);
 
-  void* m = mapped == 0 ? base
-                        : sys::mmap(base, mapped, writable ? PROT_READ | PROT_WRITE : PROT_READ,
-                                    MAP_SHARED | MAP_FIXED, fd, 0);
+  void* m = sys::mmap(base, mapped, writable ? PROT_READ | PROT_WRITE : PROT_READ,
+                      MAP_SHARED | MAP_FIXED, fd, 0);
   if (m == MAP_FAILED) {
     const int err = errno;
     munmap(base, window);
