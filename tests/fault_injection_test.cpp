@@ -12,10 +12,13 @@
 // scenario failed each of them. Adding a scenario is one entry in scenarios()
 // or vfio_scenarios(); adding a site is one IOMM_INJECT in src/ (plus its
 // name in docs/testing.md) and, if no scenario reaches it yet, a scenario.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <linux/vfio.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <cstdio>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -214,6 +217,20 @@ const std::vector<Scenario>& scenarios() {
          if (!s.ok()) return Status(s.error());
          return status_of(w.a->map(*s, kRW, 0x800000));
        }},
+      {"MapUpgradedFile",
+       [](World& w) {
+         // The window is first mapped read-only, and pinned through it.
+         char path[64];
+         std::snprintf(path, sizeof(path), "/proc/self/fd/%d", w.mfd.fd());
+         const int ro = open(path, O_RDONLY | O_CLOEXEC);
+         ASSERT_GE(ro, 0);
+         auto s = MemorySource::from_file(ro, 0, kMiB);
+         close(ro);
+         ASSERT_OK(s);
+         w.attach_domains(1);
+         ASSERT_OK(w.a->map(*s, kProtRead, 0x100000));
+       },
+       [](World& w) { return status_of(w.map_file(*w.a, 0, 2 * kMiB, 0x400000)); }},
       {"UnmapTwoDomains",
        [](World& w) {
          w.attach_domains(2);
@@ -659,6 +676,9 @@ const std::vector<VfioScenario>& vfio_scenarios() {
       {"VfioVaddrUpdate",
        [](VfioWorld& w) {
          w.groups(true, false);
+         // Invalidating a file vaddr needs the library's own mapping of the
+         // file, which an unprivileged process gets from a registered fd.
+         ASSERT_EQ(iomm_vfio_register_fd(w.c, w.mfd.fd()), 0);
          ASSERT_EQ(w.map(0x400000, w.file_map, 2 * kMiB, kMapRW), 0);
          ASSERT_EQ(w.unmap(0x400000, 2 * kMiB, VFIO_DMA_UNMAP_FLAG_VADDR), 0);
        },
@@ -687,7 +707,7 @@ TEST_P(FaultInjection, EveryFailureLeavesNoTrace) {
   print_summary(sc.name, run_fail_nth(sc, snapshot));
 }
 
-INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 18),
+INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 19),
                          [](const testing::TestParamInfo<size_t>& param) {
                            return std::string(scenarios()[param.param].name);
                          });
@@ -698,7 +718,7 @@ INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjectionVfio, testing::Range<size_t>(0
                          });
 
 TEST(FaultInjectionCoverage, ScenarioListIsComplete) {
-  EXPECT_EQ(scenarios().size(), 18U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
+  EXPECT_EQ(scenarios().size(), 19U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
   EXPECT_EQ(vfio_scenarios().size(), 14U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
 }
 

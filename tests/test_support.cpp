@@ -1,10 +1,17 @@
 #include "test_support.hpp"
 
+#include <fcntl.h>
+#include <grp.h>
+#include <gtest/gtest.h>
 #include <linux/capability.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cinttypes>
+#include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
 #include <string_view>
@@ -66,5 +73,48 @@ bool require_all() {
 }
 
 bool is_root() { return geteuid() == 0; }
+
+bool can_reopen_map_files() {
+  const size_t len = 4096;
+  void* p = mmap(nullptr, len, PROT_READ, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return false;
+  char path[80];
+  const auto start = reinterpret_cast<uintptr_t>(p);
+  std::snprintf(path, sizeof(path), "/proc/self/map_files/%" PRIxPTR "-%" PRIxPTR, start,
+                start + len);
+  const int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) close(fd);
+  munmap(p, len);
+  return fd >= 0;
+}
+
+int run_unprivileged(const std::function<void()>& body) {
+  std::fflush(stdout);
+  const pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    constexpr uid_t kNobody = 65534;
+    if (geteuid() == 0 &&
+        (setgroups(0, nullptr) != 0 || setresgid(kNobody, kNobody, kNobody) != 0 ||
+         setresuid(kNobody, kNobody, kNobody) != 0)) {
+      _exit(100);
+    }
+    // Credentials changed, so the kernel made /proc/self root-owned; an
+    // ordinary process is dumpable.
+    prctl(PR_SET_DUMPABLE, 1);
+    __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
+    if (syscall(SYS_capget, &header, data) != 0 || data[0].effective != 0 ||
+        data[1].effective != 0) {
+      _exit(101);
+    }
+    body();
+    std::fflush(stdout);
+    _exit(testing::Test::HasFailure() ? 1 : 0);
+  }
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid) return -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
 
 }  // namespace iomm::test

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "iomm/accounting.hpp"
@@ -47,6 +48,16 @@ bool require_all();
 
 // Whether this process runs as root (effective uid 0).
 bool is_root();
+
+// Whether this process may reopen its mappings' files through
+// /proc/self/map_files (CAP_SYS_ADMIN).
+bool can_reopen_map_files();
+
+// Runs body in a forked child that is an ordinary user: if the test runs as
+// root, the child first becomes uid/gid 65534 (nobody), which clears every
+// capability. Returns the child's exit status: 0 when body recorded no
+// failure (gtest assertions work in body; their messages go to stdout).
+int run_unprivileged(const std::function<void()>& body);
 
 }  // namespace iomm::test
 

@@ -409,6 +409,9 @@ TEST(VfioLiveUpdate, MemfdVaddrIsCheckedAndDmaKeepsWorking) {
   auto* c = iomm_vfio_open();
   auto* sw = iomm_vfio_group_create_software(c, nullptr);
   ASSERT_EQ(iomm_vfio_ioctl(c, VFIO_SET_IOMMU, (void*)VFIO_TYPE1v2_IOMMU), 0);
+  // The registered fd lets the library map the file itself, unprivileged
+  // (UnprivilegedMap.* and PrivilegedMap.* cover the other ways).
+  ASSERT_EQ(iomm_vfio_register_fd(c, fd.fd()), 0);
   auto* old_va = new Mem(16 * kPage, MAP_SHARED, fd.fd(), 0);
   ASSERT_EQ(map(c, 0x100000, old_va->va(), 16 * kPage), 0);
   uint64_t n = 0;
@@ -462,6 +465,7 @@ TEST(VfioLiveUpdate, OwnerChangeMovesTheCharge) {
   auto* c = iomm_vfio_open();
   auto* sw = iomm_vfio_group_create_software(c, nullptr);
   ASSERT_EQ(iomm_vfio_ioctl(c, VFIO_SET_IOMMU, (void*)VFIO_TYPE1v2_IOMMU), 0);
+  ASSERT_EQ(iomm_vfio_register_fd(c, fd.fd()), 0);
   Mem m(16 * kPage, MAP_SHARED, fd.fd(), 0);
   ASSERT_EQ(map(c, 0x100000, m.va(), 16 * kPage), 0);
   EXPECT_EQ(iomm::counters().charged_bytes, 16 * kPage);

@@ -10,14 +10,26 @@
 //   charged once per owner.
 // - Files are mapped MAP_SHARED once per inode by the library, however many
 //   sources use them; the mapping lives while any source or mapping uses it.
+// - Writability is per source: a file source is writable when the fd it was
+//   made from is open read-write and the file carries no F_SEAL_WRITE or
+//   F_SEAL_FUTURE_WRITE, whatever other fds of the same file were used
+//   before or after.
+// - Pinned file pages stay the file's only while nobody truncates the file
+//   or punches a hole in it: the kernel then drops them from the file (and
+//   from the library's mapping) although they are pinned and charged. Ask
+//   for FileSeal::apply or FileSeal::require when the memory must be stable;
+//   otherwise discarded_pages() reports what was found gone at unpin.
 // - Creation never touches the memory; pinning happens later (lazy).
 // - Thread-safe: sources are immutable.
 //
 // Errors (from the factories)
 // - EBADF   the fd is not open.
 // - ENODEV  the fd cannot be mapped shared (not a regular file, or mmap refuses).
-// - EINVAL  zero length; range past the end of the file; for hugetlb files an
-//           offset or length that is not a multiple of the huge page size.
+// - EINVAL  zero length; range past the end of the file (also when the file
+//           shrank while the source was being made).
+// - EPERM   FileSeal::require and the file is not sealed; FileSeal::apply
+//           and the seals cannot be added (fd not writable, F_SEAL_SEAL).
+//           FileSeal::apply on a file that cannot be sealed gives EINVAL.
 // - EOVERFLOW offset + length wraps.
 #pragma once
 
@@ -35,11 +47,28 @@ class MemObject;
 
 enum class SourceKind { file, user, simulated };
 
+// What from_file guarantees about the file's pages while they are pinned.
+enum class FileSeal {
+  // Nothing: someone holding an fd may truncate or punch holes (see above).
+  none,
+  // The file already carries F_SEAL_SHRINK and F_SEAL_WRITE or
+  // F_SEAL_FUTURE_WRITE (so the source is read-only); EPERM otherwise.
+  require,
+  // Add F_SEAL_SHRINK | F_SEAL_FUTURE_WRITE (memfds made with
+  // MFD_ALLOW_SEALING) after the library's mapping is made, so the source
+  // keeps the fd's writability; from then on nobody can shrink the file,
+  // punch holes in it or map it writable anew.
+  apply,
+};
+
 class MemorySource {
  public:
-  // A range of a memfd, hugetlb memfd or tmpfs file. A file opened read-only
-  // gives a read-only source (mapping it for write is EPERM).
-  static Result<MemorySource> from_file(int fd, uint64_t offset, uint64_t length);
+  // A range of a memfd, hugetlb memfd or tmpfs file. An fd opened read-only,
+  // or a write-sealed file, gives a read-only source (mapping it for write
+  // is EPERM). A hugetlb range may start and end at any 4 KiB boundary: its
+  // pins cover and charge whole huge pages.
+  static Result<MemorySource> from_file(int fd, uint64_t offset, uint64_t length,
+                                        FileSeal seal = FileSeal::none);
   // A range of this process's virtual memory. Nothing is checked until it is
   // pinned: an unmapped address fails then, with EFAULT.
   static Result<MemorySource> from_user(void* address, uint64_t length, bool writable = true);
@@ -56,6 +85,11 @@ class MemorySource {
   // Whether the backing file carries F_SEAL_SHRINK. Without it, DMA paths
   // guard their copies so a shrunk file gives EFAULT, never SIGBUS.
   [[nodiscard]] bool shrink_sealed() const noexcept;
+  // Pages of the backing file found discarded when their last pin was
+  // released (0 for other kinds): see the contract above.
+  [[nodiscard]] uint64_t discarded_pages() const noexcept;
+  // The same range, read-only.
+  [[nodiscard]] MemorySource read_only() const;
   // Host address of the first byte, or nullptr for simulated memory.
   [[nodiscard]] void* host_address() const noexcept;
   // Same backing object and range, narrowed to [offset() + skip, + length).

@@ -12,11 +12,18 @@
  *   emulated-IOMMU device with type1's vfio_pin_pages / vfio_unpin_pages /
  *   vfio_dma_rw. Destroying the last group releases the container's IOMMU
  *   (every mapping is removed), as in the kernel.
- * - MAP_DMA vaddrs are this process's memory. A vaddr inside a shared file
- *   mapping (memfd, tmpfs) is pinned as that file's pages, so a later
- *   VADDR update can be checked (same inode and offset) and DMA keeps working
- *   after the old address range is unmapped. Other memory is pinned by
- *   address and must stay mapped until a new vaddr is installed.
+ * - MAP_DMA vaddrs are this process's memory. A vaddr range inside a shared
+ *   file mapping (memfd, tmpfs, hugetlb; consecutive VMAs of one file at
+ *   contiguous offsets count as one) has the file's identity (device, inode,
+ *   offset, read from /proc/self/maps), which a later VADDR update must reach
+ *   again. Its pages are pinned through the library's own mapping of the
+ *   file, so DMA keeps working after the caller unmaps its addresses, when
+ *   the library can open the file: from an fd registered with
+ *   iomm_vfio_register_fd() (no privilege needed), else by reopening it
+ *   through /proc/self/map_files (needs CAP_SYS_ADMIN). Without either, the
+ *   range is pinned by address, like other memory, which must stay mapped
+ *   while it is mapped for DMA; UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_VADDR of
+ *   such a file range fails with EPERM (register the fd first).
  * - Charging is per process (type1's locked_vm): by default this process;
  *   iomm_vfio_set_owner_pid() emulates another process issuing the calls.
  * - Thread-safe. The dma_unmap callback runs on the unmapping thread with no
@@ -63,6 +70,20 @@ struct iomm_vfio_sw_group_config {
   const struct iomm_vfio_reserved_range* reserved;
   uint32_t nr_reserved;
 };
+
+/* Register fd (a regular file open for reading, or reading and writing) so
+ * that MAP_DMA of vaddrs in shared mappings of its file pins the file
+ * through the library's own mapping, made from a duplicate of fd: DMA then
+ * survives the caller unmapping those vaddrs, and no privilege is needed.
+ * The source is writable only if fd is open O_RDWR, the file has no write
+ * seal and the caller's mapping is writable. Registering another fd of the
+ * same file replaces the first; it affects MAP_DMA calls made afterwards.
+ * Returns 0, or -1 with errno: EBADF container NULL or fd not open; EINVAL
+ * not a regular file, or write-only; EMFILE, ENOMEM. */
+int iomm_vfio_register_fd(iomm_vfio_container* c, int fd);
+/* Forget the registered fd of fd's file (mappings made keep working).
+ * Returns 0, or -1 with errno: EBADF; ENOENT none registered. */
+int iomm_vfio_unregister_fd(iomm_vfio_container* c, int fd);
 
 /* Create a group and add it to the container (VFIO_GROUP_SET_CONTAINER).
  * If the IOMMU is set, the software domain is attached at once: the

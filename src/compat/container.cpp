@@ -204,7 +204,7 @@ Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vad
       return Error(EINVAL, "VADDR needs an invalidated mapping with the same iova and size");
     }
     Backing b;
-    auto source = resolve_vaddr(vaddr, size, &b);
+    auto source = resolve_vaddr(fds, vaddr, size, &b);
     if (!source.ok()) return source.error();
     if (d.backing.file && (!b.file || b.dev != d.backing.dev || b.ino != d.backing.ino ||
                            b.offset != d.backing.offset)) {
@@ -215,6 +215,7 @@ Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vad
     }
     if (Status s = ioas->replace_host(iova, *source, OwnerSpec{.pid = owner_pid}); !s) return s;
     d.vaddr = vaddr;
+    d.backing = b;
     d.vaddr_invalid = false;
     vaddr_invalid.fetch_sub(1);
     return {};
@@ -229,7 +230,7 @@ Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vad
     if (!fits) return Error(EINVAL, "range is not inside one valid IOVA range");
   }
   Backing b;
-  auto source = resolve_vaddr(vaddr, size, &b);
+  auto source = resolve_vaddr(fds, vaddr, size, &b);
   if (!source.ok()) return source.error();
   auto mapped = ioas->map_as(*source, prot, iova, OwnerSpec{.pid = owner_pid});
   if (!mapped.ok()) {
@@ -306,6 +307,7 @@ Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint
   if (vaddr) {
     for (uint64_t v : victims) {
       if (dmas[v].vaddr_invalid) return Error(EINVAL, "a vaddr is already invalid");
+      if (Status s = check_vaddr_invalidation(dmas[v].backing); !s) return s;
     }
     const Dma& lo = dmas[victims.front()];
     const Dma& hi = dmas[victims.back()];

@@ -16,6 +16,8 @@
 #include <span>
 #include <vector>
 
+#include "compat/fd_registry.hpp"
+#include "compat/vaddr.hpp"
 #include "iomm/access.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/ioas.hpp"
@@ -23,19 +25,6 @@
 #include "iomm/vfio_compat.h"
 
 namespace iomm::compat {
-
-// Where a vaddr range lives: a shared file mapping (identity = file and
-// offset) or anonymous memory (identity = the address).
-struct Backing {
-  bool file = false;
-  uint64_t dev = 0;
-  uint64_t ino = 0;
-  uint64_t offset = 0;
-};
-
-// The source for [vaddr, vaddr + size): the file's pages when the range
-// lies in one shared file mapping that can be reopened, else user memory.
-Result<MemorySource> resolve_vaddr(uint64_t vaddr, uint64_t size, Backing* backing);
 
 // One MAP_DMA (type1's vfio_dma).
 struct Dma {
@@ -96,6 +85,7 @@ class Container {
   std::shared_ptr<Ioas> ioas;            // mu; set with the IOMMU
   std::map<uint64_t, Dma> dmas;          // mu; by iova
   std::vector<iomm_vfio_group*> groups;  // mu
+  FdRegistry fds;                        // its own lock
 
   [[nodiscard]] bool has_mediated() const;  // mu
   [[nodiscard]] bool has_domain() const;    // mu

@@ -8,10 +8,14 @@
 #include <sys/vfs.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "core/errno_text.hpp"
 #include "mem/populate.hpp"
@@ -45,11 +49,11 @@ Error sys_error(int code, const std::string& what) {
 FileObject::FileObject(unsigned page_shift, int fd, dev_t dev, ino_t ino, std::byte* base,
                        uint64_t window, uint64_t mapped, bool writable, bool shrink_sealed)
     : MemObject(SourceKind::file, page_shift),
-      fd_(fd),
       dev_(dev),
       ino_(ino),
       base_(base),
       window_(window),
+      fd_(fd),
       mapped_(mapped),
       writable_(writable),
       shrink_sealed_(shrink_sealed) {}
@@ -63,8 +67,8 @@ FileObject::~FileObject() {
   if (it != reg.files.end() && it->second.expired()) reg.files.erase(it);
 }
 
-Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offset,
-                                                          uint64_t length) {
+Result<FileObject::Range> FileObject::for_range(int fd, uint64_t offset, uint64_t length,
+                                                FileSeal seal) {
   if (length == 0) return Error(EINVAL, "zero length");
   uint64_t end = 0;
   if (__builtin_add_overflow(offset, length, &end)) {
@@ -83,24 +87,68 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
   if (fstatfs(fd, &fs) == 0 && fs.f_type == HUGETLBFS_MAGIC) {
     page_shift = static_cast<unsigned>(__builtin_ctzll(static_cast<uint64_t>(fs.f_bsize)));
   }
-  const uint64_t granule = 1ULL << page_shift;
-  if (page_shift != kPageShift && (!is_aligned(offset, granule) || !is_aligned(length, granule))) {
-    return Error(EINVAL,
-                 "hugetlb range must be aligned to the huge page size " + std::to_string(granule));
-  }
+  // A hugetlb range need not be aligned to the huge page size: pins cover
+  // (and charge) whole huge pages, and domains map the range with smaller
+  // leaves where its ends are not aligned.
   if (end > static_cast<uint64_t>(st.st_size)) {
     return Error(EINVAL, "range ends at " + std::to_string(end) + ", past the end of the file (" +
                              std::to_string(st.st_size) + " bytes)");
   }
+  // Files that cannot be sealed (tmpfs files not made by memfd_create) say
+  // EINVAL: they carry no seals.
+  const int seals = std::max(fcntl(fd, F_GET_SEALS), 0);
+  constexpr int kWriteSeals = F_SEAL_WRITE | F_SEAL_FUTURE_WRITE;
+  if (seal == FileSeal::require && ((seals & F_SEAL_SHRINK) == 0 || (seals & kWriteSeals) == 0)) {
+    return Error(EPERM,
+                 "the file does not carry F_SEAL_SHRINK and F_SEAL_WRITE or F_SEAL_FUTURE_WRITE, "
+                 "so it could be truncated or have holes punched while pinned; seal it, or ask "
+                 "for FileSeal::apply");
+  }
+  const bool writable = access == O_RDWR && (seals & kWriteSeals) == 0;
 
   FileRegistry& reg = registry();
   std::unique_lock lk(reg.mu);
-  if (auto existing = reg.files[{st.st_dev, st.st_ino}].lock()) {
+  std::shared_ptr<FileObject> obj = reg.files[{st.st_dev, st.st_ino}].lock();
+  if (obj) {
     lk.unlock();
-    if (Status s = existing->extend(fd, end); !s) return s.error();
-    return existing;
+    std::unique_lock window(obj->window_mu_);
+    if (writable && !obj->writable_) {
+      if (Status s = obj->make_writable(fd); !s) return s.error();
+    }
+    if (Status s = obj->extend(fd, end); !s) return s.error();
+  } else {
+    auto created = create(fd, st, page_shift, writable, (seals & F_SEAL_SHRINK) != 0);
+    if (!created.ok()) return created.error();
+    obj = std::move(created).value();
+    reg.files[{st.st_dev, st.st_ino}] = obj;
+    lk.unlock();
   }
+  // Seals only accumulate: one added since the window was made counts too.
+  if ((seals & F_SEAL_SHRINK) != 0) obj->shrink_sealed_.store(true, std::memory_order_relaxed);
+  if (seal == FileSeal::apply) {
+    // F_SEAL_FUTURE_WRITE, not F_SEAL_WRITE: our window may be mapped
+    // read-write already (F_SEAL_WRITE would be EBUSY), and writes through
+    // existing mappings stay allowed. It forbids hole punching; together
+    // with F_SEAL_SHRINK the pages under a pin cannot change identity.
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_FUTURE_WRITE) != 0) {
+      return sys_error(errno, "sealing fd " + std::to_string(fd));
+    }
+    obj->shrink_sealed_.store(true, std::memory_order_relaxed);
+  }
+  // The file may have shrunk since the first fstat: a source past its end
+  // would reach nothing.
+  if (::fstat(fd, &st) != 0) return sys_error(EBADF, "fstat of fd " + std::to_string(fd));
+  if (end > static_cast<uint64_t>(st.st_size)) {
+    return Error(EINVAL, "the file shrank to " + std::to_string(st.st_size) +
+                             " bytes, below the range's end (" + std::to_string(end) + ")");
+  }
+  return Range{std::move(obj), writable};
+}
 
+Result<std::shared_ptr<FileObject>> FileObject::create(int fd, const struct stat& st,
+                                                       unsigned page_shift, bool writable,
+                                                       bool shrink_sealed) {
+  const uint64_t granule = 1ULL << page_shift;
   const uint64_t mapped = round_up(static_cast<uint64_t>(st.st_size), granule);
   const uint64_t window = std::max(round_up(mapped, kWindowAlign) * 2, kWindowAlign);
   // A 1 GiB-aligned window keeps the file offsets' alignment in host
@@ -122,21 +170,14 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
          raw_addr + window + 2 * kWindowAlign - (base_addr + window));
   auto* base = reinterpret_cast<std::byte*>(base_addr);
 
-  bool writable = access == O_RDWR;
   void* m = sys::mmap(base, mapped, writable ? PROT_READ | PROT_WRITE : PROT_READ,
                       MAP_SHARED | MAP_FIXED, fd, 0);
-  if (m == MAP_FAILED && writable && errno == EPERM) {
-    writable = false;  // F_SEAL_WRITE: map it read-only
-    m = mmap(base, mapped, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0);
-  }
   if (m == MAP_FAILED) {
     const int err = errno;
     munmap(base, window);
     errno = err;
     return sys_error(ENODEV, "fd " + std::to_string(fd) + " cannot be mapped shared");
   }
-  const int seals = fcntl(fd, F_GET_SEALS);
-  const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
   const int own_fd = sys::dup_cloexec(fd);
   if (own_fd < 0) {
     const int err = errno;
@@ -145,37 +186,123 @@ Result<std::shared_ptr<FileObject>> FileObject::for_range(int fd, uint64_t offse
     return sys_error(err, "duplicating fd " + std::to_string(fd));
   }
   std::shared_ptr<FileObject> obj(new (std::nothrow) FileObject(
-      page_shift, own_fd, st.st_dev, st.st_ino, base, window, mapped, writable, sealed));
+      page_shift, own_fd, st.st_dev, st.st_ino, base, window, mapped, writable, shrink_sealed));
   if (!obj) {
     munmap(base, window);
     close(own_fd);
     return Error(ENOMEM, "out of memory");
   }
-  reg.files[{st.st_dev, st.st_ino}] = obj;
   return obj;
 }
 
 Status FileObject::extend(int fd, uint64_t end) {
-  std::lock_guard lk(extend_mu_);
   if (end <= mapped_) return {};
   struct stat st {};
   if (sys::fstat(fd, &st) != 0) return sys_error(EBADF, "fstat");
   const uint64_t granule = 1ULL << page_shift();
   const uint64_t target = round_up(static_cast<uint64_t>(st.st_size), granule);
+  if (target < end) {
+    return Error(EINVAL, "the file shrank to " + std::to_string(st.st_size) +
+                             " bytes, below the range's end (" + std::to_string(end) + ")");
+  }
   if (target > window_) {
     return Error(ENOMEM,
                  "the file grew past the address window reserved when it was first mapped (" +
                      std::to_string(window_) + " bytes)");
   }
+  // From our own fd, whose access mode matches the window's.
+  const auto off = static_cast<off_t>(mapped_);
   void* m =
       sys::mmap(base_ + mapped_, target - mapped_, writable_ ? PROT_READ | PROT_WRITE : PROT_READ,
-                MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(mapped_));
+                MAP_SHARED | MAP_FIXED, fd_, off);
+  if (m == MAP_FAILED && writable_ && errno == EPERM) {
+    // Write-sealed since the window became writable: sources made from now
+    // on are read-only, so the new part needs no write access.
+    m = sys::mmap(base_ + mapped_, target - mapped_, PROT_READ, MAP_SHARED | MAP_FIXED, fd_, off);
+  }
   if (m == MAP_FAILED) return sys_error(ENODEV, "extending the file mapping");
   mapped_ = target;
   return {};
 }
 
+namespace {
+
+// The VM_LOCKED parts of [start, end) of this process's address space, in
+// address order, from /proc/self/smaps (mlock splits VMAs exactly at the
+// locked boundaries).
+Result<std::vector<std::pair<uint64_t, uint64_t>>> locked_ranges(uint64_t start, uint64_t end) {
+  FILE* f = std::fopen("/proc/self/smaps", "re");
+  if (f == nullptr) return sys_error(errno, "cannot read /proc/self/smaps");
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  char line[512];
+  uint64_t vma_start = 0;
+  uint64_t vma_end = 0;
+  try {
+    while (std::fgets(line, sizeof(line), f) != nullptr) {
+      uint64_t a = 0;
+      uint64_t b = 0;
+      if (std::sscanf(line, "%" SCNx64 "-%" SCNx64 " ", &a, &b) == 2 &&
+          std::strchr(line, ':') != nullptr && std::strncmp(line, "VmFlags", 7) != 0) {
+        vma_start = a;
+        vma_end = b;
+        continue;
+      }
+      if (std::strncmp(line, "VmFlags:", 8) != 0) continue;
+      if (vma_end <= start || vma_start >= end) continue;
+      if (std::strstr(line, " lo") == nullptr) continue;
+      out.emplace_back(std::max(vma_start, start), std::min(vma_end, end));
+    }
+  } catch (const std::bad_alloc&) {
+    std::fclose(f);
+    return Error(ENOMEM, "out of memory");
+  }
+  std::fclose(f);
+  return out;
+}
+
+}  // namespace
+
+Status FileObject::make_writable(int fd) {
+  const uint64_t start = reinterpret_cast<uint64_t>(base_);
+  auto locked = locked_ranges(start, start + mapped_);
+  if (!locked.ok()) return locked.error();
+  const int own_fd = sys::dup_cloexec(fd);
+  if (own_fd < 0) return sys_error(errno, "duplicating fd " + std::to_string(fd));
+  // MAP_FIXED replaces a piece of the read-only mapping in one step under
+  // the kernel's mmap lock: a concurrent copy through the window faults into
+  // the new one. Pinned pieces are mapped MAP_LOCKED, so they stay locked
+  // (window_mu_ keeps every lock and unlock out meanwhile), and MAP_LOCKED's
+  // memlock check comes before anything is replaced. A failure leaves each
+  // piece either old or new, every pinned page locked, and the window
+  // marked read-only, so a later writable fd starts over.
+  auto remap = [&](uint64_t from, uint64_t to, bool lock) {
+    if (from == to) return true;
+    return sys::mmap(base_ + from, to - from, PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_FIXED | (lock ? MAP_LOCKED : 0), own_fd,
+                     static_cast<off_t>(from)) != MAP_FAILED;
+  };
+  uint64_t pos = 0;
+  bool ok = true;
+  for (const auto& [a, b] : *locked) {
+    ok = remap(pos, a - start, false) && remap(a - start, b - start, true);
+    if (!ok) break;
+    pos = b - start;
+  }
+  if (ok) ok = remap(pos, mapped_, false);
+  if (!ok) {
+    const int err = errno;
+    close(own_fd);
+    errno = err;
+    return sys_error(err == EAGAIN ? ENOMEM : ENODEV, "remapping the file read-write");
+  }
+  close(fd_);
+  fd_ = own_fd;
+  writable_ = true;
+  return {};
+}
+
 Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) {
+  std::shared_lock window(window_mu_);
   // Past the end of a file that shrank, a fault fails; mlock would report
   // that as ENOMEM, indistinguishable from the memlock limit, so ask first.
   struct stat st {};
@@ -183,8 +310,6 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
   if (sys::fstat(fd_, &st) != 0 || static_cast<uint64_t>(st.st_size) < end) {
     return Error(EFAULT, "the file is shorter than the range being pinned (it shrank)");
   }
-  // Our own mapping is read-write whenever the file is, so no write fault is
-  // needed to make a later DMA write safe.
   std::byte* addr = base_ + (first << page_shift());
   const uint64_t length = (last - first + 1) << page_shift();
   if (page_shift() == kPageShift) return lock_resident(addr, length);
@@ -207,8 +332,28 @@ bool FileObject::copy_in(uint64_t offset, const void* buf, size_t n) const noexc
   return safe_copy(base_ + offset, buf, n);
 }
 
+// A pinned page is locked, so the only way it leaves the file is by being
+// discarded (a hole punched, the file truncated): its replacement, if
+// anything touched the offset since, cannot be told apart.
+void FileObject::count_discarded(std::byte* addr, uint64_t length) noexcept {
+  constexpr uint64_t kBatch = 256;
+  unsigned char resident[kBatch];
+  for (uint64_t done = 0; done < length;) {
+    const uint64_t n = std::min(kBatch, (length - done) >> kPageShift);
+    if (::mincore(addr + done, n << kPageShift, resident) != 0) return;
+    uint64_t missing = 0;
+    for (uint64_t i = 0; i < n; ++i) missing += (resident[i] & 1) == 0 ? 1 : 0;
+    if (missing != 0) discarded_pages_.fetch_add(missing, std::memory_order_relaxed);
+    done += n << kPageShift;
+  }
+}
+
 void FileObject::unlock_granules(uint64_t first, uint64_t last) noexcept {
-  unlock_range(base_ + (first << page_shift()), (last - first + 1) << page_shift());
+  std::shared_lock window(window_mu_);
+  std::byte* addr = base_ + (first << page_shift());
+  const uint64_t length = (last - first + 1) << page_shift();
+  count_discarded(addr, length);
+  unlock_range(addr, length);
 }
 
 }  // namespace iomm::mem

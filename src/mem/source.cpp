@@ -8,11 +8,11 @@
 
 namespace iomm {
 
-Result<MemorySource> MemorySource::from_file(int fd, uint64_t offset, uint64_t length) {
-  auto obj = mem::FileObject::for_range(fd, offset, length);
-  if (!obj.ok()) return obj.error();
-  const bool writable = (*obj)->writable();
-  return MemorySource(std::move(obj).value(), offset, length, writable);
+Result<MemorySource> MemorySource::from_file(int fd, uint64_t offset, uint64_t length,
+                                             FileSeal seal) {
+  auto range = mem::FileObject::for_range(fd, offset, length, seal);
+  if (!range.ok()) return range.error();
+  return MemorySource(std::move(range->object), offset, length, range->writable);
 }
 
 Result<MemorySource> MemorySource::from_user(void* address, uint64_t length, bool writable) {
@@ -40,6 +40,15 @@ SourceKind MemorySource::kind() const noexcept { return object_->kind(); }
 uint64_t MemorySource::page_size() const noexcept { return 1ULL << object_->page_shift(); }
 
 bool MemorySource::shrink_sealed() const noexcept { return object_->shrink_sealed(); }
+
+uint64_t MemorySource::discarded_pages() const noexcept {
+  if (object_->kind() != SourceKind::file) return 0;
+  return static_cast<const mem::FileObject&>(*object_).discarded_pages();
+}
+
+MemorySource MemorySource::read_only() const {
+  return MemorySource(object_, offset_, length_, false);
+}
 
 void* MemorySource::host_address() const noexcept { return object_->host(offset_); }
 
