@@ -19,9 +19,26 @@
  *   address and must stay mapped until a new vaddr is installed.
  * - Charging is per process (type1's locked_vm): by default this process;
  *   iomm_vfio_set_owner_pid() emulates another process issuing the calls.
- * - Thread-safe. The dma_unmap callback runs on the unmapping thread with no
- *   container lock held and must unpin every page it holds in the range
- *   (iomm_vfio_unpin_pages may be called from it).
+ * - Thread-safe: any entry point may race any other, except that a handle
+ *   must not be used after (or concurrently with the start of) its own
+ *   close/destroy. Closing a container waits for the calls already in
+ *   flight on it, including group calls that reached it.
+ * - The dma_unmap callback runs on the unmapping thread, once per mapping
+ *   being removed (iova and size of that mapping), with no iomm lock held.
+ *   It must unpin every page it holds in the range (iomm_vfio_unpin_pages)
+ *   and may call any other entry point, e.g. GET_INFO or MAP_DMA of another
+ *   range. While it runs the mapping still exists, as in type1: a MAP over
+ *   it fails with EEXIST and DMA_AVAIL counts it; an UNMAP, a VADDR update
+ *   or a GET_BITMAP touching it waits for that unmap to finish and then
+ *   starts over (from the callback itself they fail with EDEADLOCK); new
+ *   pins and dma_rw of it fail with EINVAL. Destroying a group waits for its
+ *   running callback and no callback starts after it returns: do not destroy
+ *   a group from its own callback, nor while holding a lock that callback
+ *   takes; do not close the container from any of its callbacks.
+ * - Struct copy-out follows the kernel: a failed ioctl writes nothing back
+ *   (an UNMAP_DMA error leaves `size` as passed). GET_INFO follows Linux
+ *   6.6+: min(argsz, sizeof(struct vfio_iommu_type1_info)) bytes of a
+ *   zero-filled struct go back, capabilities are 8-byte aligned.
  */
 #ifndef IOMM_VFIO_COMPAT_H
 #define IOMM_VFIO_COMPAT_H

@@ -2,6 +2,7 @@
 // (see include/iomm/ioas.hpp for the contract).
 #include <algorithm>
 #include <new>
+#include <shared_mutex>
 #include <string>
 
 #include "access/access_state.hpp"
@@ -19,7 +20,15 @@ using ioas::Area;
 using ioas::AreaState;
 using ioas::IoasState;
 
-void Ioas::set_dirty_tracking(bool on) noexcept { state_->dirty.set_enabled(on); }
+void Ioas::set_dirty_tracking(bool on) noexcept {
+  state_->dirty.set_enabled(on);
+  if (!on) return;
+  // A writer that read the flag as off may still be copying. Access rw holds
+  // tree_mu shared from the check to the last byte; device DMA runs inside
+  // an RCU read section. Wait for both.
+  { std::unique_lock tree(state_->tree_mu); }
+  sync::rcu_synchronize();
+}
 
 bool Ioas::dirty_tracking() const noexcept { return state_->dirty.enabled(); }
 
