@@ -231,6 +231,16 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
   }
   if (victims.head == nullptr) return uint64_t{0};
 
+  // Pages accesses hold pinned count as dirty (read_dirty); the drain below
+  // unpins them, so take them now. Only reported if the unmap succeeds.
+  if (dirty != nullptr && dirty->base_page <= victims.tail->range.last >> kPageShift) {
+    const uint64_t last_page = victims.tail->range.last >> kPageShift;
+    std::lock_guard lk(st.accesses_mu);
+    for (const access::AccessState* a : st.accesses) {
+      access::collect_pinned(*a, dirty->base_page, last_page - dirty->base_page + 1, dirty->bits);
+    }
+  }
+
   if (!drain_access_pins(st, victims)) {
     std::unique_lock tree(st.tree_mu);
     victims.each([](Area& a) { a.state = AreaState::live; });
