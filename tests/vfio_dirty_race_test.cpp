@@ -196,8 +196,16 @@ TEST(VfioDirtyBitmap, NoWrittenPageMissingUnderConcurrentStartAndUnmap) {
       }
     }
   };
-  std::thread w0(writer, 0);
-  std::thread w1(writer, 1);
+  // Joined on every way out, a failed ASSERT included.
+  struct Writers {
+    std::atomic<bool>& stop;
+    std::thread t0, t1;
+    ~Writers() {
+      stop = true;
+      t0.join();
+      t1.join();
+    }
+  } writers{stop, std::thread(writer, 0), std::thread(writer, 1)};
   std::mt19937_64 rng(seed);
   std::vector<unsigned char> snapshot(kPages * kPage);
   std::vector<__u64> seen(kPages / 64);
@@ -233,9 +241,6 @@ TEST(VfioDirtyBitmap, NoWrittenPageMissingUnderConcurrentStartAndUnmap) {
     }
     ASSERT_EQ(dirty_flag(c, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP), 0);
   }
-  stop = true;
-  w0.join();
-  w1.join();
   EXPECT_GT(changed_pages, 0);  // the writers did run
   iomm_vfio_group_destroy(md);
   iomm_vfio_group_destroy(sw);

@@ -163,9 +163,6 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   // first. EINVAL: tracking off, iova/length not page aligned, zero length,
   // bitmap too small; EOVERFLOW: wrap.
   Status read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap);
-  // The same, leaving the log as it is: for a caller that reports the bits
-  // only if a following step (an unmap) succeeds. Unmapping clears the range.
-  Status peek_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap);
 
   // Live update. invalidate_host marks every mapping inside the range (none
   // may be cut: ENOENT) as having no valid host address: domains keep

@@ -231,8 +231,8 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
   }
   if (victims.head == nullptr) return uint64_t{0};
 
-  // Pages accesses hold pinned count as dirty (read_dirty); the drain below
-  // unpins them, so take them now. Only reported if the unmap succeeds.
+  // Pages accesses hold pinned count as dirty (read_and_clear_dirty); the drain
+  // below unpins them, so take them now. Reported only if the unmap succeeds.
   if (dirty != nullptr && dirty->base_page <= victims.tail->range.last >> kPageShift) {
     const uint64_t last_page = victims.tail->range.last >> kPageShift;
     std::lock_guard lk(st.accesses_mu);

@@ -34,8 +34,7 @@ bool Ioas::dirty_tracking() const noexcept { return state_->dirty.enabled(); }
 
 namespace {
 
-Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint64_t> bitmap,
-                  bool clear) {
+Status read_and_clear(IoasState& st, uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
   if (!st.dirty.enabled()) return Error(EINVAL, "dirty tracking is off");
   if (length == 0) return Error(EINVAL, "zero length");
   if (!is_aligned(iova, kPageSize) || !is_aligned(length, kPageSize)) {
@@ -45,7 +44,7 @@ Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint6
   const uint64_t npages = length >> kPageShift;
   if (bitmap.size() < (npages + 63) / 64) return Error(EINVAL, "bitmap too small");
   std::fill(bitmap.begin(), bitmap.end(), 0);
-  st.dirty.collect(iova >> kPageShift, npages, bitmap, clear);
+  st.dirty.collect(iova >> kPageShift, npages, bitmap, true);
   std::lock_guard lk(st.accesses_mu);
   for (const access::AccessState* a : st.accesses) {
     access::collect_pinned(*a, iova >> kPageShift, npages, bitmap);
@@ -56,11 +55,7 @@ Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint6
 }  // namespace
 
 Status Ioas::read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
-  return read_dirty(*state_, iova, length, bitmap, true);
-}
-
-Status Ioas::peek_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
-  return read_dirty(*state_, iova, length, bitmap, false);
+  return read_and_clear(*state_, iova, length, bitmap);
 }
 
 Result<uint64_t> Ioas::invalidate_host(uint64_t iova, uint64_t length) {
