@@ -196,15 +196,17 @@ TEST(VfioDirtyBitmap, NoWrittenPageMissingUnderConcurrentStartAndUnmap) {
       }
     }
   };
-  // Joined on every way out, a failed ASSERT included.
+  // Joined on every way out, a failed ASSERT included, and before the
+  // groups they use are destroyed.
   struct Writers {
     std::atomic<bool>& stop;
     std::thread t0, t1;
-    ~Writers() {
+    void finish() {
       stop = true;
-      t0.join();
-      t1.join();
+      if (t0.joinable()) t0.join();
+      if (t1.joinable()) t1.join();
     }
+    ~Writers() { finish(); }
   } writers{stop, std::thread(writer, 0), std::thread(writer, 1)};
   std::mt19937_64 rng(seed);
   std::vector<unsigned char> snapshot(kPages * kPage);
@@ -241,6 +243,7 @@ TEST(VfioDirtyBitmap, NoWrittenPageMissingUnderConcurrentStartAndUnmap) {
     }
     ASSERT_EQ(dirty_flag(c, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP), 0);
   }
+  writers.finish();
   EXPECT_GT(changed_pages, 0);  // the writers did run
   iomm_vfio_group_destroy(md);
   iomm_vfio_group_destroy(sw);
