@@ -376,7 +376,7 @@ Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint
     uint64_t iova;
     uint64_t size;
   };
-  std::vector<Victim> victims;  // copies: release_iommu may drop the records while mu is dropped
+  std::vector<Victim> victims;  // copies: take_iommu drops the records
   std::vector<uint64_t> raw;    // 4 KiB-page dirty bits of [iova, last]
   const uint64_t npages4k = want_bitmap ? size >> kPageShift : 0;
   {
