@@ -121,6 +121,57 @@ TEST(VfioLocking, CallbackCallsBackIntoTheContainer) {
   iomm_vfio_close(r.c);
 }
 
+// Two unmaps whose callbacks each unmap the other's victim: waiting would
+// never end, so exactly one of them is told EDEADLOCK; the other waits for
+// that unmap to finish, starts over and finds its range gone (0 bytes).
+TEST(VfioLocking, CallbacksUnmappingEachOthersVictimsDoNotHang) {
+  const Watchdog watchdog(30);
+  struct Shared {
+    iomm_vfio_container* c = nullptr;
+    iomm_vfio_group* md = nullptr;
+    std::atomic<int> in_callback{0};
+    int result[2] = {-1, -1};
+    uint64_t size[2] = {1, 1};
+  } sh;
+  static constexpr uint64_t kIova[2] = {0x100000, 0x200000};
+  sh.c = iomm_vfio_open();
+  sh.md = iomm_vfio_group_create_mediated(
+      sh.c,
+      [](void* opaque, uint64_t iova, uint64_t) {
+        auto* s = static_cast<Shared*>(opaque);
+        const int me = iova == kIova[0] ? 0 : 1;
+        EXPECT_EQ(iomm_vfio_unpin_pages(s->md, iova, 1), 1);
+        s->in_callback.fetch_add(1);
+        while (s->in_callback.load() < 2) std::this_thread::yield();
+        if (me == 1) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        s->result[me] = unmap(s->c, kIova[1 - me], 4 * kPage, &s->size[me]);
+      },
+      &sh);
+  ASSERT_EQ(iomm_vfio_ioctl(sh.c, VFIO_SET_IOMMU, reinterpret_cast<void*>(VFIO_TYPE1v2_IOMMU)), 0);
+  std::vector<unsigned char> mem(9 * kPage);
+  auto* va = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(mem.data()) + kPage - 1) & ~(kPage - 1));
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(map(sh.c, kIova[i], va + i * 4 * kPage, 4 * kPage), 0);
+    void* host[1];
+    ASSERT_EQ(iomm_vfio_pin_pages(sh.md, kIova[i], 1, IOMM_VFIO_PROT_READ, host), 1);
+  }
+  int outer[2] = {-1, -1};
+  std::thread a([&] { outer[0] = unmap(sh.c, kIova[0], 4 * kPage); });
+  std::thread b([&] { outer[1] = unmap(sh.c, kIova[1], 4 * kPage); });
+  a.join();
+  b.join();
+  EXPECT_EQ(outer[0], 0);
+  EXPECT_EQ(outer[1], 0);
+  const int deadlocked = sh.result[0] == EDEADLOCK ? 0 : 1;
+  EXPECT_EQ(sh.result[deadlocked], EDEADLOCK);
+  EXPECT_EQ(sh.size[deadlocked], 4 * kPage);  // untouched on failure
+  EXPECT_EQ(sh.result[1 - deadlocked], 0);
+  EXPECT_EQ(sh.size[1 - deadlocked], 0U);  // already gone when it started over
+  iomm_vfio_group_destroy(sh.md);
+  iomm_vfio_close(sh.c);
+}
+
 // A driver that creates and destroys groups while holding its own lock,
 // racing unmaps whose callback takes that lock: with the container lock
 // held across the callback this is an ABBA deadlock.

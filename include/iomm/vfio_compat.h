@@ -57,9 +57,11 @@ typedef struct iomm_vfio_group iomm_vfio_group;
 iomm_vfio_container* iomm_vfio_open(void);
 /* ioctl(2) on the container: 0 or a value, or -1 with errno. */
 long iomm_vfio_ioctl(iomm_vfio_container* c, unsigned long request, void* arg);
-/* Detaches the container's groups (as closing /dev/vfio/vfio does) and
- * frees the container. Each group must still be destroyed with
- * iomm_vfio_group_destroy(). Returns 0. */
+/* Detaches the container's groups (as closing /dev/vfio/vfio does), waits
+ * for the calls in flight on it, and frees the container. Not from inside
+ * one of its dma_unmap callbacks. Each group must still be destroyed with
+ * iomm_vfio_group_destroy(); its calls fail with EINVAL meanwhile.
+ * Returns 0. */
 int iomm_vfio_close(iomm_vfio_container* c);
 
 /* Type1's dma_entry_limit (default 65535); only before VFIO_SET_IOMMU
@@ -95,7 +97,9 @@ typedef void (*iomm_vfio_dma_unmap_fn)(void* opaque, uint64_t iova, uint64_t siz
 iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* c,
                                                  iomm_vfio_dma_unmap_fn dma_unmap, void* opaque);
 /* Remove the group from its container and free it. A mediated group's pins
- * are released. Returns 0. */
+ * are released; a running dma_unmap callback of the group is waited for and
+ * none starts after this returns (so not from that callback, nor holding a
+ * lock it takes). Destroying the last group releases the IOMMU. Returns 0. */
 int iomm_vfio_group_destroy(iomm_vfio_group* g);
 
 /* Prot for pin and rw: IOMMU_READ / IOMMU_WRITE as in the kernel. */

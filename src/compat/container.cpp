@@ -169,18 +169,42 @@ Dma& Container::record(uint64_t iova) {
   return it->second;
 }
 
-bool Container::touches_unmapping(uint64_t first, uint64_t last, bool* own) const {
-  bool any = false;
-  *own = false;
+Result<bool> Container::wait_for_unmap(std::unique_lock<std::mutex>& lk, uint64_t first,
+                                       uint64_t last) {
+  std::thread::id holder{};
   auto it = dmas.upper_bound(first);
   if (it != dmas.begin()) --it;
   for (; it != dmas.end() && it->second.iova <= last; ++it) {
     const Dma& d = it->second;
-    if (d.iova + d.size - 1 < first || !d.unmapping()) continue;
-    any = true;
-    if (d.unmapper == std::this_thread::get_id()) *own = true;
+    if (d.iova + d.size - 1 >= first && d.unmapping()) {
+      holder = d.unmapper;
+      break;
+    }
   }
-  return any;
+  if (holder == std::thread::id{}) return false;
+  // Follow who waits for whom: a chain that comes back to us never ends.
+  // Chains cannot loop otherwise, as no wait that closes one is entered.
+  const auto self = std::this_thread::get_id();
+  for (std::thread::id t = holder;;) {
+    if (t == self) {
+      return Error(EDEADLOCK,
+                   "a dma_unmap callback reaches a mapping its own unmap is removing, directly "
+                   "or through other unmaps waiting for each other");
+    }
+    auto w =
+        std::find_if(waiters_.begin(), waiters_.end(), [&](const auto& e) { return e.first == t; });
+    if (w == waiters_.end()) break;
+    t = w->second;
+  }
+  try {
+    if (IOMM_INJECT("vfio.alloc_unmap")) throw std::bad_alloc();
+    waiters_.emplace_back(self, holder);
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  unmap_done_.wait(lk);
+  waiters_.erase(std::find(waiters_.begin(), waiters_.end(), std::pair{self, holder}));
+  return true;
 }
 
 Status Container::set_iommu(unsigned long type) {
@@ -262,10 +286,10 @@ Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vad
     if (iova + size - 1 < iova || vaddr + size - 1 < vaddr) return Error(EINVAL, "range wraps");
     // A mapping being unmapped still exists (EEXIST below), as in type1; a
     // VADDR update of it waits for the unmap and then finds it gone.
-    bool own = false;
-    if (!set_vaddr || !touches_unmapping(iova, iova + size - 1, &own)) break;
-    if (own) return Error(EDEADLOCK, "a dma_unmap callback updates a vaddr its unmap removes");
-    wait_unmap(lk);
+    if (!set_vaddr) break;
+    auto waited = wait_for_unmap(lk, iova, iova + size - 1);
+    if (!waited.ok()) return waited.error();
+    if (!*waited) break;
   }
   const uint64_t last = iova + size - 1;
   auto overlap = dmas.end();
@@ -350,10 +374,9 @@ Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint
     if (want_bitmap && (!dirty_tracking || bitmap_pgsize != pgsize)) {
       return Error(EINVAL, "dirty bitmap needs tracking on and the minimum page size");
     }
-    bool own = false;
-    if (!touches_unmapping(iova, last, &own)) break;
-    if (own) return Error(EDEADLOCK, "a dma_unmap callback unmaps a range its unmap removes");
-    wait_unmap(lk);
+    auto waited = wait_for_unmap(lk, iova, last);
+    if (!waited.ok()) return waited.error();
+    if (!*waited) break;
   }
   auto containing = [&](uint64_t a) -> const Dma* {
     auto it = dmas.upper_bound(a);
@@ -473,10 +496,9 @@ Status Container::dirty_get(uint64_t iova, uint64_t size, uint64_t pgsize,
     if (size == 0 || (size & (iommu_pgsize - 1)) != 0) return Error(EINVAL, "bad size");
     if (!dirty_tracking) return Error(EINVAL, "dirty tracking is off");
     // A mapping being unmapped reports its bits through that unmap.
-    bool own = false;
-    if (!touches_unmapping(iova, iova + size - 1, &own)) break;
-    if (own) return Error(EDEADLOCK, "a dma_unmap callback reads a range its unmap removes");
-    wait_unmap(lk);
+    auto waited = wait_for_unmap(lk, iova, iova + size - 1);
+    if (!waited.ok()) return waited.error();
+    if (!*waited) break;
   }
   const uint64_t last = iova + size - 1;
   for (const auto& [start, d] : dmas) {

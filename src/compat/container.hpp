@@ -28,6 +28,7 @@
 #include <shared_mutex>
 #include <span>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "iomm/access.hpp"
@@ -164,13 +165,16 @@ class Container {
   // Forget the IOMMU (mu held); returns the IOAS to release outside mu.
   std::shared_ptr<Ioas> take_iommu() noexcept;
   Dma& record(uint64_t iova);  // mu held; the record must exist
-  // Whether [first, last] touches a mapping an unmap is removing; if this
-  // thread is the one removing it, *own is set. mu held.
-  [[nodiscard]] bool touches_unmapping(uint64_t first, uint64_t last, bool* own) const;
-  // Wait (releasing mu) until an unmap in flight finishes. mu held by lk.
-  void wait_unmap(std::unique_lock<std::mutex>& lk) { unmap_done_.wait(lk); }
+  // If [first, last] touches a mapping an unmap is removing, wait (mu
+  // released) until an unmap finishes and return true: the caller starts
+  // over. EDEADLOCK instead if that unmap is this thread's, or waits for it
+  // through other waiting unmaps (callbacks reaching each other's victims).
+  Result<bool> wait_for_unmap(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last);
 
   std::condition_variable unmap_done_;  // with mu: an unmap finished
+  // Threads waiting in wait_for_unmap, and the unmapping thread each waits
+  // for (mu).
+  std::vector<std::pair<std::thread::id, std::thread::id>> waiters_;
   std::mutex calls_mu_;
   std::condition_variable calls_done_;
   uint64_t calls_ = 0;  // calls_mu_
