@@ -30,11 +30,12 @@
  *   range. While it runs the mapping still exists, as in type1: a MAP over
  *   it fails with EEXIST and DMA_AVAIL counts it; an UNMAP, a VADDR update
  *   or a GET_BITMAP touching it waits for that unmap to finish and then
- *   starts over (from the callback itself they fail with EDEADLOCK); new
- *   pins and dma_rw of it fail with EINVAL. Destroying a group waits for its
- *   running callback and no callback starts after it returns: do not destroy
- *   a group from its own callback, nor while holding a lock that callback
- *   takes; do not close the container from any of its callbacks.
+ *   starts over (EDEADLOCK instead from the callback itself, or when unmaps
+ *   would wait for each other in a cycle); new pins and dma_rw of it fail
+ *   with EINVAL. Destroying a group waits for its running callback and no
+ *   callback starts after it returns: do not destroy a group from its own
+ *   callback, nor while holding a lock that callback takes; do not close the
+ *   container from any of its callbacks.
  * - Struct copy-out follows the kernel: a failed ioctl writes nothing back
  *   (an UNMAP_DMA error leaves `size` as passed). GET_INFO follows Linux
  *   6.6+: min(argsz, sizeof(struct vfio_iommu_type1_info)) bytes of a
