@@ -110,6 +110,14 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   Result<uint64_t> unmap_all();
   // Like unmap, but an empty range succeeds with 0 (type1 / compat rule).
   Result<uint64_t> unmap_range_allow_empty(uint64_t iova, uint64_t length);
+  // unmap_range_allow_empty that also ORs the dirty-log bits of what it
+  // removes into bitmap (bit i = 4 KiB page (bitmap_iova >> 12) + i; pages
+  // outside the bitmap are dropped). They are read after the translations
+  // are gone and every writer has finished, just before the log is cleared,
+  // so no write in between is lost. On failure nothing is read and the log
+  // keeps its bits.
+  Result<uint64_t> unmap_collecting_dirty(uint64_t iova, uint64_t length, uint64_t bitmap_iova,
+                                          std::span<uint64_t> bitmap);
 
   // Map [src_iova, src_iova + length) of src here, sharing the source's
   // pinned pages: no new pin and no new charge. The source range must be
@@ -143,7 +151,10 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
 
   // Dirty tracking. While on, writes through attached domains' DMA and
   // through accesses mark their 4 KiB IOVA pages in a log. Turning it on or
-  // off clears the log; unmapping clears the unmapped range.
+  // off clears the log; unmapping clears the unmapped range. Turning it on
+  // returns only once every write that began before and may have missed the
+  // switch has finished (a grace period for DMA, the tree lock for
+  // accesses): every write that completes after the call is in the log.
   void set_dirty_tracking(bool on) noexcept;
   [[nodiscard]] bool dirty_tracking() const noexcept;
   // Fill bitmap (bit i = 4 KiB page (iova >> 12) + i) with the pages written
@@ -152,9 +163,6 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   // first. EINVAL: tracking off, iova/length not page aligned, zero length,
   // bitmap too small; EOVERFLOW: wrap.
   Status read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap);
-  // The same, leaving the log as it is: for a caller that reports the bits
-  // only if a following step (an unmap) succeeds. Unmapping clears the range.
-  Status peek_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap);
 
   // Live update. invalidate_host marks every mapping inside the range (none
   // may be cut: ENOENT) as having no valid host address: domains keep

@@ -26,9 +26,27 @@
  *   such a file range fails with EPERM (register the fd first).
  * - Charging is per process (type1's locked_vm): by default this process;
  *   iomm_vfio_set_owner_pid() emulates another process issuing the calls.
- * - Thread-safe. The dma_unmap callback runs on the unmapping thread with no
- *   container lock held and must unpin every page it holds in the range
- *   (iomm_vfio_unpin_pages may be called from it).
+ * - Thread-safe: any entry point may race any other, except that a handle
+ *   must not be used after (or concurrently with the start of) its own
+ *   close/destroy. Closing a container waits for the calls already in
+ *   flight on it, including group calls that reached it.
+ * - The dma_unmap callback runs on the unmapping thread, once per mapping
+ *   being removed (iova and size of that mapping), with no iomm lock held.
+ *   It must unpin every page it holds in the range (iomm_vfio_unpin_pages)
+ *   and may call any other entry point, e.g. GET_INFO or MAP_DMA of another
+ *   range. While it runs the mapping still exists, as in type1: a MAP over
+ *   it fails with EEXIST and DMA_AVAIL counts it; an UNMAP, a VADDR update
+ *   or a GET_BITMAP touching it waits for that unmap to finish and then
+ *   starts over (EDEADLOCK instead from the callback itself, or when unmaps
+ *   would wait for each other in a cycle); new pins and dma_rw of it fail
+ *   with EINVAL. Destroying a group waits for its running callback and no
+ *   callback starts after it returns: do not destroy a group from its own
+ *   callback, nor while holding a lock that callback takes; do not close the
+ *   container from any of its callbacks.
+ * - Struct copy-out follows the kernel: a failed ioctl writes nothing back
+ *   (an UNMAP_DMA error leaves `size` as passed). GET_INFO follows Linux
+ *   6.6+: min(argsz, sizeof(struct vfio_iommu_type1_info)) bytes of a
+ *   zero-filled struct go back, capabilities are 8-byte aligned.
  */
 #ifndef IOMM_VFIO_COMPAT_H
 #define IOMM_VFIO_COMPAT_H
@@ -47,9 +65,11 @@ typedef struct iomm_vfio_group iomm_vfio_group;
 iomm_vfio_container* iomm_vfio_open(void);
 /* ioctl(2) on the container: 0 or a value, or -1 with errno. */
 long iomm_vfio_ioctl(iomm_vfio_container* c, unsigned long request, void* arg);
-/* Detaches the container's groups (as closing /dev/vfio/vfio does) and
- * frees the container. Each group must still be destroyed with
- * iomm_vfio_group_destroy(). Returns 0. */
+/* Detaches the container's groups (as closing /dev/vfio/vfio does), waits
+ * for the calls in flight on it, and frees the container. Not from inside
+ * one of its dma_unmap callbacks. Each group must still be destroyed with
+ * iomm_vfio_group_destroy(); its calls fail with EINVAL meanwhile.
+ * Returns 0. */
 int iomm_vfio_close(iomm_vfio_container* c);
 
 /* Type1's dma_entry_limit (default 65535); only before VFIO_SET_IOMMU
@@ -99,7 +119,9 @@ typedef void (*iomm_vfio_dma_unmap_fn)(void* opaque, uint64_t iova, uint64_t siz
 iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* c,
                                                  iomm_vfio_dma_unmap_fn dma_unmap, void* opaque);
 /* Remove the group from its container and free it. A mediated group's pins
- * are released. Returns 0. */
+ * are released; a running dma_unmap callback of the group is waited for and
+ * none starts after this returns (so not from that callback, nor holding a
+ * lock it takes). Destroying the last group releases the IOMMU. Returns 0. */
 int iomm_vfio_group_destroy(iomm_vfio_group* g);
 
 /* Prot for pin and rw: IOMMU_READ / IOMMU_WRITE as in the kernel. */

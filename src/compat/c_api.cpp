@@ -5,7 +5,10 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <new>
+#include <utility>
 #include <vector>
 
 #include "compat/container.hpp"
@@ -80,21 +83,22 @@ class Caps {
   size_t last_ = SIZE_MAX;
 };
 
+// Linux 6.6+ rules: the info struct starts zeroed, only the fixed header
+// (argsz, flags, iova_pgsizes) is read, and min(argsz, sizeof(info)) bytes
+// go back, so cap_offset and the padding are written (as zeros when the
+// chain does not fit) as far as argsz reaches.
 long get_info(Container& c, void* arg) {
   constexpr size_t minsz = offsetof(vfio_iommu_type1_info, iova_pgsizes) + sizeof(__u64);
-  constexpr size_t capsz = offsetof(vfio_iommu_type1_info, cap_offset) + sizeof(__u32);
   vfio_iommu_type1_info info{};
   std::memcpy(&info, arg, minsz);
   if (info.argsz < minsz) return fail(EINVAL);
-  size_t out = minsz;
-  if (info.argsz >= capsz) {
-    out = capsz;
-    info.cap_offset = 0;
-  }
+  const size_t out = std::min<size_t>(info.argsz, sizeof(info));
   Caps caps;
   try {
     if (IOMM_INJECT("vfio.alloc_info")) throw std::bad_alloc();
     std::lock_guard lk(c.mu);
+    // The last group may have gone since the ioctl layer looked.
+    if (!c.iommu_set) return fail(EINVAL);
     info.flags = VFIO_IOMMU_INFO_PGSIZES;
     info.iova_pgsizes = c.pgsize_bitmap();
     auto* mig = static_cast<vfio_iommu_type1_info_cap_migration*>(caps.add(
@@ -180,13 +184,17 @@ long unmap_dma(Container& c, void* arg) {
   Status s = c.unmap(unmap.iova, unmap.size, (unmap.flags & VFIO_DMA_UNMAP_FLAG_ALL) != 0,
                      (unmap.flags & VFIO_DMA_UNMAP_FLAG_VADDR) != 0, &unmapped,
                      dirty ? bitmap.pgsize : 0, words);
-  unmap.size = unmapped;
-  std::memcpy(arg, &unmap, minsz);
+  // Like the kernel, nothing goes back on failure: the caller's struct stays
+  // exactly as it was passed.
   if (!s) return fail(s);
   if (dirty) {
+    // The bitmap covers the requested range, holes included: each mapping's
+    // bits sit at (its iova - iova) / pgsize.
     const uint64_t n = bitmap_bytes(unmap.size >> __builtin_ctzll(bitmap.pgsize));
     std::memcpy(bitmap.data, words.data(), std::min<uint64_t>(n, bitmap.size));
   }
+  unmap.size = unmapped;
+  std::memcpy(arg, &unmap, minsz);
   return 0;
 }
 
@@ -242,6 +250,44 @@ long dirty_pages(Container& c, void* arg) {
   return 0;
 }
 
+// One call in flight on a container (closing waits for it).
+class CallGuard {
+ public:
+  explicit CallGuard(Container& c) noexcept : c_(c) { c_.enter(); }
+  ~CallGuard() { c_.leave(); }
+  CallGuard(const CallGuard&) = delete;
+  CallGuard& operator=(const CallGuard&) = delete;
+
+ private:
+  Container& c_;
+};
+
+// What a group entry point works with: the container (entered, so closing
+// it waits for us) and the access, both read under the group's link_mu so
+// a concurrent detach or close cannot free them under us.
+class GroupCall {
+ public:
+  explicit GroupCall(iomm_vfio_group* g) {
+    std::lock_guard link(g->link_mu);
+    container_ = g->container;
+    if (container_ == nullptr) return;
+    container_->enter();
+    access_ = g->access;
+  }
+  ~GroupCall() {
+    access_.reset();  // may be the last reference: before leave()
+    if (container_ != nullptr) container_->leave();
+  }
+  GroupCall(const GroupCall&) = delete;
+  GroupCall& operator=(const GroupCall&) = delete;
+  [[nodiscard]] Container* container() const { return container_; }
+  [[nodiscard]] iomm::Access* access() const { return access_.get(); }
+
+ private:
+  Container* container_ = nullptr;
+  std::shared_ptr<iomm::Access> access_;
+};
+
 }  // namespace
 
 // No C++ exception may cross the C ABI: an allocation failure anywhere below
@@ -271,6 +317,8 @@ iomm_vfio_container* iomm_vfio_open(void) {
 
 int iomm_vfio_close(iomm_vfio_container* c) {
   return c_boundary<int>(0, [&]() -> int {
+    if (c == nullptr) return 0;
+    c->c.close();
     delete c;
     return 0;
   });
@@ -280,6 +328,7 @@ long iomm_vfio_ioctl(iomm_vfio_container* h, unsigned long request, void* arg) {
   return c_boundary<long>(-1L, [&]() -> long {
     if (h == nullptr) return fail(EBADF);
     Container& c = h->c;
+    const CallGuard call(c);
     switch (request) {
       case VFIO_GET_API_VERSION:
         return VFIO_API_VERSION;
@@ -400,10 +449,16 @@ iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* h,
       errno = ENOMEM;
       return nullptr;
     }
+    try {
+      if (IOMM_INJECT("vfio.alloc_group")) throw std::bad_alloc();
+      g->notifier = std::make_shared<iomm::compat::UnmapNotifier>(dma_unmap, opaque);
+    } catch (const std::bad_alloc&) {
+      delete g;
+      errno = ENOMEM;
+      return nullptr;
+    }
     g->container = &h->c;
     g->mediated = true;
-    g->dma_unmap = dma_unmap;
-    g->opaque = opaque;
     if (Status s = h->c.add_group(g); !s) {
       delete g;
       errno = s.code();
@@ -416,7 +471,16 @@ iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* h,
 int iomm_vfio_group_destroy(iomm_vfio_group* g) {
   return c_boundary<int>(0, [&]() -> int {
     if (g == nullptr) return 0;
-    if (g->container != nullptr) g->container->remove_group(g);
+    Container::Released released;
+    {
+      const GroupCall call(g);
+      if (call.container() != nullptr) released = call.container()->remove_group(g);
+    }
+    // With no lock held: no callback runs after this, then the pins go, then
+    // (for the last group) every mapping.
+    if (g->notifier != nullptr) g->notifier->stop();
+    released.access.reset();
+    released.ioas.reset();
     delete g;
     return 0;
   });
@@ -427,15 +491,15 @@ int iomm_vfio_pin_pages(iomm_vfio_group* g, uint64_t iova, int npage, int prot, 
     if (g == nullptr || !g->mediated) return static_cast<int>(fail(EINVAL));
     if (npage <= 0 || host == nullptr) return static_cast<int>(fail(EINVAL));
     if (static_cast<unsigned>(npage) > kPinPagesMax) return static_cast<int>(fail(E2BIG));
-    iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
-    if (a == nullptr) return static_cast<int>(fail(EINVAL));
-    Container& c = *g->container;
+    const GroupCall call(g);
+    if (call.access() == nullptr) return static_cast<int>(fail(EINVAL));
+    const Container& c = *call.container();
     if (!c.v2.load(std::memory_order_relaxed)) return static_cast<int>(fail(EACCES));
     if (c.vaddr_invalid.load(std::memory_order_relaxed) != 0) return static_cast<int>(fail(EBUSY));
     const uint32_t p = ((prot & IOMM_VFIO_PROT_READ) != 0 ? iomm::kProtRead : 0U) |
                        ((prot & IOMM_VFIO_PROT_WRITE) != 0 ? iomm::kProtWrite : 0U);
     if (p == 0) return static_cast<int>(fail(EINVAL));
-    Status s = a->pin_pages(iova, static_cast<uint64_t>(npage), p, host);
+    Status s = call.access()->pin_pages(iova, static_cast<uint64_t>(npage), p, host);
     if (!s) return static_cast<int>(fail_page_call(s));
     return npage;
   });
@@ -445,9 +509,9 @@ int iomm_vfio_unpin_pages(iomm_vfio_group* g, uint64_t iova, int npage) {
   return c_boundary<int>(-1, [&]() -> int {
     if (g == nullptr || !g->mediated || npage <= 0) return static_cast<int>(fail(EINVAL));
     if (static_cast<unsigned>(npage) > kPinPagesMax) return static_cast<int>(fail(E2BIG));
-    iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
-    if (a == nullptr) return static_cast<int>(fail(EINVAL));
-    Status s = a->unpin_pages(iova, static_cast<uint64_t>(npage));
+    const GroupCall call(g);
+    if (call.access() == nullptr) return static_cast<int>(fail(EINVAL));
+    Status s = call.access()->unpin_pages(iova, static_cast<uint64_t>(npage));
     return s ? npage : static_cast<int>(fail_page_call(s));
   });
 }
@@ -455,12 +519,13 @@ int iomm_vfio_unpin_pages(iomm_vfio_group* g, uint64_t iova, int npage) {
 int iomm_vfio_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, int write) {
   return c_boundary<int>(-1, [&]() -> int {
     if (g == nullptr || !g->mediated) return static_cast<int>(fail(EINVAL));
-    iomm::Access* a = g->access_ptr.load(std::memory_order_acquire);
-    if (a == nullptr) return static_cast<int>(fail(EINVAL));
-    if (g->container->vaddr_invalid.load(std::memory_order_relaxed) != 0) {
+    const GroupCall call(g);
+    if (call.access() == nullptr) return static_cast<int>(fail(EINVAL));
+    if (call.container()->vaddr_invalid.load(std::memory_order_relaxed) != 0) {
       return static_cast<int>(fail(EBUSY));
     }
-    Status s = write != 0 ? a->write(iova, data, len) : a->read(iova, data, len);
+    Status s =
+        write != 0 ? call.access()->write(iova, data, len) : call.access()->read(iova, data, len);
     if (!s) return static_cast<int>(fail_page_call(s));
     return 0;
   });

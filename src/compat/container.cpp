@@ -7,7 +7,11 @@
 #include <algorithm>
 #include <bit>
 #include <new>
+#include <shared_mutex>
+#include <thread>
+#include <utility>
 
+#include "core/check.hpp"
 #include "fault/inject.hpp"
 
 namespace iomm::compat {
@@ -37,15 +41,54 @@ void fold(std::span<const uint64_t> in, uint64_t npages4k, unsigned shift,
 
 }  // namespace
 
-Container::~Container() {
-  std::lock_guard lk(mu);
-  while (!groups.empty()) {
+void UnmapNotifier::notify(uint64_t iova, uint64_t size) {
+  std::shared_lock lk(mu_);
+  if (live_) fn_(opaque_, iova, size);
+}
+
+void UnmapNotifier::stop() noexcept {
+  std::unique_lock lk(mu_);
+  live_ = false;
+}
+
+Container::~Container() { close(); }
+
+void Container::enter() noexcept {
+  std::lock_guard lk(calls_mu_);
+  ++calls_;
+}
+
+void Container::leave() noexcept {
+  std::lock_guard lk(calls_mu_);
+  if (--calls_ == 0) calls_done_.notify_all();
+}
+
+void Container::close() noexcept {
+  // One group at a time, so that nothing allocates and each access is
+  // released with mu dropped (releasing it waits for its running callback,
+  // which may call back into this container).
+  for (bool more = true; more;) {
+    std::shared_ptr<Access> access;
+    std::lock_guard lk(mu);
+    if (groups.empty()) {
+      more = false;
+      continue;
+    }
     iomm_vfio_group* g = groups.back();
-    detach_group(g);
+    if (iommu_set) access = detach_group(g);
+    {
+      std::lock_guard link(g->link_mu);
+      g->container = nullptr;
+    }
     groups.pop_back();
-    g->container = nullptr;
   }
-  release_iommu();
+  std::shared_ptr<Ioas> old;
+  {
+    std::lock_guard lk(mu);
+    old = take_iommu();
+  }
+  std::unique_lock lk(calls_mu_);
+  calls_done_.wait(lk, [&] { return calls_ == 0; });
 }
 
 bool Container::has_mediated() const {
@@ -87,10 +130,10 @@ Result<long> Container::check_extension(unsigned long ext) {
 Status Container::attach_group(iomm_vfio_group* g) {
   if (g->mediated) {
     auto access = Access::create(
-        ioas, [g](const IovaRange& r) { g->dma_unmap(g->opaque, r.start, r.last - r.start + 1); });
+        ioas, [n = g->notifier](const IovaRange& r) { n->notify(r.start, r.last - r.start + 1); });
     if (!access.ok()) return access.error();
+    std::lock_guard link(g->link_mu);
     g->access = std::move(access).value();
-    g->access_ptr.store(g->access.get(), std::memory_order_release);
     return {};
   }
   if (Status s = ioas->attach(g->domain); !s) return type1_attach_error(s.error());
@@ -98,27 +141,70 @@ Status Container::attach_group(iomm_vfio_group* g) {
   return {};
 }
 
-void Container::detach_group(iomm_vfio_group* g) noexcept {
+std::shared_ptr<Access> Container::detach_group(iomm_vfio_group* g) noexcept {
   if (g->mediated) {
-    g->access_ptr.store(nullptr, std::memory_order_release);
-    g->access.reset();
-    return;
+    std::lock_guard link(g->link_mu);
+    return std::exchange(g->access, nullptr);
   }
   if (g->attached) {
     (void)ioas->detach(g->domain);
     g->attached = false;
   }
+  return nullptr;
 }
 
-void Container::release_iommu() noexcept {
-  if (!iommu_set) return;
-  if (ioas) (void)ioas->unmap_all();
-  ioas.reset();
+std::shared_ptr<Ioas> Container::take_iommu() noexcept {
+  if (!iommu_set) return nullptr;
   dmas.clear();
   iommu_set = false;
   v2.store(false);
   vaddr_invalid.store(0);
   dirty_tracking = false;
+  return std::exchange(ioas, nullptr);
+}
+
+Dma& Container::record(uint64_t iova) {
+  auto it = dmas.find(iova);
+  IOMM_CHECK(it != dmas.end(), "a marked or chosen mapping record vanished under mu");
+  return it->second;
+}
+
+Result<bool> Container::wait_for_unmap(std::unique_lock<std::mutex>& lk, uint64_t first,
+                                       uint64_t last) {
+  std::thread::id holder{};
+  auto it = dmas.upper_bound(first);
+  if (it != dmas.begin()) --it;
+  for (; it != dmas.end() && it->second.iova <= last; ++it) {
+    const Dma& d = it->second;
+    if (d.iova + d.size - 1 >= first && d.unmapping()) {
+      holder = d.unmapper;
+      break;
+    }
+  }
+  if (holder == std::thread::id{}) return false;
+  // Follow who waits for whom: a chain that comes back to us never ends.
+  // Chains cannot loop otherwise, as no wait that closes one is entered.
+  const auto self = std::this_thread::get_id();
+  for (std::thread::id t = holder;;) {
+    if (t == self) {
+      return Error(EDEADLOCK,
+                   "a dma_unmap callback reaches a mapping its own unmap is removing, directly "
+                   "or through other unmaps waiting for each other");
+    }
+    auto w =
+        std::find_if(waiters_.begin(), waiters_.end(), [&](const auto& e) { return e.first == t; });
+    if (w == waiters_.end()) break;
+    t = w->second;
+  }
+  try {
+    if (IOMM_INJECT("vfio.alloc_unmap")) throw std::bad_alloc();
+    waiters_.emplace_back(self, holder);
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  unmap_done_.wait(lk);
+  waiters_.erase(std::find(waiters_.begin(), waiters_.end(), std::pair{self, holder}));
+  return true;
 }
 
 Status Container::set_iommu(unsigned long type) {
@@ -146,7 +232,9 @@ Status Container::set_iommu(unsigned long type) {
     if (result = attach_group(groups[done]); !result) break;
   }
   if (!result) {
-    for (size_t i = 0; i < done; ++i) detach_group(groups[i]);
+    // The new IOAS has no mapping, so no callback can run: the accesses can
+    // go with mu held.
+    for (size_t i = 0; i < done; ++i) (void)detach_group(groups[i]);
     ioas.reset();
     return result;
   }
@@ -171,23 +259,38 @@ Status Container::add_group(iomm_vfio_group* g) {
   return {};
 }
 
-void Container::remove_group(iomm_vfio_group* g) noexcept {
+Container::Released Container::remove_group(iomm_vfio_group* g) noexcept {
   std::lock_guard lk(mu);
-  if (iommu_set) detach_group(g);
-  std::erase(groups, g);
-  if (groups.empty()) release_iommu();
+  Released out;
+  auto it = std::find(groups.begin(), groups.end(), g);
+  if (it == groups.end()) return out;  // the container was closed first
+  if (iommu_set) out.access = detach_group(g);
+  groups.erase(it);
+  if (groups.empty()) out.ioas = take_iommu();
+  return out;
 }
 
 Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vaddr, uint32_t prot) {
   if ((prot != 0 && set_vaddr) || (prot == 0 && !set_vaddr)) {
     return Error(EINVAL, "MAP_DMA needs READ/WRITE, or VADDR alone");
   }
-  std::lock_guard lk(mu);
-  const uint64_t pgsize = min_pgsize();
-  if (size == 0 || ((size | iova | vaddr) & (pgsize - 1)) != 0) {
-    return Error(EINVAL, "size, iova and vaddr must be multiples of the minimum page size");
+  std::unique_lock lk(mu);
+  for (;;) {
+    // Checked under this hold of mu: the last group may have gone since the
+    // ioctl layer looked.
+    if (!iommu_set) return Error(EINVAL, "no IOMMU set");
+    const uint64_t pgsize = min_pgsize();
+    if (size == 0 || ((size | iova | vaddr) & (pgsize - 1)) != 0) {
+      return Error(EINVAL, "size, iova and vaddr must be multiples of the minimum page size");
+    }
+    if (iova + size - 1 < iova || vaddr + size - 1 < vaddr) return Error(EINVAL, "range wraps");
+    // A mapping being unmapped still exists (EEXIST below), as in type1; a
+    // VADDR update of it waits for the unmap and then finds it gone.
+    if (!set_vaddr) break;
+    auto waited = wait_for_unmap(lk, iova, iova + size - 1);
+    if (!waited.ok()) return waited.error();
+    if (!*waited) break;
   }
-  if (iova + size - 1 < iova || vaddr + size - 1 < vaddr) return Error(EINVAL, "range wraps");
   const uint64_t last = iova + size - 1;
   auto overlap = dmas.end();
   {
@@ -249,24 +352,32 @@ Status Container::map(uint64_t iova, uint64_t size, uint64_t vaddr, bool set_vad
 
 Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint64_t* unmapped,
                         uint64_t bitmap_pgsize, std::span<uint64_t> bitmap_out) {
-  *unmapped = 0;
-  std::lock_guard lk(mu);
-  if (vaddr && has_mediated()) return Error(EBUSY, "VADDR with a mediated group present");
-  const uint64_t pgsize = min_pgsize();
-  if ((iova & (pgsize - 1)) != 0) return Error(EINVAL, "iova not aligned to the page size");
-  uint64_t last = 0;
-  if (all) {
-    if (iova != 0 || size != 0) return Error(EINVAL, "ALL needs iova and size 0");
-    last = UINT64_MAX;
-  } else {
-    if (size == 0 || (size & (pgsize - 1)) != 0 || iova + size - 1 < iova) {
-      return Error(EINVAL, "bad size");
-    }
-    last = iova + size - 1;
-  }
   const bool want_bitmap = bitmap_pgsize != 0;
-  if (want_bitmap && (!dirty_tracking || bitmap_pgsize != pgsize)) {
-    return Error(EINVAL, "dirty bitmap needs tracking on and the minimum page size");
+  std::unique_lock lk(mu);
+  uint64_t pgsize = 0;
+  uint64_t last = 0;
+  // Type1 restarts its walk after notifying drivers; here an unmap that
+  // touches mappings another unmap is removing waits for it and starts over.
+  for (;;) {
+    if (!iommu_set) return Error(EINVAL, "no IOMMU set");
+    if (vaddr && has_mediated()) return Error(EBUSY, "VADDR with a mediated group present");
+    pgsize = min_pgsize();
+    if ((iova & (pgsize - 1)) != 0) return Error(EINVAL, "iova not aligned to the page size");
+    if (all) {
+      if (iova != 0 || size != 0) return Error(EINVAL, "ALL needs iova and size 0");
+      last = UINT64_MAX;
+    } else {
+      if (size == 0 || (size & (pgsize - 1)) != 0 || iova + size - 1 < iova) {
+        return Error(EINVAL, "bad size");
+      }
+      last = iova + size - 1;
+    }
+    if (want_bitmap && (!dirty_tracking || bitmap_pgsize != pgsize)) {
+      return Error(EINVAL, "dirty bitmap needs tracking on and the minimum page size");
+    }
+    auto waited = wait_for_unmap(lk, iova, last);
+    if (!waited.ok()) return waited.error();
+    if (!*waited) break;
   }
   auto containing = [&](uint64_t a) -> const Dma* {
     auto it = dmas.upper_bound(a);
@@ -285,7 +396,13 @@ Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint
   }
   // The mappings this call removes: those starting in [iova, last]; for v1
   // nothing if the first one overlapping starts below iova.
-  std::vector<uint64_t> victims;
+  struct Victim {
+    uint64_t iova;
+    uint64_t size;
+  };
+  std::vector<Victim> victims;  // copies: take_iommu drops the records
+  std::vector<uint64_t> raw;    // 4 KiB-page dirty bits of [iova, last]
+  const uint64_t npages4k = want_bitmap ? size >> kPageShift : 0;
   {
     auto it = dmas.upper_bound(iova);
     if (it != dmas.begin()) {
@@ -293,69 +410,105 @@ Status Container::unmap(uint64_t iova, uint64_t size, bool all, bool vaddr, uint
       if (prev->second.iova + prev->second.size - 1 >= iova) it = prev;
     }
     if (it != dmas.end() && it->second.iova < iova && !is_v2) {
+      *unmapped = 0;
       return {};  // v1: start inside a mapping unmaps nothing
     }
     if (it != dmas.end() && it->second.iova < iova) ++it;  // v2 all: cannot happen
     try {
       if (IOMM_INJECT("vfio.alloc_unmap")) throw std::bad_alloc();
-      for (; it != dmas.end() && it->second.iova <= last; ++it) victims.push_back(it->first);
+      for (; it != dmas.end() && it->second.iova <= last; ++it)
+        victims.push_back({it->first, it->second.size});
+      if (want_bitmap) {
+        if (IOMM_INJECT("vfio.alloc_bitmap")) throw std::bad_alloc();
+        raw.assign((npages4k + 63) / 64, 0);
+      }
     } catch (const std::bad_alloc&) {
       return Error(ENOMEM, "out of memory");
     }
   }
-  if (victims.empty()) return {};
   if (vaddr) {
-    for (uint64_t v : victims) {
-      if (dmas[v].vaddr_invalid) return Error(EINVAL, "a vaddr is already invalid");
-      if (Status s = check_vaddr_invalidation(dmas[v].backing); !s) return s;
+    if (victims.empty()) {
+      *unmapped = 0;
+      return {};
     }
-    const Dma& lo = dmas[victims.front()];
-    const Dma& hi = dmas[victims.back()];
+    for (const Victim& v : victims) {
+      const Dma& d = record(v.iova);
+      if (d.vaddr_invalid) return Error(EINVAL, "a vaddr is already invalid");
+      if (Status s = check_vaddr_invalidation(d.backing); !s) return s;
+    }
+    const Victim& lo = victims.front();
+    const Victim& hi = victims.back();
     auto bytes = ioas->invalidate_host(lo.iova, hi.iova + hi.size - lo.iova);
     if (!bytes.ok()) return bytes.error();
-    for (uint64_t v : victims) dmas[v].vaddr_invalid = true;
+    for (const Victim& v : victims) record(v.iova).vaddr_invalid = true;
     vaddr_invalid.fetch_add(static_cast<uint32_t>(victims.size()));
     *unmapped = *bytes;
     return {};
   }
-  const Dma& lo = dmas[victims.front()];
-  const Dma& hi = dmas[victims.back()];
-  const uint64_t span_start = lo.iova;
-  const uint64_t span_len = hi.iova + hi.size - lo.iova;
-  // Only read here: if the unmap below fails, the log must still hold the
-  // bits; if it succeeds, it clears the range itself.
-  if (want_bitmap) {
-    if (Status st = collect_dirty(iova, size, pgsize, bitmap_out, false); !st) return st;
+  // Drop mu while the IOAS removes the victims: it calls the drivers'
+  // dma_unmap callbacks, which may call back into this container. One IOAS
+  // unmap per mapping, as type1 notifies per vfio_dma: a MAP into a hole
+  // between victims while mu is dropped is left alone.
+  const auto self = std::this_thread::get_id();
+  for (const Victim& v : victims) record(v.iova).unmapper = self;
+  const std::shared_ptr<Ioas> io = ioas;
+  lk.unlock();
+  uint64_t bytes = 0;
+  size_t done = 0;
+  Status result;
+  for (; done < victims.size(); ++done) {
+    const Victim& v = victims[done];
+    auto removed = want_bitmap ? io->unmap_collecting_dirty(v.iova, v.size, iova, raw)
+                               : io->unmap_range_allow_empty(v.iova, v.size);
+    if (!removed.ok()) {
+      result = removed.error();
+      break;
+    }
+    bytes += *removed;
   }
-  auto bytes = ioas->unmap_range_allow_empty(span_start, span_len);
-  if (!bytes.ok()) return bytes.error();
-  for (uint64_t v : victims) {
-    if (dmas[v].vaddr_invalid) vaddr_invalid.fetch_sub(1);
-    dmas.erase(v);
+  lk.lock();
+  // If the IOMMU was released meanwhile, the records are gone already.
+  if (ioas == io) {
+    for (size_t i = 0; i < victims.size(); ++i) {
+      Dma& v = record(victims[i].iova);
+      if (i >= done) {
+        v.unmapper = {};
+        continue;
+      }
+      if (v.vaddr_invalid) vaddr_invalid.fetch_sub(1);
+      dmas.erase(victims[i].iova);
+    }
   }
-  *unmapped = *bytes;
+  unmap_done_.notify_all();
+  if (!result) return result;
+  if (want_bitmap) fold(raw, npages4k, std::countr_zero(pgsize), bitmap_out);
+  *unmapped = bytes;
   return {};
 }
 
 Status Container::dirty_get(uint64_t iova, uint64_t size, uint64_t pgsize,
                             std::span<uint64_t> out) {
-  std::lock_guard lk(mu);
-  const uint64_t iommu_pgsize = min_pgsize();
-  if (pgsize != iommu_pgsize) return Error(EINVAL, "bitmap pgsize must be the minimum page size");
-  if ((iova & (iommu_pgsize - 1)) != 0) return Error(EINVAL, "iova not aligned");
-  if (size == 0 || (size & (iommu_pgsize - 1)) != 0) return Error(EINVAL, "bad size");
-  if (!dirty_tracking) return Error(EINVAL, "dirty tracking is off");
+  std::unique_lock lk(mu);
+  for (;;) {
+    if (!iommu_set) return Error(EINVAL, "no IOMMU set");
+    const uint64_t iommu_pgsize = min_pgsize();
+    if (pgsize != iommu_pgsize) {
+      return Error(EINVAL, "bitmap pgsize must be the minimum page size");
+    }
+    if ((iova & (iommu_pgsize - 1)) != 0) return Error(EINVAL, "iova not aligned");
+    if (size == 0 || (size & (iommu_pgsize - 1)) != 0) return Error(EINVAL, "bad size");
+    if (!dirty_tracking) return Error(EINVAL, "dirty tracking is off");
+    // A mapping being unmapped reports its bits through that unmap.
+    auto waited = wait_for_unmap(lk, iova, iova + size - 1);
+    if (!waited.ok()) return waited.error();
+    if (!*waited) break;
+  }
   const uint64_t last = iova + size - 1;
   for (const auto& [start, d] : dmas) {
     const uint64_t dl = d.iova + d.size - 1;
     if (d.iova < iova && dl >= iova) return Error(EINVAL, "range bisects a mapping");
     if (d.iova <= last && dl > last) return Error(EINVAL, "range bisects a mapping");
   }
-  return collect_dirty(iova, size, pgsize, out, true);
-}
-
-Status Container::collect_dirty(uint64_t iova, uint64_t size, uint64_t pgsize,
-                                std::span<uint64_t> out, bool clear) {
   const uint64_t npages4k = size >> kPageShift;
   std::vector<uint64_t> raw;
   try {
@@ -364,9 +517,7 @@ Status Container::collect_dirty(uint64_t iova, uint64_t size, uint64_t pgsize,
   } catch (const std::bad_alloc&) {
     return Error(ENOMEM, "out of memory");
   }
-  const Status st =
-      clear ? ioas->read_and_clear_dirty(iova, size, raw) : ioas->peek_dirty(iova, size, raw);
-  if (!st) return st;
+  if (Status st = ioas->read_and_clear_dirty(iova, size, raw); !st) return st;
   fold(raw, npages4k, std::countr_zero(pgsize), out);
   return {};
 }

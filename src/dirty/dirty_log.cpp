@@ -101,15 +101,16 @@ void DirtyLog::for_each_word(uint64_t first_page, uint64_t last_page, bool clear
   }
 }
 
-void DirtyLog::collect(uint64_t first_page, uint64_t npages, std::span<uint64_t> out,
-                       bool clear) noexcept {
+void DirtyLog::collect(uint64_t first_page, uint64_t npages, std::span<uint64_t> out, bool clear,
+                       uint64_t out_first_page) noexcept {
   if (npages == 0) return;
   for_each_word(first_page, first_page + npages - 1, clear,
                 [&](uint64_t page, uint64_t bits, uint64_t) {
                   while (bits != 0) {
                     const unsigned b = __builtin_ctzll(bits);
                     bits &= bits - 1;
-                    const uint64_t i = page - first_page + b;
+                    if (page + b < out_first_page) continue;
+                    const uint64_t i = page + b - out_first_page;
                     if ((i >> 6) < out.size()) out[i >> 6] |= uint64_t{1} << (i & 63);
                   }
                 });

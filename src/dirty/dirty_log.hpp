@@ -30,8 +30,13 @@ class DirtyLog {
   bool mark(uint64_t iova, uint64_t length) noexcept;
 
   // OR the bits of pages [first_page, first_page + npages) into out (bit i
-  // of out = page first_page + i); with clear, also clear them in the log.
-  void collect(uint64_t first_page, uint64_t npages, std::span<uint64_t> out, bool clear) noexcept;
+  // of out = page out_first_page + i, by default first_page; pages outside
+  // out are dropped); with clear, also clear them in the log.
+  void collect(uint64_t first_page, uint64_t npages, std::span<uint64_t> out, bool clear) noexcept {
+    collect(first_page, npages, out, clear, first_page);
+  }
+  void collect(uint64_t first_page, uint64_t npages, std::span<uint64_t> out, bool clear,
+               uint64_t out_first_page) noexcept;
   // Clear pages [first_page, last_page] (inclusive).
   void clear(uint64_t first_page, uint64_t last_page) noexcept;
 

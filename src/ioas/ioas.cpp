@@ -198,9 +198,17 @@ bool drain_access_pins(IoasState& st, const Victims& victims) {
   return !victims.any_access_pins();
 }
 
+// Where an unmap reports the dirty bits of what it removes: bit i of bits
+// is 4 KiB page base_page + i.
+struct DirtyOut {
+  uint64_t base_page;
+  std::span<uint64_t> bits;
+};
+
 // Unmap every area inside r. Empty is success with 0 bytes. Allocates
-// nothing except for an error message.
-Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
+// nothing except for an error message. With dirty, the removed range's
+// dirty bits are ORed into it once no writer can reach the range any more.
+Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut* dirty = nullptr) {
   Victims victims;
   uint64_t bytes = 0;
   {
@@ -223,6 +231,16 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
   }
   if (victims.head == nullptr) return uint64_t{0};
 
+  // Pages accesses hold pinned count as dirty (read_and_clear_dirty); the drain
+  // below unpins them, so take them now. Reported only if the unmap succeeds.
+  if (dirty != nullptr && dirty->base_page <= victims.tail->range.last >> kPageShift) {
+    const uint64_t last_page = victims.tail->range.last >> kPageShift;
+    std::lock_guard lk(st.accesses_mu);
+    for (const access::AccessState* a : st.accesses) {
+      access::collect_pinned(*a, dirty->base_page, last_page - dirty->base_page + 1, dirty->bits);
+    }
+  }
+
   if (!drain_access_pins(st, victims)) {
     std::unique_lock tree(st.tree_mu);
     victims.each([](Area& a) { a.state = AreaState::live; });
@@ -243,7 +261,15 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
     });
   }
   std::unique_lock tree(st.tree_mu);
-  st.dirty.clear(victims.head->range.start >> kPageShift, victims.tail->range.last >> kPageShift);
+  const uint64_t first_page = victims.head->range.start >> kPageShift;
+  const uint64_t last_page = victims.tail->range.last >> kPageShift;
+  // Device DMA ended with the grace period above and access rw stopped when
+  // the areas became `removing`: the log is final for the range. Read it
+  // before clearing it, or a write between the two would be lost.
+  if (dirty != nullptr) {
+    st.dirty.collect(first_page, last_page - first_page + 1, dirty->bits, false, dirty->base_page);
+  }
+  st.dirty.clear(first_page, last_page);
   // Read each link before erasing: erasing may free the area.
   for (Area* a = victims.head; a != nullptr;) {
     Area* next = a->next_victim;
@@ -323,6 +349,13 @@ Result<uint64_t> Ioas::unmap(uint64_t iova, uint64_t length) {
 Result<uint64_t> Ioas::unmap_range_allow_empty(uint64_t iova, uint64_t length) {
   if (Status s = check_unmap_args(iova, length); !s) return s.error();
   return remove_range(*state_, *make_range(iova, length));
+}
+
+Result<uint64_t> Ioas::unmap_collecting_dirty(uint64_t iova, uint64_t length, uint64_t bitmap_iova,
+                                              std::span<uint64_t> bitmap) {
+  if (Status s = check_unmap_args(iova, length); !s) return s.error();
+  const DirtyOut out{bitmap_iova >> kPageShift, bitmap};
+  return remove_range(*state_, *make_range(iova, length), &out);
 }
 
 Result<uint64_t> Ioas::unmap_all() { return remove_range(*state_, {0, UINT64_MAX}); }

@@ -2,6 +2,7 @@
 // (see include/iomm/ioas.hpp for the contract).
 #include <algorithm>
 #include <new>
+#include <shared_mutex>
 #include <string>
 
 #include "access/access_state.hpp"
@@ -19,14 +20,21 @@ using ioas::Area;
 using ioas::AreaState;
 using ioas::IoasState;
 
-void Ioas::set_dirty_tracking(bool on) noexcept { state_->dirty.set_enabled(on); }
+void Ioas::set_dirty_tracking(bool on) noexcept {
+  state_->dirty.set_enabled(on);
+  if (!on) return;
+  // A writer that read the flag as off may still be copying. Access rw holds
+  // tree_mu shared from the check to the last byte; device DMA runs inside
+  // an RCU read section. Wait for both.
+  { std::unique_lock tree(state_->tree_mu); }
+  sync::rcu_synchronize();
+}
 
 bool Ioas::dirty_tracking() const noexcept { return state_->dirty.enabled(); }
 
 namespace {
 
-Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint64_t> bitmap,
-                  bool clear) {
+Status read_and_clear(IoasState& st, uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
   if (!st.dirty.enabled()) return Error(EINVAL, "dirty tracking is off");
   if (length == 0) return Error(EINVAL, "zero length");
   if (!is_aligned(iova, kPageSize) || !is_aligned(length, kPageSize)) {
@@ -36,7 +44,7 @@ Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint6
   const uint64_t npages = length >> kPageShift;
   if (bitmap.size() < (npages + 63) / 64) return Error(EINVAL, "bitmap too small");
   std::fill(bitmap.begin(), bitmap.end(), 0);
-  st.dirty.collect(iova >> kPageShift, npages, bitmap, clear);
+  st.dirty.collect(iova >> kPageShift, npages, bitmap, true);
   std::lock_guard lk(st.accesses_mu);
   for (const access::AccessState* a : st.accesses) {
     access::collect_pinned(*a, iova >> kPageShift, npages, bitmap);
@@ -47,11 +55,7 @@ Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint6
 }  // namespace
 
 Status Ioas::read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
-  return read_dirty(*state_, iova, length, bitmap, true);
-}
-
-Status Ioas::peek_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
-  return read_dirty(*state_, iova, length, bitmap, false);
+  return read_and_clear(*state_, iova, length, bitmap);
 }
 
 Result<uint64_t> Ioas::invalidate_host(uint64_t iova, uint64_t length) {
