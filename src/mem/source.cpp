@@ -3,12 +3,15 @@
 #include <string>
 
 #include "iomm/range.hpp"
+#include "iomm/signals.hpp"
 #include "mem/file_object.hpp"
 #include "mem/simulated_object.hpp"
 
 namespace iomm {
 
 Result<MemorySource> MemorySource::from_file(int fd, uint64_t offset, uint64_t length) {
+  // Before the file is mapped: copies into the mapping rely on the handler.
+  install_signal_handlers();
   auto obj = mem::FileObject::for_range(fd, offset, length);
   if (!obj.ok()) return obj.error();
   const bool writable = (*obj)->writable();

@@ -1,0 +1,27 @@
+// Which parts of an address range the kernel already holds locked (VM_LOCKED
+// VMAs: the application's mlock, mlock2, or mlockall with MCL_CURRENT or
+// MCL_FUTURE), read from the "lo" flag in /proc/self/smaps.
+//
+// mlock is not counted: one munlock unlocks a page however many mlocks it
+// had. The user-memory pin path asks this before it locks a run so that
+// unpinning never munlocks what the application locked itself.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "iomm/result.hpp"
+
+namespace iomm::mem {
+
+struct PageRun {
+  uint64_t first;  // page index (address >> kPageShift)
+  uint64_t last;   // inclusive
+};
+
+// The locked runs of pages [first, last], in address order. smaps is read
+// only up to the VMA that covers `last`. Errors: the errno of opening or
+// reading /proc/self/smaps; ENOMEM.
+Result<std::vector<PageRun>> vm_locked_runs(uint64_t first, uint64_t last);
+
+}  // namespace iomm::mem
