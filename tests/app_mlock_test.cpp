@@ -75,7 +75,8 @@ class Buffer {
 
 // Map pages [first, first + count) of buffer into an IOAS (pinned at once by
 // an attached domain) and unmap them again.
-void pin_and_unpin(const Buffer& buffer, size_t first, size_t count, uint64_t* locked_while_pinned) {
+void pin_and_unpin(const Buffer& buffer, size_t first, size_t count,
+                   uint64_t* locked_while_pinned) {
   auto ioas = Ioas::create({}).value();
   auto domain = SoftDomain::create({}).value();
   ASSERT_OK(ioas->attach(domain));

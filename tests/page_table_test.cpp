@@ -100,7 +100,8 @@ TEST(PageTable, MixesLeafSizesAlongTheRange) {
   auto table = make_table();
   // 4 KiB up to the 2 MiB boundary, one 2 MiB leaf, then a 4 KiB tail.
   const uint64_t iova = k1G - 2 * k4K;
-  ASSERT_OK(table->map(iova, 4 * k1G - 2 * k4K, 2 * k4K + k2M + k4K, kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(table->map(iova, 4 * k1G - 2 * k4K, 2 * k4K + k2M + k4K, kReadWrite,
+                       mem::HostAccess::direct));
   const PageTableCounters counters = table->counters();
   EXPECT_EQ(counters.leaves_4k, 3U);
   EXPECT_EQ(counters.leaves_2m, 1U);
@@ -186,8 +187,9 @@ TEST(PageTable, LookupRunFollowsContiguousLeaves) {
   auto table = make_table();
   ASSERT_OK(table->map(0x10000, 0x500000, 4 * k4K, kReadWrite, mem::HostAccess::direct));
   ASSERT_OK(table->map(0x14000, 0x504000, k4K, kProtRead, mem::HostAccess::direct));  // other prot
-  ASSERT_OK(table->map(0x15000, 0x700000, k4K, kProtRead, mem::HostAccess::direct));  // not contiguous
-  ASSERT_OK(table->map(0x16000, 0x701000, k4K, kProtRead, mem::HostAccess::none));   // other kind
+  ASSERT_OK(
+      table->map(0x15000, 0x700000, k4K, kProtRead, mem::HostAccess::direct));  // not contiguous
+  ASSERT_OK(table->map(0x16000, 0x701000, k4K, kProtRead, mem::HostAccess::none));  // other kind
 
   Leaf leaf;
   ASSERT_TRUE(table->lookup_run(0x10010, UINT64_MAX, &leaf));
@@ -250,7 +252,8 @@ TEST(PageTable, MapRejectsBadArguments) {
   EXPECT_ERRNO(table->map(0, 0, 0x1001, kReadWrite, mem::HostAccess::direct), EINVAL);
   EXPECT_ERRNO(table->map(0, 0, 0, kReadWrite, mem::HostAccess::direct), EINVAL);
   EXPECT_ERRNO(table->map(uint64_t{1} << 48, 0, k4K, kReadWrite, mem::HostAccess::direct), EINVAL);
-  EXPECT_ERRNO(table->map(0, 0xFFFFFFFFFFFFF000, 2 * k4K, kReadWrite, mem::HostAccess::direct), EINVAL);
+  EXPECT_ERRNO(table->map(0, 0xFFFFFFFFFFFFF000, 2 * k4K, kReadWrite, mem::HostAccess::direct),
+               EINVAL);
   EXPECT_ERRNO(table->map(0, 0, k4K, 1U << 5, mem::HostAccess::direct), EINVAL);
   EXPECT_EQ(table->counters().mapped_bytes, 0U);
 }
@@ -275,7 +278,8 @@ TEST(PageTable, MapOverALeafFailsAndUndoesItsWork) {
 TEST(PageTable, CountersReturnToZero) {
   auto table = make_table();
   EXPECT_EQ(table->counters().table_pages, 1U);
-  ASSERT_OK(table->map(k1G - k4K, k1G - k4K, k1G + k2M + 2 * k4K, kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(
+      table->map(k1G - k4K, k1G - k4K, k1G + k2M + 2 * k4K, kReadWrite, mem::HostAccess::direct));
   const PageTableCounters mapped = table->counters();
   EXPECT_EQ(mapped.mapped_bytes, k1G + k2M + 2 * k4K);
   EXPECT_EQ(mapped.leaves_1g, 1U);

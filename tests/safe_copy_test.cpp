@@ -295,13 +295,11 @@ TEST(SigbusDecision, RecoversOnlyVanishedPagesInsideTheCopysRanges) {
   char* destination = memory + 3 * 64;
   const CopyWindow window{destination, source, 64};
   EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRERR, source), &window), SigbusVerdict::recover);
-  EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRERR, source + 63), &window),
-            SigbusVerdict::recover);
+  EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRERR, source + 63), &window), SigbusVerdict::recover);
   EXPECT_EQ(classify_sigbus(sigbus_info(BUS_OBJERR, destination + 10), &window),
             SigbusVerdict::recover);
   // Just past either range, or no copy running.
-  EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRERR, source + 64), &window),
-            SigbusVerdict::pass_on);
+  EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRERR, source + 64), &window), SigbusVerdict::pass_on);
   EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRERR, source - 1), &window), SigbusVerdict::pass_on);
   EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRERR, destination + 64), &window),
             SigbusVerdict::pass_on);

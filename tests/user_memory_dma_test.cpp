@@ -27,7 +27,8 @@ constexpr uint64_t kIova = 0x100000;
 class MappedUserMemory {
  public:
   MappedUserMemory() {
-    void* memory = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* memory =
+        mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     EXPECT_NE(memory, MAP_FAILED);
     memory_ = static_cast<char*>(memory);
     std::memset(memory_, 'u', kBytes);

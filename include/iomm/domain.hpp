@@ -65,7 +65,7 @@ struct DomainConfig {
 };
 
 struct Translation {
-  uint64_t iova = 0;        // the translated IOVA
+  uint64_t iova = 0;  // the translated IOVA
   // Host address of that byte; nullptr for simulated memory. For user memory
   // it is the caller's address, valid only while the caller keeps it mapped:
   // dma_read/dma_write copy through it safely, a raw dereference does not.

@@ -15,11 +15,11 @@ namespace {
 using pte::kAddressMask;
 using pte::kBitsPerLevel;
 using pte::kEntriesPerTable;
+using pte::kHostAccessMask;
+using pte::kHostAccessShift;
 using pte::kIsTable;
 using pte::kPresent;
 using pte::kReadable;
-using pte::kHostAccessMask;
-using pte::kHostAccessShift;
 using pte::kWritable;
 constexpr unsigned kMaxLeafLevel = 2;
 static_assert(kReadable >> 2 == kProtRead && kWritable >> 2 == kProtWrite);
@@ -211,8 +211,7 @@ bool PageTable::lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const n
     out->address = (entry & kAddressMask) + offset;
     out->prot = ((entry & kReadable) != 0 ? uint32_t{kProtRead} : 0U) |
                 ((entry & kWritable) != 0 ? uint32_t{kProtWrite} : 0U);
-    out->host_access =
-        static_cast<mem::HostAccess>((entry & kHostAccessMask) >> kHostAccessShift);
+    out->host_access = static_cast<mem::HostAccess>((entry & kHostAccessMask) >> kHostAccessShift);
     out->size = size;
     out->remaining = run;
     return true;

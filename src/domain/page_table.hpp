@@ -24,10 +24,10 @@
 namespace iomm::domain {
 
 struct Leaf {
-  uint64_t address = 0;    // address of the looked-up byte (host VA or synthetic)
-  uint32_t prot = 0;       // kProtRead | kProtWrite
-  mem::HostAccess host_access = mem::HostAccess::direct;
-  uint64_t size = 0;       // leaf size
+  uint64_t address = 0;  // address of the looked-up byte (host VA or synthetic)
+  uint32_t prot = 0;     // kProtRead | kProtWrite
+  mem::HostAccess host_access = mem::HostAccess::direct;  // how a DMA reaches the memory
+  uint64_t size = 0;                                      // leaf size
   uint64_t remaining = 0;  // bytes from the looked-up byte to the end of the leaf
 };
 
@@ -130,8 +130,8 @@ inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
     const uint64_t offset = iova & (size - 1);
     out->address = (entry & pte::kAddressMask) + offset;
     out->prot = static_cast<uint32_t>((entry >> 2) & 3U);  // kReadable, kWritable -> kProt*
-    out->host_access = static_cast<mem::HostAccess>((entry & pte::kHostAccessMask) >>
-                                                    pte::kHostAccessShift);
+    out->host_access =
+        static_cast<mem::HostAccess>((entry & pte::kHostAccessMask) >> pte::kHostAccessShift);
     out->size = size;
     out->remaining = size - offset;
     return true;

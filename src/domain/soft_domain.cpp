@@ -4,9 +4,9 @@
 #include <cstddef>
 #include <new>
 
-#include "fault/inject.hpp"
 #include "domain/page_table.hpp"
 #include "domain/soft_domain_impl.hpp"
+#include "fault/inject.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/rcu.hpp"
 #include "iomm/signals.hpp"
@@ -230,7 +230,8 @@ Result<std::shared_ptr<SoftDomain>> SoftDomain::create(const DomainConfig& confi
   std::unique_ptr<IommuFault[]> ring;
   if (config.fault_log_capacity > 0) {
     ring.reset(IOMM_INJECT("domain.alloc") ? nullptr
-                                           : new (std::nothrow) IommuFault[config.fault_log_capacity]);
+                                           : new (std::nothrow)
+                                                 IommuFault[config.fault_log_capacity]);
     if (ring == nullptr) return Error(ENOMEM, "cannot allocate the fault log");
   }
   try {

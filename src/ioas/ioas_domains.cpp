@@ -2,8 +2,8 @@
 #include <algorithm>
 #include <string>
 
-#include "fault/inject.hpp"
 #include "domain/soft_domain_impl.hpp"
+#include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
 #include "iomm/ioas.hpp"
 #include "sync/rcu.hpp"

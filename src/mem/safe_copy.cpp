@@ -119,7 +119,8 @@ SigbusVerdict classify_sigbus(const siginfo_t& info, const CopyWindow* window) n
   // ranges. Machine checks (BUS_MCEERR_*) report broken hardware, which a
   // failed copy would hide; alignment faults and sent signals are not ours.
   if (info.si_code != BUS_ADRERR && info.si_code != BUS_OBJERR) return SigbusVerdict::pass_on;
-  if (inside(info.si_addr, window->dst, window->n) || inside(info.si_addr, window->src, window->n)) {
+  if (inside(info.si_addr, window->dst, window->n) ||
+      inside(info.si_addr, window->src, window->n)) {
     return SigbusVerdict::recover;
   }
   return SigbusVerdict::pass_on;

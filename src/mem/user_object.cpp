@@ -22,7 +22,9 @@ namespace iomm::mem {
 namespace {
 
 void* address_of(uint64_t page) noexcept { return reinterpret_cast<void*>(page << kPageShift); }
-uint64_t bytes_of(uint64_t first, uint64_t last) noexcept { return (last - first + 1) << kPageShift; }
+uint64_t bytes_of(uint64_t first, uint64_t last) noexcept {
+  return (last - first + 1) << kPageShift;
+}
 
 class UserObject final : public MemObject {
  public:

@@ -56,8 +56,9 @@ Result<std::vector<PageRun>> vm_locked_runs(uint64_t first, uint64_t last) {
   const std::unique_ptr<FILE, FileCloser> smaps(std::fopen("/proc/self/smaps", "re"));
   if (smaps == nullptr) {
     const int err = errno;
-    return Error(err, std::string("cannot open /proc/self/smaps to find the application's own mlocks: ") +
-                          errno_text(err));
+    return Error(
+        err, std::string("cannot open /proc/self/smaps to find the application's own mlocks: ") +
+                 errno_text(err));
   }
   std::vector<PageRun> runs;
   LineBuffer buffer;
