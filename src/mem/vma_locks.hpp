@@ -1,6 +1,7 @@
 // Which parts of an address range the kernel already holds locked (VM_LOCKED
 // VMAs: the application's mlock, mlock2, or mlockall with MCL_CURRENT or
-// MCL_FUTURE), read from the "lo" flag in /proc/self/smaps.
+// MCL_FUTURE). A cheap probe (msync) answers "none" without reading
+// /proc/self/smaps; otherwise its "lo" flags give the locked runs.
 //
 // mlock is not counted: one munlock unlocks a page however many mlocks it
 // had. The user-memory pin path asks this before it locks a run so that
@@ -19,8 +20,9 @@ struct PageRun {
   uint64_t last;   // inclusive
 };
 
-// The locked runs of pages [first, last], in address order. smaps is read
-// only up to the VMA that covers `last`. Errors: the errno of opening or
+// The locked runs of pages [first, last], in address order. When some are
+// locked, smaps is read up to the VMA that covers `last` (its cost grows
+// with the resident memory below that point). Errors: the errno of opening or
 // reading /proc/self/smaps; ENOMEM.
 Result<std::vector<PageRun>> vm_locked_runs(uint64_t first, uint64_t last);
 
