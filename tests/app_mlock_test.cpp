@@ -2,7 +2,10 @@
 // pages the application had locked itself (mlock, mlockall).
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -55,6 +58,15 @@ bool vma_locked(const void* address) {
   return false;
 }
 
+// The application's own locks, as raw system calls: the sanitizer runtimes
+// replace mlock() and mlockall() with no-ops.
+int app_mlock(const void* address, size_t length) {
+  return static_cast<int>(syscall(SYS_mlock, address, length));
+}
+int app_munlock(const void* address, size_t length) {
+  return static_cast<int>(syscall(SYS_munlock, address, length));
+}
+
 class Buffer {
  public:
   Buffer() {
@@ -100,13 +112,13 @@ TEST(ApplicationMlock, OwnLockIsReleasedOnUnpin) {
 TEST(ApplicationMlock, ApplicationLockSurvivesPinAndUnpinOfPart) {
   Buffer buffer;
   const uint64_t before = locked_bytes();
-  ASSERT_EQ(mlock(buffer.page(0), kPages * kPageSize), 0);
+  ASSERT_EQ(app_mlock(buffer.page(0), kPages * kPageSize), 0);
   uint64_t pinned = 0;
   pin_and_unpin(buffer, 2, 4, &pinned);
   EXPECT_EQ(pinned, before + kPages * kPageSize);
   EXPECT_EQ(locked_bytes(), before + kPages * kPageSize);
   for (size_t i = 0; i < kPages; ++i) EXPECT_TRUE(vma_locked(buffer.page(i))) << "page " << i;
-  ASSERT_EQ(munlock(buffer.page(0), kPages * kPageSize), 0);
+  ASSERT_EQ(app_munlock(buffer.page(0), kPages * kPageSize), 0);
 }
 
 TEST(ApplicationMlock, OverlapUnlocksOnlyWhatIommuLocked) {
@@ -114,14 +126,14 @@ TEST(ApplicationMlock, OverlapUnlocksOnlyWhatIommuLocked) {
   // still locked and 4-7 are not.
   Buffer buffer;
   const uint64_t before = locked_bytes();
-  ASSERT_EQ(mlock(buffer.page(0), 4 * kPageSize), 0);
+  ASSERT_EQ(app_mlock(buffer.page(0), 4 * kPageSize), 0);
   uint64_t pinned = 0;
   pin_and_unpin(buffer, 2, 6, &pinned);
   EXPECT_EQ(pinned, before + kPages * kPageSize);
   EXPECT_EQ(locked_bytes(), before + 4 * kPageSize);
   for (size_t i = 0; i < 4; ++i) EXPECT_TRUE(vma_locked(buffer.page(i))) << "page " << i;
   for (size_t i = 4; i < kPages; ++i) EXPECT_FALSE(vma_locked(buffer.page(i))) << "page " << i;
-  ASSERT_EQ(munlock(buffer.page(0), 4 * kPageSize), 0);
+  ASSERT_EQ(app_munlock(buffer.page(0), 4 * kPageSize), 0);
 }
 
 TEST(ApplicationMlock, ApplicationLockBetweenTwoPinsSurvives) {
@@ -129,21 +141,21 @@ TEST(ApplicationMlock, ApplicationLockBetweenTwoPinsSurvives) {
   // them, pinned and unpinned in one piece.
   Buffer buffer;
   const uint64_t before = locked_bytes();
-  ASSERT_EQ(mlock(buffer.page(1), kPageSize), 0);
-  ASSERT_EQ(mlock(buffer.page(3), 2 * kPageSize), 0);
+  ASSERT_EQ(app_mlock(buffer.page(1), kPageSize), 0);
+  ASSERT_EQ(app_mlock(buffer.page(3), 2 * kPageSize), 0);
   uint64_t pinned = 0;
   pin_and_unpin(buffer, 0, kPages, &pinned);
   EXPECT_EQ(pinned, before + kPages * kPageSize);
   EXPECT_EQ(locked_bytes(), before + 3 * kPageSize);
   const bool expected[kPages] = {false, true, false, true, true, false, false, false};
   for (size_t i = 0; i < kPages; ++i) EXPECT_EQ(vma_locked(buffer.page(i)), expected[i]) << i;
-  ASSERT_EQ(munlock(buffer.page(0), kPages * kPageSize), 0);
+  ASSERT_EQ(app_munlock(buffer.page(0), kPages * kPageSize), 0);
 }
 
 TEST(ApplicationMlock, MlockallFutureSurvivesPinAndUnpin) {
   // MCL_FUTURE alone locks only new mappings, which keeps this within an
   // unprivileged memlock limit.
-  ASSERT_EQ(mlockall(MCL_FUTURE), 0) << std::strerror(errno);
+  ASSERT_EQ(syscall(SYS_mlockall, MCL_FUTURE), 0) << std::strerror(errno);
   {
     Buffer buffer;
     ASSERT_TRUE(vma_locked(buffer.page(0)));
@@ -151,7 +163,7 @@ TEST(ApplicationMlock, MlockallFutureSurvivesPinAndUnpin) {
     pin_and_unpin(buffer, 2, 4, &pinned);
     for (size_t i = 0; i < kPages; ++i) EXPECT_TRUE(vma_locked(buffer.page(i))) << "page " << i;
   }
-  ASSERT_EQ(munlockall(), 0);
+  ASSERT_EQ(syscall(SYS_munlockall), 0);
 }
 
 }  // namespace
