@@ -22,8 +22,8 @@
 //   the caller unmapped or mprotected while it was mapped, returns EFAULT and
 //   records a host_memory fault; bytes before the failing segment may have
 //   moved. User memory is copied with process_vm_readv/writev (a system call
-//   per DMA), file memory with a SIGBUS-guarded memcpy (see
-//   iomm/signals.hpp).
+//   per contiguous host segment), file memory with a SIGBUS-guarded memcpy
+//   (see iomm/signals.hpp).
 // - Address reuse cannot be detected in user space: if the caller unmaps
 //   user memory that is still mapped in an IOAS and something else is then
 //   mapped at the same addresses, device DMA reads and writes that new
