@@ -48,7 +48,7 @@ TEST(PageTable, CreateRejectsBadPageSizes) {
 
 TEST(PageTable, OneGigabyteLeafWhenIovaAndAddressAligned) {
   auto table = make_table();
-  ASSERT_OK(table->map(3 * k1G, 5 * k1G, k1G, kReadWrite, false));
+  ASSERT_OK(table->map(3 * k1G, 5 * k1G, k1G, kReadWrite, mem::HostAccess::direct));
   const PageTableCounters counters = table->counters();
   EXPECT_EQ(counters.leaves_1g, 1U);
   EXPECT_EQ(counters.leaves_2m, 0U);
@@ -60,13 +60,13 @@ TEST(PageTable, OneGigabyteLeafWhenIovaAndAddressAligned) {
   EXPECT_EQ(leaf.address, 5 * k1G + 12345);
   EXPECT_EQ(leaf.remaining, k1G - 12345);
   EXPECT_EQ(leaf.prot, kReadWrite);
-  EXPECT_FALSE(leaf.synthetic);
+  EXPECT_EQ(leaf.host_access, mem::HostAccess::direct);
 }
 
 TEST(PageTable, TwoMegabyteLeafWhenOnlyTwoMegabyteAligned) {
   auto table = make_table();
   // iova is 1 GiB aligned but the address only 2 MiB aligned.
-  ASSERT_OK(table->map(k1G, k1G + k2M, k1G, kProtRead, false));
+  ASSERT_OK(table->map(k1G, k1G + k2M, k1G, kProtRead, mem::HostAccess::direct));
   EXPECT_EQ(table->counters().leaves_2m, 512U);
   EXPECT_EQ(table->counters().leaves_1g, 0U);
 
@@ -79,7 +79,7 @@ TEST(PageTable, TwoMegabyteLeafWhenOnlyTwoMegabyteAligned) {
 
 TEST(PageTable, FourKilobyteLeavesWhenAddressMisaligned) {
   auto table = make_table();
-  ASSERT_OK(table->map(4 * k2M, 7 * k2M + k4K, k2M, kReadWrite, false));
+  ASSERT_OK(table->map(4 * k2M, 7 * k2M + k4K, k2M, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->counters().leaves_4k, 512U);
   EXPECT_EQ(table->counters().leaves_2m, 0U);
 
@@ -91,7 +91,7 @@ TEST(PageTable, FourKilobyteLeavesWhenAddressMisaligned) {
 
 TEST(PageTable, FourKilobyteLeavesWhenIovaMisaligned) {
   auto table = make_table();
-  ASSERT_OK(table->map(4 * k2M + k4K, 8 * k2M, k2M, kReadWrite, false));
+  ASSERT_OK(table->map(4 * k2M + k4K, 8 * k2M, k2M, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->counters().leaves_4k, 512U);
   EXPECT_EQ(table->counters().leaves_2m, 0U);
 }
@@ -100,7 +100,8 @@ TEST(PageTable, MixesLeafSizesAlongTheRange) {
   auto table = make_table();
   // 4 KiB up to the 2 MiB boundary, one 2 MiB leaf, then a 4 KiB tail.
   const uint64_t iova = k1G - 2 * k4K;
-  ASSERT_OK(table->map(iova, 4 * k1G - 2 * k4K, 2 * k4K + k2M + k4K, kReadWrite, false));
+  ASSERT_OK(table->map(iova, 4 * k1G - 2 * k4K, 2 * k4K + k2M + k4K, kReadWrite,
+                       mem::HostAccess::direct));
   const PageTableCounters counters = table->counters();
   EXPECT_EQ(counters.leaves_4k, 3U);
   EXPECT_EQ(counters.leaves_2m, 1U);
@@ -112,19 +113,19 @@ TEST(PageTable, MixesLeafSizesAlongTheRange) {
 
 TEST(PageTable, RestrictedPageSizes) {
   auto small_only = make_table(k48BitLast, k4K);
-  ASSERT_OK(small_only->map(k1G, k1G, k2M, kReadWrite, false));
+  ASSERT_OK(small_only->map(k1G, k1G, k2M, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(small_only->counters().leaves_4k, 512U);
   EXPECT_EQ(small_only->counters().leaves_2m, 0U);
 
   auto no_2m = make_table(k48BitLast, k4K | k1G);
-  ASSERT_OK(no_2m->map(k1G, k1G, k2M, kReadWrite, false));
-  ASSERT_OK(no_2m->map(2 * k1G, 2 * k1G, k1G, kReadWrite, false));
+  ASSERT_OK(no_2m->map(k1G, k1G, k2M, kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(no_2m->map(2 * k1G, 2 * k1G, k1G, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(no_2m->counters().leaves_4k, 512U);
   EXPECT_EQ(no_2m->counters().leaves_2m, 0U);
   EXPECT_EQ(no_2m->counters().leaves_1g, 1U);
 
   auto no_1g = make_table(k48BitLast, k4K | k2M);
-  ASSERT_OK(no_1g->map(k1G, k1G, k1G, kReadWrite, false));
+  ASSERT_OK(no_1g->map(k1G, k1G, k1G, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(no_1g->counters().leaves_2m, 512U);
   EXPECT_EQ(no_1g->counters().leaves_1g, 0U);
 }
@@ -133,31 +134,31 @@ TEST(PageTable, LeafLevelsStopAtTheRoot) {
   // Two levels reach only 2 MiB leaves even though 1 GiB is allowed.
   auto table = make_table((uint64_t{1} << 30) - 1);
   ASSERT_EQ(table->levels(), 2U);
-  ASSERT_OK(table->map(0, 0, k1G, kReadWrite, false));
+  ASSERT_OK(table->map(0, 0, k1G, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->counters().leaves_2m, 512U);
   EXPECT_EQ(table->counters().leaves_1g, 0U);
 }
 
 TEST(PageTable, ExistingTableForcesSmallerLeaves) {
   auto table = make_table();
-  ASSERT_OK(table->map(k2M + k4K, k4K, k4K, kReadWrite, false));
+  ASSERT_OK(table->map(k2M + k4K, k4K, k4K, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->unmap(k2M + k4K, k4K), k4K);
   // The empty 4 KiB table stays in the 2 MiB slot, so a 2 MiB-aligned
   // mapping over it is built from 4 KiB leaves.
-  ASSERT_OK(table->map(k2M, 4 * k2M, k2M, kReadWrite, false));
+  ASSERT_OK(table->map(k2M, 4 * k2M, k2M, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->counters().leaves_4k, 512U);
   EXPECT_EQ(table->counters().leaves_2m, 0U);
   EXPECT_EQ(lookup_or_fail(*table, k2M + k4K).address, 4 * k2M + k4K);
   // The neighbouring 2 MiB slot is still free for a large leaf.
-  ASSERT_OK(table->map(2 * k2M, 6 * k2M, k2M, kReadWrite, false));
+  ASSERT_OK(table->map(2 * k2M, 6 * k2M, k2M, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->counters().leaves_2m, 1U);
 }
 
 TEST(PageTable, UnmapClearsExactlyTheRange) {
   auto table = make_table();
-  ASSERT_OK(table->map(0x10000, 0x100000, 0x3000, kReadWrite, false));
-  ASSERT_OK(table->map(0x13000, 0x200000, 0x2000, kProtRead, false));
-  ASSERT_OK(table->map(0x15000, 0x300000, 0x1000, kProtWrite, false));
+  ASSERT_OK(table->map(0x10000, 0x100000, 0x3000, kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(table->map(0x13000, 0x200000, 0x2000, kProtRead, mem::HostAccess::direct));
+  ASSERT_OK(table->map(0x15000, 0x300000, 0x1000, kProtWrite, mem::HostAccess::direct));
 
   EXPECT_EQ(table->unmap(0x13000, 0x2000), 0x2000U);
   Leaf leaf;
@@ -184,10 +185,11 @@ TEST(PageTable, LookupOfUnmappedIova) {
 
 TEST(PageTable, LookupRunFollowsContiguousLeaves) {
   auto table = make_table();
-  ASSERT_OK(table->map(0x10000, 0x500000, 4 * k4K, kReadWrite, false));
-  ASSERT_OK(table->map(0x14000, 0x504000, k4K, kProtRead, false));  // other prot
-  ASSERT_OK(table->map(0x15000, 0x700000, k4K, kProtRead, false));  // not contiguous
-  ASSERT_OK(table->map(0x16000, 0x701000, k4K, kProtRead, true));   // other kind
+  ASSERT_OK(table->map(0x10000, 0x500000, 4 * k4K, kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(table->map(0x14000, 0x504000, k4K, kProtRead, mem::HostAccess::direct));  // other prot
+  ASSERT_OK(
+      table->map(0x15000, 0x700000, k4K, kProtRead, mem::HostAccess::direct));  // not contiguous
+  ASSERT_OK(table->map(0x16000, 0x701000, k4K, kProtRead, mem::HostAccess::none));  // other kind
 
   Leaf leaf;
   ASSERT_TRUE(table->lookup_run(0x10010, UINT64_MAX, &leaf));
@@ -205,7 +207,7 @@ TEST(PageTable, LookupRunFollowsContiguousLeaves) {
   EXPECT_FALSE(table->lookup_run(0x17000, UINT64_MAX, &leaf));
 
   // Runs stop at the end of a table.
-  ASSERT_OK(table->map(k2M - k4K, 0x900000, 2 * k4K, kReadWrite, false));
+  ASSERT_OK(table->map(k2M - k4K, 0x900000, 2 * k4K, kReadWrite, mem::HostAccess::direct));
   ASSERT_TRUE(table->lookup_run(k2M - k4K, UINT64_MAX, &leaf));
   EXPECT_EQ(leaf.remaining, k4K);
 }
@@ -213,9 +215,9 @@ TEST(PageTable, LookupRunFollowsContiguousLeaves) {
 TEST(PageTable, SyntheticAndProtBitsRoundTrip) {
   auto table = make_table();
   const uint64_t synthetic_address = 0x7f0000000000;
-  ASSERT_OK(table->map(k2M, synthetic_address, k2M, kProtRead, true));
+  ASSERT_OK(table->map(k2M, synthetic_address, k2M, kProtRead, mem::HostAccess::none));
   const Leaf leaf = lookup_or_fail(*table, k2M + 7);
-  EXPECT_TRUE(leaf.synthetic);
+  EXPECT_EQ(leaf.host_access, mem::HostAccess::none);
   EXPECT_EQ(leaf.address, synthetic_address + 7);
   EXPECT_EQ(leaf.prot, uint32_t{kProtRead});
   EXPECT_EQ(leaf.size, k2M);
@@ -225,7 +227,7 @@ TEST(PageTable, FullSixtyFourBitAperture) {
   auto table = make_table(UINT64_MAX);
   ASSERT_EQ(table->levels(), 6U);
   const uint64_t top_page = 0xFFFFFFFFFFFFF000;
-  ASSERT_OK(table->map(top_page, 0x5000, k4K, kReadWrite, false));
+  ASSERT_OK(table->map(top_page, 0x5000, k4K, kReadWrite, mem::HostAccess::direct));
   const Leaf leaf = lookup_or_fail(*table, UINT64_MAX);
   EXPECT_EQ(leaf.address, 0x5FFFU);
   EXPECT_EQ(leaf.remaining, 1U);
@@ -237,7 +239,7 @@ TEST(PageTable, FullSixtyFourBitAperture) {
   // A 1 GiB leaf next to the top gigabyte (whose slot now holds a table),
   // and an unmap reaching the very end of the space.
   const uint64_t second_to_last_gigabyte = UINT64_MAX - 2 * k1G + 1;
-  ASSERT_OK(table->map(second_to_last_gigabyte, k1G, k1G, kReadWrite, false));
+  ASSERT_OK(table->map(second_to_last_gigabyte, k1G, k1G, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->counters().leaves_1g, 1U);
   EXPECT_EQ(table->unmap(second_to_last_gigabyte, 2 * k1G), k1G);
   EXPECT_EQ(table->counters().mapped_bytes, 0U);
@@ -245,20 +247,21 @@ TEST(PageTable, FullSixtyFourBitAperture) {
 
 TEST(PageTable, MapRejectsBadArguments) {
   auto table = make_table();
-  EXPECT_ERRNO(table->map(0x1001, 0, k4K, kReadWrite, false), EINVAL);
-  EXPECT_ERRNO(table->map(0, 0x1001, k4K, kReadWrite, false), EINVAL);
-  EXPECT_ERRNO(table->map(0, 0, 0x1001, kReadWrite, false), EINVAL);
-  EXPECT_ERRNO(table->map(0, 0, 0, kReadWrite, false), EINVAL);
-  EXPECT_ERRNO(table->map(uint64_t{1} << 48, 0, k4K, kReadWrite, false), EINVAL);
-  EXPECT_ERRNO(table->map(0, 0xFFFFFFFFFFFFF000, 2 * k4K, kReadWrite, false), EINVAL);
-  EXPECT_ERRNO(table->map(0, 0, k4K, 1U << 5, false), EINVAL);
+  EXPECT_ERRNO(table->map(0x1001, 0, k4K, kReadWrite, mem::HostAccess::direct), EINVAL);
+  EXPECT_ERRNO(table->map(0, 0x1001, k4K, kReadWrite, mem::HostAccess::direct), EINVAL);
+  EXPECT_ERRNO(table->map(0, 0, 0x1001, kReadWrite, mem::HostAccess::direct), EINVAL);
+  EXPECT_ERRNO(table->map(0, 0, 0, kReadWrite, mem::HostAccess::direct), EINVAL);
+  EXPECT_ERRNO(table->map(uint64_t{1} << 48, 0, k4K, kReadWrite, mem::HostAccess::direct), EINVAL);
+  EXPECT_ERRNO(table->map(0, 0xFFFFFFFFFFFFF000, 2 * k4K, kReadWrite, mem::HostAccess::direct),
+               EINVAL);
+  EXPECT_ERRNO(table->map(0, 0, k4K, 1U << 5, mem::HostAccess::direct), EINVAL);
   EXPECT_EQ(table->counters().mapped_bytes, 0U);
 }
 
 TEST(PageTable, MapOverALeafFailsAndUndoesItsWork) {
   auto table = make_table();
-  ASSERT_OK(table->map(2 * k4K, 0x900000, k4K, kProtRead, false));
-  EXPECT_ERRNO(table->map(0, 0x100000, 4 * k4K, kReadWrite, false), EEXIST);
+  ASSERT_OK(table->map(2 * k4K, 0x900000, k4K, kProtRead, mem::HostAccess::direct));
+  EXPECT_ERRNO(table->map(0, 0x100000, 4 * k4K, kReadWrite, mem::HostAccess::direct), EEXIST);
   Leaf leaf;
   EXPECT_FALSE(table->lookup(0, &leaf));
   EXPECT_FALSE(table->lookup(k4K, &leaf));
@@ -268,14 +271,15 @@ TEST(PageTable, MapOverALeafFailsAndUndoesItsWork) {
   EXPECT_EQ(table->counters().leaves_4k, 1U);
 
   // A large leaf in the way of a smaller mapping is caught too.
-  ASSERT_OK(table->map(k1G, k1G, k1G, kReadWrite, false));
-  EXPECT_ERRNO(table->map(k1G + k4K, 0, k4K, kReadWrite, false), EEXIST);
+  ASSERT_OK(table->map(k1G, k1G, k1G, kReadWrite, mem::HostAccess::direct));
+  EXPECT_ERRNO(table->map(k1G + k4K, 0, k4K, kReadWrite, mem::HostAccess::direct), EEXIST);
 }
 
 TEST(PageTable, CountersReturnToZero) {
   auto table = make_table();
   EXPECT_EQ(table->counters().table_pages, 1U);
-  ASSERT_OK(table->map(k1G - k4K, k1G - k4K, k1G + k2M + 2 * k4K, kReadWrite, false));
+  ASSERT_OK(
+      table->map(k1G - k4K, k1G - k4K, k1G + k2M + 2 * k4K, kReadWrite, mem::HostAccess::direct));
   const PageTableCounters mapped = table->counters();
   EXPECT_EQ(mapped.mapped_bytes, k1G + k2M + 2 * k4K);
   EXPECT_EQ(mapped.leaves_1g, 1U);

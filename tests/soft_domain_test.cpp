@@ -108,12 +108,14 @@ TEST(SoftDomain, FaultReasonNames) {
   EXPECT_EQ(std::string_view(to_string(FaultReason::not_present)), "not_present");
   EXPECT_EQ(std::string_view(to_string(FaultReason::permission)), "permission");
   EXPECT_EQ(std::string_view(to_string(FaultReason::outside_aperture)), "outside_aperture");
+  EXPECT_EQ(std::string_view(to_string(FaultReason::host_memory)), "host_memory");
 }
 
 TEST(SoftDomain, TranslateReportsTheLeaf) {
   auto domain = make_domain();
   HostPages host(2);
-  ASSERT_OK(domain->page_table().map(0x40000, host.address(), 2 * kPageSize, kProtRead, false));
+  ASSERT_OK(domain->page_table().map(0x40000, host.address(), 2 * kPageSize, kProtRead,
+                                     mem::HostAccess::direct));
   auto translation = domain->translate(0x41010, kProtRead);
   ASSERT_OK(translation);
   EXPECT_EQ(translation->iova, 0x41010U);
@@ -130,7 +132,8 @@ TEST(SoftDomain, TranslateFaults) {
   config.aperture_last = 0x1fffff;
   auto domain = make_domain(config);
   HostPages host(1);
-  ASSERT_OK(domain->page_table().map(0x100000, host.address(), kPageSize, kProtRead, false));
+  ASSERT_OK(domain->page_table().map(0x100000, host.address(), kPageSize, kProtRead,
+                                     mem::HostAccess::direct));
 
   EXPECT_ERRNO(domain->translate(0x100000, kProtWrite), EPERM);
   EXPECT_ERRNO(domain->translate(0x101000, kProtRead), EFAULT);
@@ -159,7 +162,8 @@ TEST(SoftDomain, DmaRoundTrip) {
   constexpr size_t kLength = 64 * 1024;
   HostPages host(kLength / kPageSize);
   const uint64_t iova = 0x100000;
-  ASSERT_OK(domain->page_table().map(iova, host.address(), kLength, kReadWrite, false));
+  ASSERT_OK(
+      domain->page_table().map(iova, host.address(), kLength, kReadWrite, mem::HostAccess::direct));
 
   const std::vector<std::byte> written = pattern(kLength, 7);
   ASSERT_OK(domain->dma_write(iova, written.data(), kLength));
@@ -188,7 +192,7 @@ TEST(SoftDomain, DmaAcrossScatteredHostPages) {
   for (size_t i = 0; i < kPages; ++i) {
     const size_t host_page = 2 * (kPages - 1 - i);  // reversed, with gaps
     ASSERT_OK(domain->page_table().map(iova + i * kPageSize, host.address(host_page), kPageSize,
-                                       kReadWrite, false));
+                                       kReadWrite, mem::HostAccess::direct));
   }
   const size_t length = kPages * kPageSize - 100;
   const std::vector<std::byte> written = pattern(length, 3);
@@ -208,7 +212,7 @@ TEST(SoftDomain, DmaThroughLargeLeaves) {
   const std::unique_ptr<void, FreeDeleter> memory(raw);
   const uint64_t iova = 4 * kPageSize2M;
   ASSERT_OK(domain->page_table().map(iova, reinterpret_cast<uint64_t>(raw), 2 * kPageSize2M,
-                                     kReadWrite, false));
+                                     kReadWrite, mem::HostAccess::direct));
   ASSERT_EQ(domain->counters().leaves_2m, 2U);
   const std::vector<std::byte> written = pattern(8192, 11);
   ASSERT_OK(domain->dma_write(iova + kPageSize2M - 4096, written.data(), written.size()));
@@ -222,7 +226,8 @@ TEST(SoftDomain, DmaToUnmappedIovaFaultsAndTouchesNothing) {
   HostPages host(2);
   const uint64_t iova = 0x200000;
   // Only the first of two pages is mapped.
-  ASSERT_OK(domain->page_table().map(iova, host.address(), kPageSize, kReadWrite, false));
+  ASSERT_OK(domain->page_table().map(iova, host.address(), kPageSize, kReadWrite,
+                                     mem::HostAccess::direct));
   std::memset(host.page(0), 0x5a, kPageSize);
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{0xa5});
@@ -245,9 +250,12 @@ TEST(SoftDomain, DmaToUnmappedIovaFaultsAndTouchesNothing) {
 TEST(SoftDomain, DmaPermissionMismatch) {
   auto domain = make_domain();
   HostPages host(2);
-  ASSERT_OK(domain->page_table().map(0x10000, host.address(0), kPageSize, kReadWrite, false));
-  ASSERT_OK(domain->page_table().map(0x11000, host.address(1), kPageSize, kProtRead, false));
-  ASSERT_OK(domain->page_table().map(0x12000, host.address(0), kPageSize, kProtWrite, false));
+  ASSERT_OK(domain->page_table().map(0x10000, host.address(0), kPageSize, kReadWrite,
+                                     mem::HostAccess::direct));
+  ASSERT_OK(domain->page_table().map(0x11000, host.address(1), kPageSize, kProtRead,
+                                     mem::HostAccess::direct));
+  ASSERT_OK(domain->page_table().map(0x12000, host.address(0), kPageSize, kProtWrite,
+                                     mem::HostAccess::direct));
 
   const std::vector<std::byte> data = pattern(2 * kPageSize, 5);
   EXPECT_ERRNO(domain->dma_write(0x10000, data.data(), data.size()), EPERM);
@@ -274,7 +282,8 @@ TEST(SoftDomain, DmaOutsideTheAperture) {
   config.aperture_last = 0x1fffff;
   auto domain = make_domain(config);
   HostPages host(1);
-  ASSERT_OK(domain->page_table().map(0x1ff000, host.address(), kPageSize, kReadWrite, false));
+  ASSERT_OK(domain->page_table().map(0x1ff000, host.address(), kPageSize, kReadWrite,
+                                     mem::HostAccess::direct));
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{1});
   EXPECT_ERRNO(domain->dma_read(0x1ff000, buf.data(), buf.size()), EFAULT);
@@ -292,9 +301,10 @@ TEST(SoftDomain, DmaOutsideTheAperture) {
 TEST(SoftDomain, DmaToSimulatedMemory) {
   auto domain = make_domain();
   HostPages host(1);
-  ASSERT_OK(domain->page_table().map(0x10000, host.address(), kPageSize, kReadWrite, false));
-  ASSERT_OK(
-      domain->page_table().map(0x11000, 0x7000000000, kPageSize, kReadWrite, /*synthetic=*/true));
+  ASSERT_OK(domain->page_table().map(0x10000, host.address(), kPageSize, kReadWrite,
+                                     mem::HostAccess::direct));
+  ASSERT_OK(domain->page_table().map(0x11000, 0x7000000000, kPageSize, kReadWrite,
+                                     mem::HostAccess::none));
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{9});
   EXPECT_ERRNO(domain->dma_read(0x11000, buf.data(), kPageSize), ENXIO);
@@ -332,7 +342,8 @@ TEST(SoftDomain, DmaAtTheTopOfA64BitAperture) {
   auto domain = make_domain(config);
   HostPages host(1);
   const uint64_t top_page = 0xFFFFFFFFFFFFF000;
-  ASSERT_OK(domain->page_table().map(top_page, host.address(), kPageSize, kReadWrite, false));
+  ASSERT_OK(domain->page_table().map(top_page, host.address(), kPageSize, kReadWrite,
+                                     mem::HostAccess::direct));
   const std::vector<std::byte> written = pattern(kPageSize, 1);
   ASSERT_OK(domain->dma_write(top_page, written.data(), kPageSize));
   std::byte last{};
@@ -377,7 +388,8 @@ TEST(SoftDomain, NoFaultLogDropsEverything) {
 TEST(SoftDomain, CountersFollowThePageTable) {
   auto domain = make_domain();
   ASSERT_OK(domain->page_table().map(kPageSize1G, kPageSize1G,
-                                     kPageSize1G + kPageSize2M + kPageSize, kReadWrite, false));
+                                     kPageSize1G + kPageSize2M + kPageSize, kReadWrite,
+                                     mem::HostAccess::direct));
   DomainCounters counters = domain->counters();
   EXPECT_EQ(counters.mapped_bytes, kPageSize1G + kPageSize2M + kPageSize);
   EXPECT_EQ(counters.leaves_1g, 1U);
@@ -398,14 +410,21 @@ TEST(SoftDomain, DmaIntoTruncatedFileReturnsEfault) {
   ASSERT_NE(mapping, MAP_FAILED);
   auto domain = make_domain();
   ASSERT_OK(domain->page_table().map(0x10000, reinterpret_cast<uint64_t>(mapping), 2 * kPageSize,
-                                     kReadWrite, false));
+                                     kReadWrite, mem::HostAccess::direct));
   std::vector<std::byte> buf(2 * kPageSize);
   ASSERT_OK(domain->dma_read(0x10000, buf.data(), buf.size()));
 
   ASSERT_EQ(ftruncate(fd, 0), 0);
   EXPECT_ERRNO(domain->dma_read(0x10000, buf.data(), buf.size()), EFAULT);
-  EXPECT_ERRNO(domain->dma_write(0x10000, buf.data(), buf.size()), EFAULT);
-  EXPECT_TRUE(domain->take_faults().empty());
+  EXPECT_ERRNO(domain->dma_write(0x10000 + kPageSize, buf.data(), kPageSize), EFAULT);
+  const std::vector<IommuFault> faults = domain->take_faults();
+  ASSERT_EQ(faults.size(), 2U);
+  EXPECT_EQ(faults[0].iova, 0x10000U);
+  EXPECT_EQ(faults[0].requested, uint32_t{kProtRead});
+  EXPECT_EQ(faults[0].reason, FaultReason::host_memory);
+  EXPECT_EQ(faults[1].iova, 0x10000U + kPageSize);
+  EXPECT_EQ(faults[1].requested, uint32_t{kProtWrite});
+  EXPECT_EQ(faults[1].reason, FaultReason::host_memory);
 
   munmap(mapping, 2 * kPageSize);
   close(fd);
@@ -448,7 +467,8 @@ TEST(SoftDomain, ConcurrentDmaWithMapAndUnmapOfDisjointRanges) {
         for (int iteration = 0; iteration < kIterations; ++iteration) {
           for (size_t page = 0; page < kPagesPerWorker; ++page) {
             if (!domain->page_table()
-                     .map(iova_of(worker, page), host.address(page), kPageSize, kReadWrite, false)
+                     .map(iova_of(worker, page), host.address(page), kPageSize, kReadWrite,
+                          mem::HostAccess::direct)
                      .ok()) {
               failures.fetch_add(1);
             }
@@ -505,7 +525,8 @@ TEST(SoftDomain, GracePeriodOrdersReadersBeforeReuse) {
   }
   for (int i = 0; i < kIterations; ++i) {
     *plain = 2 * static_cast<uint64_t>(i);
-    ASSERT_OK(domain->page_table().map(iova, host.address(), kPageSize, kProtRead, false));
+    ASSERT_OK(domain->page_table().map(iova, host.address(), kPageSize, kProtRead,
+                                       mem::HostAccess::direct));
     std::this_thread::yield();
     domain->page_table().unmap(iova, kPageSize);
     sync::rcu_synchronize();

@@ -17,7 +17,19 @@
 //   that the owner drains with take_faults().
 // - A DMA to simulated memory returns ENXIO (there is no memory behind it);
 //   this is not an IOMMU fault.
-// - A DMA into a file that shrank under us returns EFAULT instead of SIGBUS.
+// - Memory that vanishes becomes an error, never a crash. A DMA into a file
+//   that shrank under us, or into user memory (MemorySource::from_user) that
+//   the caller unmapped or mprotected while it was mapped, returns EFAULT and
+//   records a host_memory fault; bytes before the failing segment may have
+//   moved. User memory is copied with process_vm_readv/writev (a system call
+//   per contiguous host segment), file memory with a SIGBUS-guarded memcpy
+//   (see iomm/signals.hpp).
+// - Address reuse cannot be detected in user space: if the caller unmaps
+//   user memory that is still mapped in an IOAS and something else is then
+//   mapped at the same addresses, device DMA reads and writes that new
+//   memory, as the pinned pages are no longer what the addresses name. Keep
+//   user memory mapped until its IOAS mapping is gone, or use file-backed
+//   memory (MemorySource::from_file), which the library maps itself.
 #pragma once
 
 #include <cstddef>
@@ -53,15 +65,25 @@ struct DomainConfig {
 };
 
 struct Translation {
-  uint64_t iova = 0;        // the translated IOVA
-  void* host = nullptr;     // host address of that byte; nullptr for simulated memory
+  uint64_t iova = 0;  // the translated IOVA
+  // Host address of that byte; nullptr for simulated memory. For user memory
+  // it is the caller's address, valid only while the caller keeps it mapped:
+  // dma_read/dma_write copy through it safely, a raw dereference does not.
+  void* host = nullptr;
   uint64_t address = 0;     // host address, or synthetic address for simulated memory
   uint32_t prot = 0;        // kProtRead | kProtWrite
   uint64_t leaf_size = 0;   // 4 KiB, 2 MiB or 1 GiB
   uint64_t contiguous = 0;  // bytes from iova to the end of the leaf
 };
 
-enum class FaultReason { not_present, permission, outside_aperture };
+enum class FaultReason {
+  not_present,
+  permission,
+  outside_aperture,
+  // The translation is valid but the host memory behind it is gone: user
+  // memory the caller unmapped or protected, or a file that shrank.
+  host_memory,
+};
 
 const char* to_string(FaultReason reason) noexcept;
 

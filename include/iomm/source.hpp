@@ -71,6 +71,16 @@ class MemorySource {
                                         FileSeal seal = FileSeal::none);
   // A range of this process's virtual memory. Nothing is checked until it is
   // pinned: an unmapped address fails then, with EFAULT.
+  // - Keep it mapped while it is mapped in an IOAS. Unmapped or protected
+  //   later, device DMA to it fails with EFAULT (iomm/domain.hpp); but if
+  //   other memory is mapped at the same addresses, DMA reaches that memory:
+  //   address reuse cannot be detected in user space. File-backed memory
+  //   (from_file) has no such hazard and is the recommended source.
+  // - Pinning mlocks the pages; unpinning munlocks only pages the process
+  //   had not locked itself when they were pinned (mlock is not counted by
+  //   the kernel). Take your own mlock/mlockall before mapping: a lock taken
+  //   while iomm holds the pages pinned is undone when it unpins them, and
+  //   your munlock of pinned pages undoes iomm's.
   static Result<MemorySource> from_user(void* address, uint64_t length, bool writable = true);
   // Synthetic pages with no memory behind them, for scale tests. Pinning
   // counts and charges but locks nothing; DMA to it fails with ENXIO.

@@ -15,10 +15,11 @@ namespace {
 using pte::kAddressMask;
 using pte::kBitsPerLevel;
 using pte::kEntriesPerTable;
+using pte::kHostAccessMask;
+using pte::kHostAccessShift;
 using pte::kIsTable;
 using pte::kPresent;
 using pte::kReadable;
-using pte::kSynthetic;
 using pte::kWritable;
 constexpr unsigned kMaxLeafLevel = 2;
 static_assert(kReadable >> 2 == kProtRead && kWritable >> 2 == kProtWrite);
@@ -83,7 +84,7 @@ bool PageTable::leaf_fits(unsigned level, uint64_t iova, uint64_t address,
 }
 
 Status PageTable::map(uint64_t iova, uint64_t address, uint64_t length, uint32_t prot,
-                      bool synthetic) {
+                      mem::HostAccess host_access) {
   if (length == 0 || !is_aligned(iova | address | length, kPageSize)) {
     return Error(EINVAL, "iova, address and length must be non-zero multiples of 4 KiB");
   }
@@ -98,7 +99,7 @@ Status PageTable::map(uint64_t iova, uint64_t address, uint64_t length, uint32_t
   }
   const uint64_t leaf_bits = kPresent | ((prot & kProtRead) != 0 ? kReadable : 0) |
                              ((prot & kProtWrite) != 0 ? kWritable : 0) |
-                             (synthetic ? kSynthetic : 0);
+                             (static_cast<uint64_t>(host_access) << kHostAccessShift);
   uint64_t done = 0;
   while (done < length) {
     Result<uint64_t> placed = map_one_leaf(iova + done, address + done, length - done, leaf_bits);
@@ -210,7 +211,7 @@ bool PageTable::lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const n
     out->address = (entry & kAddressMask) + offset;
     out->prot = ((entry & kReadable) != 0 ? uint32_t{kProtRead} : 0U) |
                 ((entry & kWritable) != 0 ? uint32_t{kProtWrite} : 0U);
-    out->synthetic = (entry & kSynthetic) != 0;
+    out->host_access = static_cast<mem::HostAccess>((entry & kHostAccessMask) >> kHostAccessShift);
     out->size = size;
     out->remaining = run;
     return true;

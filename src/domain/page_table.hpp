@@ -19,14 +19,15 @@
 #include <memory>
 
 #include "iomm/result.hpp"
+#include "mem/host_access.hpp"
 
 namespace iomm::domain {
 
 struct Leaf {
-  uint64_t address = 0;    // address of the looked-up byte (host VA or synthetic)
-  uint32_t prot = 0;       // kProtRead | kProtWrite
-  bool synthetic = false;  // no host memory behind it (simulated source)
-  uint64_t size = 0;       // leaf size
+  uint64_t address = 0;  // address of the looked-up byte (host VA or synthetic)
+  uint32_t prot = 0;     // kProtRead | kProtWrite
+  mem::HostAccess host_access = mem::HostAccess::direct;  // how a DMA reaches the memory
+  uint64_t size = 0;                                      // leaf size
   uint64_t remaining = 0;  // bytes from the looked-up byte to the end of the leaf
 };
 
@@ -45,7 +46,9 @@ inline constexpr uint64_t kPresent = 1U << 0;
 inline constexpr uint64_t kIsTable = 1U << 1;
 inline constexpr uint64_t kReadable = 1U << 2;
 inline constexpr uint64_t kWritable = 1U << 3;
-inline constexpr uint64_t kSynthetic = 1U << 4;
+// Two bits of mem::HostAccess.
+inline constexpr unsigned kHostAccessShift = 4;
+inline constexpr uint64_t kHostAccessMask = uint64_t{3} << kHostAccessShift;
 inline constexpr uint64_t kAddressMask = ~uint64_t{4095};
 constexpr unsigned level_shift(unsigned level) { return 12 + kBitsPerLevel * level; }
 }  // namespace pte
@@ -64,7 +67,8 @@ class PageTable {
   // where iova and address are aligned and the range covers it.
   // All-or-nothing: ENOMEM when a table cannot be allocated leaves the range
   // unmapped (tables allocated on the way may stay, empty).
-  Status map(uint64_t iova, uint64_t address, uint64_t length, uint32_t prot, bool synthetic);
+  Status map(uint64_t iova, uint64_t address, uint64_t length, uint32_t prot,
+             mem::HostAccess host_access);
 
   // Clear every leaf in [iova, iova + length). Leaves never straddle the
   // range, because the IOAS unmaps whole mappings. Returns bytes cleared.
@@ -126,7 +130,8 @@ inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
     const uint64_t offset = iova & (size - 1);
     out->address = (entry & pte::kAddressMask) + offset;
     out->prot = static_cast<uint32_t>((entry >> 2) & 3U);  // kReadable, kWritable -> kProt*
-    out->synthetic = (entry & pte::kSynthetic) != 0;
+    out->host_access =
+        static_cast<mem::HostAccess>((entry & pte::kHostAccessMask) >> pte::kHostAccessShift);
     out->size = size;
     out->remaining = size - offset;
     return true;

@@ -4,11 +4,14 @@
 #include <cstddef>
 #include <new>
 
-#include "fault/inject.hpp"
 #include "domain/page_table.hpp"
 #include "domain/soft_domain_impl.hpp"
+#include "fault/inject.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/rcu.hpp"
+#include "iomm/signals.hpp"
+#include "mem/checked_copy.hpp"
+#include "mem/host_access.hpp"
 #include "mem/safe_copy.hpp"
 
 namespace iomm {
@@ -57,6 +60,10 @@ Error record_fault(domain::FaultLog& faults, uint64_t iova, uint32_t access, Fau
       return Error(EFAULT, "IOMMU fault: IOVA outside the aperture");
     case FaultReason::not_present:
       return Error(EFAULT, "IOMMU fault: IOVA not mapped");
+    case FaultReason::host_memory:
+      return Error(EFAULT,
+                   "IOMMU fault: the memory behind the mapping is gone (user memory unmapped or "
+                   "protected, or a file shrunk)");
     case FaultReason::permission:
       break;
   }
@@ -71,22 +78,23 @@ class HostSegments {
   struct Segment {
     uint64_t address;
     size_t bytes;
+    mem::HostAccess access;
   };
 
   // False when spilling to the heap fails.
-  bool append(uint64_t address, size_t bytes) noexcept {
+  bool append(uint64_t address, size_t bytes, mem::HostAccess access) noexcept {
     if (count_ > 0) {
       Segment& tail = (*this)[count_ - 1];
-      if (tail.address + tail.bytes == address) {
+      if (tail.address + tail.bytes == address && tail.access == access) {
         tail.bytes += bytes;
         return true;
       }
     }
     if (count_ < kInline) {
-      inline_[count_] = Segment{address, bytes};
+      inline_[count_] = Segment{address, bytes, access};
     } else {
       try {
-        spilled_.push_back(Segment{address, bytes});
+        spilled_.push_back(Segment{address, bytes, access});
       } catch (const std::bad_alloc&) {
         return false;
       }
@@ -107,13 +115,32 @@ class HostSegments {
   std::vector<Segment> spilled_;
 };
 
+// One segment of a DMA between the device buffer and host memory, by the
+// way the memory behind the leaf can be reached. False when the memory is
+// gone: a file that shrank (SIGBUS caught), or user memory the caller
+// unmapped or protected (process_vm_readv/writev report it).
+bool copy_from_host(const HostSegments::Segment& segment, std::byte* buf) noexcept {
+  if (segment.access == mem::HostAccess::checked) {
+    return mem::checked_read(buf, segment.address, segment.bytes);
+  }
+  return mem::safe_copy(buf, reinterpret_cast<const void*>(segment.address), segment.bytes);
+}
+
+bool copy_to_host(const HostSegments::Segment& segment, const std::byte* buf) noexcept {
+  if (segment.access == mem::HostAccess::checked) {
+    return mem::checked_write(segment.address, buf, segment.bytes);
+  }
+  return mem::safe_copy(reinterpret_cast<void*>(segment.address), buf, segment.bytes);
+}
+
 // Checks the whole of [iova, iova + length) for `access` and collects its
 // host segments, marks the range in dirty_log (when given) and then calls
-// copy(host, offset_in_buf, bytes) for each segment. Marking comes before
+// copy(segment, offset_in_buf) for each segment. Marking comes before
 // the first byte moves: a page reported dirty but not written is harmless,
 // a written page missing from the log is lost by a migration. One RCU read
 // section spans it all, so the collected host pointers stay valid until the
-// last byte has moved.
+// last byte has moved. Memory found gone during the copy is recorded as a
+// host_memory fault at the IOVA of the failing segment.
 template <typename CopyFn>
 Status transfer(const DomainConfig& config, const domain::PageTable& table,
                 domain::FaultLog& faults, uint64_t iova, size_t length, uint32_t access,
@@ -140,9 +167,9 @@ Status transfer(const DomainConfig& config, const domain::PageTable& table,
     const uint64_t chunk = std::min(left, leaf.remaining);
     // Keep checking past simulated memory: a real IOMMU would still fault
     // on a bad IOVA later in the range.
-    if (leaf.synthetic) {
+    if (leaf.host_access == mem::HostAccess::none) {
       simulated = true;
-    } else if (!segments.append(leaf.address, chunk)) {
+    } else if (!segments.append(leaf.address, chunk, leaf.host_access)) {
       return Error(ENOMEM, "cannot allocate the DMA segment list");
     }
     left -= chunk;
@@ -157,8 +184,8 @@ Status transfer(const DomainConfig& config, const domain::PageTable& table,
   size_t offset = 0;
   for (size_t i = 0; i < segments.size(); ++i) {
     const HostSegments::Segment& segment = segments[i];
-    if (!copy(reinterpret_cast<std::byte*>(segment.address), offset, segment.bytes)) {
-      return Error(EFAULT, "memory behind the mapping vanished (file shrunk?)");
+    if (!copy(segment, offset)) {
+      return record_fault(faults, iova + offset, access, FaultReason::host_memory);
     }
     offset += segment.bytes;
   }
@@ -175,11 +202,15 @@ const char* to_string(FaultReason reason) noexcept {
       return "permission";
     case FaultReason::outside_aperture:
       return "outside_aperture";
+    case FaultReason::host_memory:
+      return "host_memory";
   }
   return "unknown";
 }
 
 Result<std::shared_ptr<SoftDomain>> SoftDomain::create(const DomainConfig& config) {
+  // Device DMA copies into file mappings rely on it.
+  install_signal_handlers();
   if (config.aperture_start > config.aperture_last) {
     return Error(EINVAL, "aperture_start is above aperture_last");
   }
@@ -199,7 +230,8 @@ Result<std::shared_ptr<SoftDomain>> SoftDomain::create(const DomainConfig& confi
   std::unique_ptr<IommuFault[]> ring;
   if (config.fault_log_capacity > 0) {
     ring.reset(IOMM_INJECT("domain.alloc") ? nullptr
-                                           : new (std::nothrow) IommuFault[config.fault_log_capacity]);
+                                           : new (std::nothrow)
+                                                 IommuFault[config.fault_log_capacity]);
     if (ring == nullptr) return Error(ENOMEM, "cannot allocate the fault log");
   }
   try {
@@ -233,7 +265,8 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
   }
   return Translation{
       .iova = iova,
-      .host = leaf.synthetic ? nullptr : reinterpret_cast<void*>(leaf.address),
+      .host = leaf.host_access == mem::HostAccess::none ? nullptr
+                                                        : reinterpret_cast<void*>(leaf.address),
       .address = leaf.address,
       .prot = leaf.prot,
       .leaf_size = leaf.size,
@@ -244,8 +277,8 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
 Status SoftDomain::dma_read(uint64_t iova, void* buf, size_t length) {
   auto* destination = static_cast<std::byte*>(buf);
   return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtRead,
-                  nullptr, [destination](const std::byte* host, size_t offset, size_t bytes) {
-                    return mem::safe_copy(destination + offset, host, bytes);
+                  nullptr, [destination](const HostSegments::Segment& segment, size_t offset) {
+                    return copy_from_host(segment, destination + offset);
                   });
 }
 
@@ -256,8 +289,8 @@ Status SoftDomain::dma_write(uint64_t iova, const void* buf, size_t length) {
   const RcuReadGuard guard;
   return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtWrite,
                   impl_->dirty_log.load(std::memory_order_acquire),
-                  [source](std::byte* host, size_t offset, size_t bytes) {
-                    return mem::safe_copy(host, source + offset, bytes);
+                  [source](const HostSegments::Segment& segment, size_t offset) {
+                    return copy_to_host(segment, source + offset);
                   });
 }
 

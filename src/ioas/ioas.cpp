@@ -122,7 +122,7 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
       for (areas_in_last = 0; areas_in_last < created.size() && result; ++areas_in_last) {
         const Area& a = *created[areas_in_last];
         result = pt.map(a.range.start, backing_address(a.source), a.length(), prot,
-                        a.source.object()->synthetic());
+                        a.source.object()->host_access());
       }
       if (!result) {
         --areas_in_last;

@@ -2,8 +2,8 @@
 #include <algorithm>
 #include <string>
 
-#include "fault/inject.hpp"
 #include "domain/soft_domain_impl.hpp"
+#include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
 #include "iomm/ioas.hpp"
 #include "sync/rcu.hpp"
@@ -101,7 +101,7 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     const Area& a = *live[mapped];
     result =
         domain->page_table().map(a.range.start, a.source.object()->dma_address(a.source.offset()),
-                                 a.length(), a.prot, a.source.object()->synthetic());
+                                 a.length(), a.prot, a.source.object()->host_access());
     if (!result) break;
   }
   if (result) {

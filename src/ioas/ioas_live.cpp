@@ -142,7 +142,7 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
       domain::PageTable& pt = st.domains[d]->page_table();
       pt.unmap(old->range.start, old->length());
       if (Status s = pt.map(old->range.start, new_addr, old->length(), old->prot,
-                            source.object()->synthetic());
+                            source.object()->host_access());
           !s) {
         // Put every domain back on the old pages. This cannot fail: page
         // tables are never freed while the domain lives, so every table the
@@ -152,7 +152,7 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
           domain::PageTable& back = st.domains[e]->page_table();
           back.unmap(old->range.start, old->length());
           const Status restored = back.map(old->range.start, old_addr, old->length(), old->prot,
-                                           old->source.object()->synthetic());
+                                           old->source.object()->host_access());
           IOMM_CHECK(restored.ok(), "restoring the old translation failed");
         }
         sync::rcu_synchronize();

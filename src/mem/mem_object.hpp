@@ -19,6 +19,7 @@
 #include "iomm/range.hpp"
 #include "iomm/result.hpp"
 #include "iomm/source.hpp"
+#include "mem/host_access.hpp"
 #include "mem/interval_counts.hpp"
 
 namespace iomm::acct {
@@ -44,6 +45,8 @@ class MemObject {
   [[nodiscard]] virtual uint64_t dma_address(uint64_t offset) const noexcept = 0;
   // Host pointer for byte `offset`, or nullptr when there is no memory.
   [[nodiscard]] virtual void* host(uint64_t offset) const noexcept = 0;
+  // How a domain's DMA reaches host(): see mem/host_access.hpp.
+  [[nodiscard]] virtual HostAccess host_access() const noexcept { return HostAccess::direct; }
   [[nodiscard]] virtual bool shrink_sealed() const noexcept { return true; }
 
   // Copy between buf and [offset, offset + n) of the object, for accesses'

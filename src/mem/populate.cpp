@@ -33,7 +33,6 @@ Status populate_and_lock(void* addr, uint64_t length, bool write) {
   }
   if (sys::mlock(addr, length) != 0) {
     const int err = errno;
-    unlock_range(addr, length);  // see lock_resident
     // The range was just faulted in, so ENOMEM here is the kernel's own
     // RLIMIT_MEMLOCK (for a process without CAP_IPC_LOCK), not a bad address.
     const bool limit = err == ENOMEM || err == EPERM || err == EAGAIN;

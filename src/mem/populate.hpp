@@ -9,6 +9,9 @@
 
 namespace iomm::mem {
 
+// On failure the range may be left partly marked locked (a failed mlock does
+// not take its mark back): the caller munlocks the pages it owns, and only
+// those, since munlock would also cancel the application's own mlock.
 Status populate_and_lock(void* addr, uint64_t length, bool write);
 
 // For a mapping the library made itself (a file mapped shared, read-write
@@ -18,7 +21,8 @@ Status populate_and_lock(void* addr, uint64_t length, bool write);
 // EFAULT when a page cannot be made resident (past the end of a shrunk file,
 // an exhausted hugetlb pool); ENOMEM for the kernel's memlock limit.
 Status lock_resident(void* addr, uint64_t length);
-// munlock; never fails (the range was locked by populate_and_lock).
+// munlock; never fails (the range was locked by populate_and_lock or
+// lock_resident).
 void unlock_range(void* addr, uint64_t length) noexcept;
 
 }  // namespace iomm::mem

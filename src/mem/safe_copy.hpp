@@ -1,18 +1,37 @@
-// Copies that survive memory vanishing under them.
+// Copies that survive a file vanishing under them.
 //
 // A MAP_SHARED mapping of an unsealed memfd raises SIGBUS when the file is
-// truncated under it. DMA copy paths go through safe_copy, which turns a
-// SIGBUS raised inside the copy into a false return (EFAULT for the caller)
-// instead of a crash. A SIGBUS outside a safe copy goes to the handler that
-// was installed before ours (or the default action).
+// truncated under it. Copies into the library's file mappings go through
+// safe_copy, which turns a SIGBUS raised by the copy's own accesses into a
+// false return (EFAULT for the caller) instead of a crash. The handler is
+// installed by iomm::install_signal_handlers() (iomm/signals.hpp), which
+// documents what happens to every other SIGBUS.
 #pragma once
+
+#include <signal.h>
 
 #include <cstddef>
 
 namespace iomm::mem {
 
 // Copy n bytes. False if the copy hit SIGBUS; the destination may then be
-// partially written.
+// partially written. The handler must be installed (checked).
 bool safe_copy(void* dst, const void* src, size_t n) noexcept;
+
+// The two ranges a running safe_copy touches.
+struct CopyWindow {
+  const void* dst;
+  const void* src;
+  size_t n;
+};
+
+enum class SigbusVerdict {
+  recover,  // the copy's own access hit a vanished page: fail the copy
+  pass_on,  // not ours: the action we replaced decides
+};
+
+// The handler's decision for a SIGBUS with `info` arriving on a thread whose
+// running copy is `window` (nullptr: none).
+SigbusVerdict classify_sigbus(const siginfo_t& info, const CopyWindow* window) noexcept;
 
 }  // namespace iomm::mem

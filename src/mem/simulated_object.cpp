@@ -17,6 +17,7 @@ class SimulatedObject final : public MemObject {
     return base_ | offset;
   }
   [[nodiscard]] void* host(uint64_t /*offset*/) const noexcept override { return nullptr; }
+  [[nodiscard]] HostAccess host_access() const noexcept override { return HostAccess::none; }
   // No memory to copy (callers report ENXIO before getting here).
   bool copy_out(uint64_t /*offset*/, void* /*buf*/, size_t /*n*/) const noexcept override {
     return false;

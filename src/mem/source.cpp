@@ -3,6 +3,7 @@
 #include <string>
 
 #include "iomm/range.hpp"
+#include "iomm/signals.hpp"
 #include "mem/file_object.hpp"
 #include "mem/simulated_object.hpp"
 
@@ -10,6 +11,8 @@ namespace iomm {
 
 Result<MemorySource> MemorySource::from_file(int fd, uint64_t offset, uint64_t length,
                                              FileSeal seal) {
+  // Before the file is mapped: copies into the mapping rely on the handler.
+  install_signal_handlers();
   auto range = mem::FileObject::for_range(fd, offset, length, seal);
   if (!range.ok()) return range.error();
   return MemorySource(std::move(range->object), offset, length, range->writable);
