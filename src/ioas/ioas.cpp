@@ -168,34 +168,63 @@ struct Victims {
   void each(F f) const {
     for (Area* a = head; a != nullptr; a = a->next_victim) f(*a);
   }
-  [[nodiscard]] bool any_access_pins() const noexcept {
+  [[nodiscard]] uint64_t access_pins() const noexcept {
+    uint64_t n = 0;
     for (const Area* a = head; a != nullptr; a = a->next_victim) {
-      if (a->access_pins.load(std::memory_order_acquire) != 0) return true;
+      n += a->access_pins.load(std::memory_order_acquire);
+    }
+    return n;
+  }
+  [[nodiscard]] bool any_in_flight() const noexcept {
+    for (const Area* a = head; a != nullptr; a = a->next_victim) {
+      if (a->pins_in_flight.load(std::memory_order_acquire) != 0) return true;
     }
     return false;
   }
 };
 
-// Ask accesses to drop their pins on the victims until none remain, at most
-// kUnmapNotifyRetries rounds. A driver that unpins in its callback finishes
-// in one round with no wait; between further rounds the wait backs off (to
-// 1 ms), so a pin that passed its checks just before the unmap and is still
-// locking pages can complete and be dropped, and the whole loop stays
-// bounded (about 0.1 s) before it gives up.
+// Ask accesses to drop their pins on the victims until none remain. Only
+// rounds without progress count toward kUnmapNotifyRetries: a round that
+// released pins is progress, and while a pin of the victims is still in
+// flight (locking pages, e.g. a 1 GiB mlock) the loop sleeps until some pin
+// leaves flight, bounded in all by options.unmap_pin_wait_ms. A driver that
+// unpins in its callback finishes in one round with no wait; one that never
+// unpins gets kUnmapNotifyRetries calls and EDEADLOCK, after about 0.1 s of
+// back-off. Every round either lowers the victims' pin count (which no new
+// pin can raise: the areas are removing), consumes a flight exit (bounded by
+// the wait deadline) or counts as idle, so the loop is bounded.
 bool drain_access_pins(IoasState& st, const Victims& victims) {
   const IovaRange span{victims.head->range.start, victims.tail->range.last};
-  for (int round = 0; round < kUnmapNotifyRetries; ++round) {
-    if (!victims.any_access_pins()) return true;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(st.options.unmap_pin_wait_ms);
+  uint64_t pins = victims.access_pins();
+  int idle_rounds = 0;
+  while (pins != 0) {
+    // Read before the flight counts: a pin leaving flight after this read
+    // is seen by the wait below.
+    const uint64_t exits = st.flight_exit_count();
     access::notify_unmap(st, span);
-    if (!victims.any_access_pins()) return true;
-    if (round < 8) {
+    const uint64_t left = victims.access_pins();
+    if (left == 0) return true;
+    if (victims.any_in_flight()) {
+      std::unique_lock lk(st.flight_mu);
+      if (!st.flight_changed.wait_until(lk, deadline, [&] { return st.flight_exits != exits; })) {
+        return false;
+      }
+      idle_rounds = 0;
+    } else if (left < pins) {
+      idle_rounds = 0;
+    } else if (++idle_rounds >= kUnmapNotifyRetries) {
+      return false;
+    } else if (idle_rounds < 8) {
       std::this_thread::yield();
     } else {
-      const int shift = std::min(round - 8, 10);  // 1 µs doubling up to ~1 ms
+      const int shift = std::min(idle_rounds - 8, 10);  // 1 µs doubling up to ~1 ms
       std::this_thread::sleep_for(std::chrono::microseconds(1 << shift));
     }
+    pins = left;
   }
-  return !victims.any_access_pins();
+  return true;
 }
 
 // Unmap every area inside r. Empty is success with 0 bytes. Allocates
@@ -227,7 +256,9 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
     std::unique_lock tree(st.tree_mu);
     victims.each([](Area& a) { a.state = AreaState::live; });
     return Error(EDEADLOCK, "an access kept pins in " + describe(r) + " after " +
-                                std::to_string(kUnmapNotifyRetries) + " unmap notifications");
+                                std::to_string(kUnmapNotifyRetries) +
+                                " unmap notifications without progress, or a pin stayed in "
+                                "flight past the unmap's wait");
   }
 
   // Teardown order: translations out of every domain, wait for lock-free

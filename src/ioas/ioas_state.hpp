@@ -1,9 +1,11 @@
 // Internal state of an IOAS.
 //
-// Lock order: domains_mu before tree_mu; accesses_mu is a leaf lock. No IOAS
-// lock is held while calling an access's unmap callback.
+// Lock order: see docs/design.md, "Lock order". No IOAS lock is held while
+// calling an access's unmap callback.
 #pragma once
 
+#include <condition_variable>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -42,6 +44,23 @@ struct IoasState {
 
   mutable std::mutex accesses_mu;
   std::vector<access::AccessState*> accesses;  // guarded by accesses_mu
+
+  // Access pins leaving flight (Area::pins_in_flight falling) bump
+  // flight_exits and wake unmaps waiting for them. flight_mu is a leaf.
+  std::mutex flight_mu;
+  std::condition_variable flight_changed;
+  uint64_t flight_exits = 0;  // guarded by flight_mu
+  void note_flight_exit() noexcept {
+    {
+      std::lock_guard lk(flight_mu);
+      ++flight_exits;
+    }
+    flight_changed.notify_all();
+  }
+  [[nodiscard]] uint64_t flight_exit_count() noexcept {
+    std::lock_guard lk(flight_mu);
+    return flight_exits;
+  }
 
   // Pages written through the domains' DMA and through accesses, while
   // dirty tracking is on (Ioas::set_dirty_tracking). Domains reach it through
