@@ -13,7 +13,6 @@
 #include "domain/page_table.hpp"
 #include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
-#include "sync/rcu.hpp"
 
 namespace iomm {
 
@@ -131,12 +130,14 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
     }
     if (!result) {
       for (size_t d = 0; d <= domains_done && d < st.domains.size(); ++d) {
-        const size_t n = d < domains_done ? created.size() : areas_in_last;
+        // The area whose map failed too: its map undid its leaves but kept
+        // the tables it allocated, which this unmap retires.
+        const size_t n = d < domains_done ? created.size() : areas_in_last + 1;
         for (size_t i = 0; i < n; ++i) {
           st.domains[d]->page_table().unmap(created[i]->range.start, created[i]->length());
         }
       }
-      sync::rcu_synchronize();  // a device may have seen the translations
+      ioas::wait_for_readers(st.domains);  // a device may have seen the translations
       for (size_t i = 0; i < pinned; ++i) created[i]->unpin_all();
       domains.unlock();
       erase_areas(st, created);
@@ -268,13 +269,15 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
     for (const auto& d : st.domains) {
       victims.each([&](Area& a) { d->page_table().unmap(a.range.start, a.length()); });
     }
-    if (!st.domains.empty()) sync::rcu_synchronize();
+    if (!st.domains.empty()) ioas::wait_for_readers(st.domains);
     victims.each([](Area& a) {
       if (a.domain_pinned.exchange(false)) a.unpin_all();
     });
   }
   std::unique_lock tree(st.tree_mu);
-  st.dirty.clear(victims.head->range.start >> kPageShift, victims.tail->range.last >> kPageShift);
+  const uint64_t first_page = victims.head->range.start >> kPageShift;
+  const uint64_t last_page = victims.tail->range.last >> kPageShift;
+  st.dirty.clear(first_page, last_page);
   // Read each link before erasing: erasing may free the area.
   for (Area* a = victims.head; a != nullptr;) {
     Area* next = a->next_victim;
@@ -283,6 +286,17 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r) {
     a = next;
   }
   st.mapped_bytes -= bytes;
+  // Dirty-log tables no mapping reaches any more. Safe now: collectors and
+  // access writers hold tree_mu, and DMA writers cannot mark pages whose
+  // translations are gone (readers were waited for above); every area that
+  // still has translations is in the tree.
+  st.dirty.release_unused(
+      first_page, last_page,
+      [](const void* state, uint64_t first, uint64_t last) {
+        return static_cast<const IoasState*>(state)->overlaps_area(
+            {first << kPageShift, (last << kPageShift) | (kPageSize - 1)});
+      },
+      &st);
   return bytes;
 }
 

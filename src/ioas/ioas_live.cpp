@@ -19,7 +19,11 @@ using ioas::Area;
 using ioas::AreaState;
 using ioas::IoasState;
 
-void Ioas::set_dirty_tracking(bool on) noexcept { state_->dirty.set_enabled(on); }
+void Ioas::set_dirty_tracking(bool on) noexcept {
+  // tree_mu: unmap frees dirty-log tables under it (exclusive).
+  std::shared_lock tree(state_->tree_mu);
+  state_->dirty.set_enabled(on);
+}
 
 bool Ioas::dirty_tracking() const noexcept { return state_->dirty.enabled(); }
 
@@ -36,7 +40,10 @@ Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint6
   const uint64_t npages = length >> kPageShift;
   if (bitmap.size() < (npages + 63) / 64) return Error(EINVAL, "bitmap too small");
   std::fill(bitmap.begin(), bitmap.end(), 0);
-  st.dirty.collect(iova >> kPageShift, npages, bitmap, clear);
+  {
+    std::shared_lock tree(st.tree_mu);  // unmap frees dirty-log tables under it
+    st.dirty.collect(iova >> kPageShift, npages, bitmap, clear);
+  }
   std::lock_guard lk(st.accesses_mu);
   for (const access::AccessState* a : st.accesses) {
     access::collect_pinned(*a, iova >> kPageShift, npages, bitmap);
@@ -136,17 +143,17 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
   if (!same_pages && new_addr != old_addr) {
     for (size_t d = 0; d < st.domains.size(); ++d) {
       domain::PageTable& pt = st.domains[d]->page_table();
-      pt.unmap(old->range.start, old->length());
+      pt.unmap_keeping_tables(old->range.start, old->length());
       if (Status s = pt.map(old->range.start, new_addr, old->length(), old->prot,
                             source.object()->synthetic());
           !s) {
-        // Put every domain back on the old pages. This cannot fail: page
-        // tables are never freed while the domain lives, so every table the
-        // old translation used is still there, and a slot the failed map
-        // turned into a table takes the old pages as smaller leaves in it.
+        // Put every domain back on the old pages. This cannot fail: the
+        // unmaps above kept their tables, so every table the old translation
+        // used is still there, and a slot the failed map turned into a
+        // table takes the old pages as smaller leaves in it.
         for (size_t e = 0; e <= d; ++e) {
           domain::PageTable& back = st.domains[e]->page_table();
-          back.unmap(old->range.start, old->length());
+          back.unmap_keeping_tables(old->range.start, old->length());
           const Status restored = back.map(old->range.start, old_addr, old->length(), old->prot,
                                            old->source.object()->synthetic());
           IOMM_CHECK(restored.ok(), "restoring the old translation failed");

@@ -13,8 +13,10 @@
 #include <vector>
 
 #include "dirty/dirty_log.hpp"
+#include "domain/page_table.hpp"
 #include "ioas/area.hpp"
 #include "iomm/ioas.hpp"
+#include "sync/rcu.hpp"
 
 namespace iomm::access {
 struct AccessState;
@@ -26,6 +28,16 @@ struct Reservation {
   IovaRange range;
   const void* owner;  // the domain that reserved it, or nullptr for the user
 };
+
+// Teardown's "wait for lock-free readers": after translations were removed
+// from `domains`, wait for an RCU grace period, then free the page-table
+// pages those unmaps retired.
+template <typename Domains>
+void wait_for_readers(const Domains& domains) noexcept {
+  const uint64_t horizon = domain::PageTable::retire_horizon();
+  sync::rcu_synchronize();
+  for (const auto& d : domains) d->page_table().free_retired(horizon);
+}
 
 struct IoasState {
   explicit IoasState(const IoasOptions& o) : options(o) {}
