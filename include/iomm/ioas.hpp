@@ -39,6 +39,7 @@
 // - EADDRINUSE reserved/allowed ranges overlap mappings or each other;
 //             raising the alignment conflicts with a mapping.
 // - EFAULT, ENOMEM from pinning (bad address; memlock limit).
+// - ESRCH     the owner named by an OwnerSpec is not a live process.
 #pragma once
 
 #include <cstdint>

@@ -125,15 +125,16 @@ Result<std::shared_ptr<Access>> Access::create(const std::shared_ptr<Ioas>& ioas
     }
     ++st.access_count;
   }
-  std::shared_ptr<Access> access(new (std::nothrow) Access(nullptr));
+  std::shared_ptr<Access> access;
   bool listed = false;
-  if (access) {
-    try {
+  try {
+    access.reset(new (std::nothrow) Access(nullptr));  // frees it if the count cannot be allocated
+    if (access) {
       std::lock_guard lk(st.accesses_mu);
       st.accesses.push_back(state.get());
       listed = true;
-    } catch (const std::bad_alloc&) {
     }
+  } catch (const std::bad_alloc&) {
   }
   if (!listed) {
     std::unique_lock tree(st.tree_mu);

@@ -314,7 +314,13 @@ Result<std::shared_ptr<Ioas>> Ioas::create(const IoasOptions& options) {
   if (options.max_mappings == 0) return Error(EINVAL, "max_mappings must be at least 1");
   auto state = std::unique_ptr<IoasState>(new (std::nothrow) IoasState(options));
   if (!state) return Error(ENOMEM, "out of memory");
-  return std::shared_ptr<Ioas>(new (std::nothrow) Ioas(std::move(state)));
+  std::unique_ptr<Ioas> ioas(new (std::nothrow) Ioas(std::move(state)));
+  if (!ioas) return Error(ENOMEM, "out of memory");
+  try {
+    return std::shared_ptr<Ioas>(std::move(ioas));
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
 }
 
 Ioas::Ioas(std::unique_ptr<IoasState> state) : state_(std::move(state)) {}
@@ -355,7 +361,11 @@ Result<uint64_t> Ioas::map_as(const MemorySource& source, uint32_t prot,
   auto owner = acct::owner_for_mapping(state_->options.account_mode, owner_spec);
   if (!owner.ok()) return owner.error();
   std::vector<Slice> slices;
-  slices.push_back({source, std::move(owner).value()});
+  try {
+    slices.push_back({source, std::move(owner).value()});
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
   return insert_and_fill(*state_, slices, prot, iova);
 }
 
