@@ -84,11 +84,27 @@ std::optional<uint64_t> read_rlimit(int pid, uint64_t unlimited) noexcept {
 
 }  // namespace
 
+// This process's start time, read once per process (a forked child has
+// another pid and reads its own). 1 when /proc cannot tell: this process
+// exists whatever /proc says.
+uint64_t own_start_time() noexcept {
+  static std::atomic<int> cached_pid{0};
+  static std::atomic<uint64_t> cached_start{0};
+  const int pid = static_cast<int>(getpid());
+  if (cached_pid.load(std::memory_order_acquire) == pid) {
+    return cached_start.load(std::memory_order_relaxed);
+  }
+  const uint64_t start = std::max<uint64_t>(start_time_of(pid), 1);
+  cached_start.store(start, std::memory_order_relaxed);
+  cached_pid.store(pid, std::memory_order_release);
+  return start;
+}
+
 Result<ProcessId> process_id(int pid) noexcept {
-  const bool self = pid == 0 || pid == static_cast<int>(getpid());
-  const uint64_t start = start_time_of(self ? static_cast<int>(getpid()) : pid);
+  if (pid == 0 || pid == static_cast<int>(getpid())) return ProcessId{0, own_start_time()};
+  const uint64_t start = start_time_of(pid);
   if (start == 0) return error_of(ESRCH, "the owner process does not exist");
-  return ProcessId{self ? 0 : pid, start};
+  return ProcessId{pid, start};
 }
 
 Result<std::shared_ptr<Owner>> ledger_owner(AccountMode mode, int id, ProcessId process,
