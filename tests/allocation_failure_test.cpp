@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <new>
+#include <vector>
 
 #include "iomm/access.hpp"
 #include "test_support.hpp"
@@ -118,6 +119,56 @@ TEST(AllocationFailure, MapWithANewOwnerIsEnomemOrAMapping) {
         }
       });
   ASSERT_OK(ioas->detach(domain));
+}
+
+TEST(AllocationFailure, PinsAttachAndCopyAreEnomemOrDone) {
+  test::Memfd mfd(1 << 20);
+  auto ioas = Ioas::create({}).value();
+  auto other = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 1 << 20), kRW, 0x100000));
+  auto access = Access::create(ioas, [](const IovaRange&) {}).value();
+  fail_each_allocation(
+      "Access::pin", [&] { return access->pin(0x101000, 4 * kPageSize, kRW); },
+      [&](const Result<std::vector<PinnedSegment>>& r, bool failed) {
+        expect_ok_or_enomem(r, failed);
+        EXPECT_EQ(access->pin_count(), r.ok() ? 1U : 0U);
+        if (r.ok()) {
+          EXPECT_OK(access->unpin(0x101000, 4 * kPageSize));
+        }
+        EXPECT_EQ(counters().pinned_bytes, 0U);
+      });
+  void* host[3] = {};
+  fail_each_allocation(
+      "Access::pin_pages", [&] { return access->pin_pages(0x10F000, 3, kRW, host); },
+      [&](const Status& s, bool failed) {
+        expect_ok_or_enomem(s, failed);
+        EXPECT_EQ(access->page_pinned_count(), s.ok() ? 3U : 0U);
+        if (s.ok()) {
+          EXPECT_OK(access->unpin_pages(0x10F000, 3));
+        }
+        EXPECT_EQ(counters().pinned_bytes, 0U);
+      });
+  auto domain = SoftDomain::create({}).value();
+  fail_each_allocation(
+      "Ioas::attach", [&] { return ioas->attach(domain); },
+      [&](const Status& s, bool failed) {
+        expect_ok_or_enomem(s, failed);
+        EXPECT_EQ(ioas->counters().domains, s.ok() ? 1U : 0U);
+        EXPECT_EQ(domain->counters().table_pages, s.ok() ? 4U : 1U);
+        if (s.ok()) {
+          EXPECT_OK(ioas->detach(domain));
+        }
+        EXPECT_EQ(counters().pinned_bytes, 0U);
+      });
+  fail_each_allocation(
+      "Ioas::copy_from", [&] { return other->copy_from(*ioas, 0x100000, 1 << 20, kRW); },
+      [&](const Result<uint64_t>& r, bool failed) {
+        expect_ok_or_enomem(r, failed);
+        EXPECT_EQ(other->counters().mappings, r.ok() ? 1U : 0U);
+        if (r.ok()) {
+          EXPECT_OK(other->unmap_all());
+        }
+      });
 }
 
 TEST(AllocationFailure, SetMemlockLimitForANewOwnerIsEnomemOrSet) {
