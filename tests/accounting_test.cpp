@@ -123,6 +123,7 @@ TEST(Accounting, RlimitIsTheDefaultLimit) {
 }
 
 TEST(Accounting, CapIpcLockAtMapTimeBypassesTheCharge) {
+  if (!acct::thread_has_ipc_lock()) GTEST_SKIP() << "needs CAP_IPC_LOCK (run as root)";
   ASSERT_OK(set_memlock_limit(AccountMode::per_process, 0, kMiB));
   Memfd mfd(4 * kMiB);
   auto ioas = make_ioas();
