@@ -1,13 +1,16 @@
 // Accounting (seed 000): charge before pin, never over the limit, unwind on
 // failure, once per owner and page however the page is reached.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <thread>
 #include <vector>
 
+#include "acct/owner.hpp"
 #include "iomm/access.hpp"
 #include "iomm/ioas.hpp"
 #include "test_support.hpp"
@@ -319,6 +322,118 @@ TEST(Accounting, ConcurrentChargesNeverExceedTheLimit) {
   EXPECT_LE(max_seen.load(), kLimit);
   ASSERT_OK(ioas->unmap_all());
   ASSERT_OK(ioas->detach(d));
+}
+
+// A child process that waits until it is killed.
+class Child {
+ public:
+  Child() {
+    pid_ = fork();
+    if (pid_ == 0) {
+      for (;;) pause();
+    }
+  }
+  ~Child() { reap(); }
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+  [[nodiscard]] int pid() const { return pid_; }
+  void reap() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+ private:
+  int pid_;
+};
+
+TEST(AccountingOwners, PerUserLimitOutlivesTheProcessItCameFrom) {
+  WithoutIpcLock nocap;
+  ASSERT_OK(set_memlock_limit(AccountMode::per_user, 0, std::nullopt));
+  Child child;
+  ASSERT_GT(child.pid(), 0);
+  struct rlimit lim {};
+  ASSERT_EQ(prlimit(child.pid(), RLIMIT_MEMLOCK, nullptr, &lim), 0);
+  lim.rlim_cur = kMiB;
+  ASSERT_EQ(prlimit(child.pid(), RLIMIT_MEMLOCK, &lim, nullptr), 0);
+  Memfd mfd(2 * kMiB);
+  auto ioas = make_ioas(AccountMode::per_user);
+  // Mapped on behalf of the child: its RLIMIT_MEMLOCK (1 MiB) is the limit.
+  const OwnerSpec as_child{.pid = child.pid()};
+  ASSERT_OK(ioas->map_as(*MemorySource::from_file(mfd.fd(), 0, kMiB / 2), kRW, 0x100000, as_child));
+  ASSERT_OK(ioas->map_as(*MemorySource::from_file(mfd.fd(), kMiB, kMiB), kRW, 0x200000, as_child));
+  child.reap();
+  // The child is gone; its limit is the one it last had, not 0.
+  auto d = make_domain();
+  EXPECT_ERRNO(ioas->attach(d), ENOMEM);  // 1.5 MiB over its 1 MiB
+  EXPECT_EQ(charged(), 0U);
+  ASSERT_OK(ioas->unmap(0x200000, kMiB));
+  ASSERT_OK(ioas->attach(d));
+  EXPECT_EQ(charged(), kMiB / 2);
+  ASSERT_OK(ioas->unmap_all());
+  ASSERT_OK(ioas->detach(d));
+}
+
+TEST(AccountingOwners, PerUserLimitComesFromTheLatestMappingProcess) {
+  WithoutIpcLock nocap;
+  ASSERT_OK(set_memlock_limit(AccountMode::per_user, 0, std::nullopt));
+  Child child;
+  struct rlimit lim {};
+  ASSERT_EQ(prlimit(child.pid(), RLIMIT_MEMLOCK, nullptr, &lim), 0);
+  lim.rlim_cur = 0;
+  ASSERT_EQ(prlimit(child.pid(), RLIMIT_MEMLOCK, &lim, nullptr), 0);
+  Memfd mfd(kMiB);
+  auto ioas = make_ioas(AccountMode::per_user);
+  auto d = make_domain();
+  ASSERT_OK(ioas->attach(d));
+  EXPECT_ERRNO(ioas->map_as(*MemorySource::from_file(mfd.fd(), 0, kPageSize), kRW, 0x100000,
+                            OwnerSpec{.pid = child.pid()}),
+               ENOMEM);
+  // This process maps next: its own limit applies again.
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, kPageSize), kRW, 0x100000));
+  EXPECT_EQ(charged(), kPageSize);
+  ASSERT_OK(ioas->unmap_all());
+  ASSERT_OK(ioas->detach(d));
+}
+
+TEST(AccountingOwners, AnExitedProcessCannotBeNamedAsOwner) {
+  int gone = 0;
+  {
+    Child child;
+    gone = child.pid();
+  }
+  auto ioas = make_ioas(AccountMode::per_process);
+  WithoutIpcLock nocap;
+  EXPECT_ERRNO(
+      ioas->map_as(*MemorySource::simulated(kPageSize), kRW, 0x100000, OwnerSpec{.pid = gone}),
+      ESRCH);
+  EXPECT_ERRNO(set_memlock_limit(AccountMode::per_process, gone, kMiB), ESRCH);
+  EXPECT_EQ(ioas->counters().mappings, 0U);
+}
+
+TEST(AccountingOwners, AReusedPidIsANewOwner) {
+  // The same pid with another start time is another process: it does not
+  // see the charges or the configured limit of the one before.
+  const auto self = acct::process_id(0);
+  ASSERT_OK(self);
+  const int pid = static_cast<int>(getpid());
+  auto before = acct::ledger_owner(AccountMode::per_process, pid, *self, true);
+  ASSERT_OK(before);
+  const acct::ProcessId reused{pid, self->start_time + 1};
+  auto after = acct::ledger_owner(AccountMode::per_process, pid, reused, true);
+  ASSERT_OK(after);
+  EXPECT_NE(before->get(), after->get());
+  ASSERT_OK((*before)->charge(3));
+  EXPECT_EQ((*after)->charged_pages(), 0U);
+  (*before)->uncharge(3);
+  // The same process is found again.
+  auto again = acct::ledger_owner(AccountMode::per_process, pid, *self, true);
+  ASSERT_OK(again);
+  EXPECT_EQ(before->get(), again->get());
+  // Its pid now answers for another process, whose limit is not its own:
+  // an owner that never read a limit of its own has none.
+  EXPECT_EQ((*after)->limit_pages(), std::optional<uint64_t>(0));
 }
 
 }  // namespace

@@ -11,7 +11,7 @@ TEST(InternalCheckDeathTest, ChargeUnderflowAborts) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_DEATH(
       {
-        iomm::acct::Owner owner(iomm::AccountMode::per_process, 999999, 0);
+        iomm::acct::Owner owner(iomm::AccountMode::per_process, 999999, iomm::acct::ProcessId{});
         owner.uncharge(1);
       },
       "internal check failed.*charge underflow");

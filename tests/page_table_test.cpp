@@ -139,19 +139,48 @@ TEST(PageTable, LeafLevelsStopAtTheRoot) {
   EXPECT_EQ(table->counters().leaves_1g, 0U);
 }
 
-TEST(PageTable, ExistingTableForcesSmallerLeaves) {
+TEST(PageTable, UnmapGivesAnEmptiedSlotBackToALargeLeaf) {
   auto table = make_table();
   ASSERT_OK(table->map(k2M + k4K, k4K, k4K, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->unmap(k2M + k4K, k4K), k4K);
-  // The empty 4 KiB table stays in the 2 MiB slot, so a 2 MiB-aligned
-  // mapping over it is built from 4 KiB leaves.
+  // The 4 KiB table the slot held was emptied and unlinked, so a 2 MiB
+  // aligned mapping gets one 2 MiB leaf.
   ASSERT_OK(table->map(k2M, 4 * k2M, k2M, kReadWrite, mem::HostAccess::direct));
-  EXPECT_EQ(table->counters().leaves_4k, 512U);
-  EXPECT_EQ(table->counters().leaves_2m, 0U);
+  EXPECT_EQ(table->counters().leaves_4k, 0U);
+  EXPECT_EQ(table->counters().leaves_2m, 1U);
   EXPECT_EQ(lookup_or_fail(*table, k2M + k4K).address, 4 * k2M + k4K);
-  // The neighbouring 2 MiB slot is still free for a large leaf.
+}
+
+TEST(PageTable, TableStillInUseForcesSmallerLeaves) {
+  auto table = make_table();
+  ASSERT_OK(table->map(k2M + k4K, k4K, k4K, kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(table->map(k2M + 2 * k4K, 2 * k4K, k4K, kReadWrite, mem::HostAccess::direct));
+  EXPECT_EQ(table->unmap(k2M + k4K, k4K), k4K);
+  // The table still holds a leaf: it stays, and the slot cannot take a
+  // large leaf; the neighbouring slot can.
   ASSERT_OK(table->map(2 * k2M, 6 * k2M, k2M, kReadWrite, mem::HostAccess::direct));
   EXPECT_EQ(table->counters().leaves_2m, 1U);
+  EXPECT_EQ(table->counters().leaves_4k, 1U);
+  EXPECT_EQ(lookup_or_fail(*table, k2M + 2 * k4K).address, 2 * k4K);
+}
+
+TEST(PageTable, RetiredTablesAreFreedOnlyUpToTheHorizon) {
+  auto table = make_table();
+  ASSERT_OK(table->map(k1G + k4K, k4K, k4K, kReadWrite, mem::HostAccess::direct));  // level 2, 1 and 0 tables
+  EXPECT_EQ(table->counters().table_pages, 4U);
+  table->unmap(k1G + k4K, k4K);
+  const uint64_t horizon = PageTable::retire_horizon();
+  ASSERT_OK(table->map(3 * k1G + k4K, k4K, k4K, kReadWrite, mem::HostAccess::direct));
+  EXPECT_EQ(table->counters().table_pages, 7U);  // three retired, three new
+  table->unmap(3 * k1G + k4K, k4K);
+  // Only what was retired before the horizon was read is freed by it.
+  table->free_retired(horizon);
+  EXPECT_EQ(table->counters().table_pages, 4U);
+  table->free_retired(PageTable::retire_horizon());
+  EXPECT_EQ(table->counters().table_pages, 1U);
+  Leaf leaf;
+  EXPECT_FALSE(table->lookup(k1G + k4K, &leaf));
+  EXPECT_FALSE(table->lookup(3 * k1G + k4K, &leaf));
 }
 
 TEST(PageTable, UnmapClearsExactlyTheRange) {
@@ -295,7 +324,10 @@ TEST(PageTable, CountersReturnToZero) {
   EXPECT_EQ(unmapped.leaves_4k, 0U);
   EXPECT_EQ(unmapped.leaves_2m, 0U);
   EXPECT_EQ(unmapped.leaves_1g, 0U);
-  EXPECT_EQ(unmapped.table_pages, mapped.table_pages);  // tables live until destruction
+  // Emptied tables are retired, and freed once readers were waited for.
+  EXPECT_EQ(unmapped.table_pages, mapped.table_pages);
+  table->free_retired(PageTable::retire_horizon());
+  EXPECT_EQ(table->counters().table_pages, 1U);
 }
 
 }  // namespace

@@ -14,9 +14,15 @@
 //   unmapped, with no IOAS lock held, from the unmapping thread.
 //   It must unpin every pin it holds that intersects the range before it
 //   returns (it may call unpin() directly). Only accesses whose pins overlap
-//   the range are called. If pins remain after kUnmapNotifyRetries rounds, the
-//   unmap fails with EDEADLOCK. While a range is being unmapped, new pins and
-//   rw of it fail with EINVAL.
+//   the range are called. A pin that is still locking pages when the unmap
+//   starts is waited for (Ioas::unmap, IoasOptions::unmap_pin_wait_ms);
+//   after kUnmapNotifyRetries rounds that release nothing, the unmap fails
+//   with EDEADLOCK. While a range is being unmapped, new pins and rw of it
+//   fail with EINVAL.
+// - Locking: no access or IOAS lock is held while pages are locked, so a
+//   slow pin (a huge range, a page fault served by userfaultfd) does not
+//   hold up unmap notification or dirty reads (lock order: docs/design.md,
+//   "Lock order").
 // - Serialise your own pin-and-record against your callback with your own
 //   lock; the callback can run while pin() is still returning.
 // - Destroying the access unpins everything it still holds; it cannot fail.

@@ -9,12 +9,19 @@
 //   many mappings, address spaces, domains or accesses hold it. The kernel's
 //   type1 and iommufd charge per mapping; iomm does not.
 // - Modes: none (nothing charged), per_user (one counter per uid, like
-//   iommufd's default) and per_process (one counter per pid, like type1 and
-//   iommufd's MM mode).
-// - The limit is the owner's RLIMIT_MEMLOCK (read at charge time; for another
-//   process via prlimit), unless a limit is configured here. CAP_IPC_LOCK in
-//   the effective set of the mapping thread, captured at map time, makes that
-//   mapping's pages uncharged.
+//   iommufd's default) and per_process (one counter per process, like type1
+//   and iommufd's MM mode). A process is its pid and its start time: a pid
+//   reused by a new process is a new owner, with no charge and no configured
+//   limit from the old one. Naming a process that does not exist is ESRCH.
+// - The limit is configured here, or else the RLIMIT_MEMLOCK (read at charge
+//   time; for another process via prlimit) of the owner process
+//   (per_process) or of the process that last created a mapping charged to
+//   the uid (per_user). A process that has exited keeps the limit it had
+//   when last read, as the kernel keeps reading a dead source task's
+//   rlimit. CAP_IPC_LOCK in the effective set of the mapping thread,
+//   captured at map time, makes that mapping's pages uncharged.
+// - No call here throws: running out of memory is ENOMEM (counters() is a
+//   query and may throw std::bad_alloc, see result.hpp).
 // - Counters are process-wide: the library is one accounting domain per
 //   process, as the kernel is one per machine.
 // - Thread-safe.
@@ -34,13 +41,15 @@ const char* to_string(AccountMode mode) noexcept;
 
 // Whose memlock budget pays for a mapping's pins.
 struct OwnerSpec {
-  int pid = 0;   // 0 = this process
+  int pid = 0;   // 0 = this process; else a live process (ESRCH otherwise)
   int uid = -1;  // -1 = the uid of pid (this process's real uid)
 };
 
 // Configure (or with nullopt, clear) the limit in bytes for one owner
 // counter, overriding RLIMIT_MEMLOCK. id is a uid in per_user mode and a pid
-// in per_process mode (0 = this process / its uid). EINVAL for mode none.
+// in per_process mode (0 = this process / its uid): the process that has
+// that pid now. EINVAL for mode none or a negative id; ESRCH no such
+// process; ENOMEM no memory for a new owner.
 Status set_memlock_limit(AccountMode mode, int id, std::optional<uint64_t> bytes);
 
 struct OwnerCounters {

@@ -6,7 +6,9 @@
 //   (Ioas::attach). It can be attached to one IOAS at a time.
 // - The page table is a radix tree of 512-entry tables. Leaves are 4 KiB,
 //   2 MiB or 1 GiB (as allowed by page_sizes) wherever the IOVA and the host
-//   address are both aligned and the mapping covers the whole leaf.
+//   address are both aligned and the mapping covers the whole leaf. Tables
+//   an unmap empties are freed after its grace period, so the table count
+//   follows what is mapped and an emptied slot takes a large leaf again.
 // - Readers (translate, dma_read, dma_write) are lock-free: they run inside an
 //   RCU read-side critical section (liburcu). The IOAS clears translations,
 //   waits for a grace period, and only then unpins; a reader never copies
@@ -118,10 +120,12 @@ class SoftDomain {
   [[nodiscard]] const DomainConfig& config() const noexcept;
 
   // Translate one IOVA for the given access (kProtRead or kProtWrite).
-  // Lock-free (it takes no lock), not wait-free. The returned host pointer is only guaranteed
-  // valid while the caller holds an iomm::RcuReadGuard (see rcu.hpp) taken
-  // before the call; translate() takes none itself, so a batch of lookups
-  // under one guard pays for it once.
+  // Lock-free (not wait-free: a fault is recorded under the fault log's
+  // lock). The walk runs in its own RCU read-side section, because unmaps
+  // free the page-table pages they empty after a grace period, so it is safe
+  // without a guard. The returned host pointer is only guaranteed valid
+  // while the caller holds an iomm::RcuReadGuard (see rcu.hpp) taken before
+  // the call.
   // Errors: EFAULT not mapped, EPERM wrong permission (both recorded as faults).
   Result<Translation> translate(uint64_t iova, uint32_t access);
 

@@ -14,12 +14,17 @@
 //   from every domain, then readers are waited for, then pages are unpinned,
 //   then the charge is returned.
 // - Accesses holding pins in a range being unmapped are told to unpin through
-//   their callback, with no IOAS lock held; if pins remain after 100 rounds
-//   (bounded to about 0.1 s of back-off), the unmap fails with EDEADLOCK
-//   and nothing is unmapped.
+//   their callback, with no IOAS lock held, round after round. Only rounds
+//   that make no progress count: a round that releases pins does not, and
+//   while a pin of the range is still locking pages (in flight) the unmap
+//   waits for it to finish, up to IoasOptions::unmap_pin_wait_ms in all.
+//   After kUnmapNotifyRetries rounds without progress (about 0.1 s of
+//   back-off), or when the in-flight wait runs out, the unmap fails with
+//   EDEADLOCK and nothing is unmapped.
 // - Locking: concurrent calls are safe. Maps and unmaps of disjoint ranges
 //   take the tree lock only to reserve and publish; pinning and page-table
-//   filling run outside it. Attach/detach exclude fills.
+//   filling run outside it. Attach/detach exclude fills. The order of every
+//   lock is in docs/design.md, "Lock order".
 //
 // Errors (iommufd's, see docs/design.md for the table)
 // - EOVERFLOW iova or length is UINT64_MAX, or iova + length wraps.
@@ -34,6 +39,7 @@
 // - EADDRINUSE reserved/allowed ranges overlap mappings or each other;
 //             raising the alignment conflicts with a mapping.
 // - EFAULT, ENOMEM from pinning (bad address; memlock limit).
+// - ESRCH     the owner named by an OwnerSpec is not a live process.
 #pragma once
 
 #include <cstdint>
@@ -63,6 +69,10 @@ struct IoasOptions {
   uint32_t max_mappings = kDefaultMaxMappings;
   // Whose budget pays for this IOAS's pins (default: this process / its uid).
   OwnerSpec owner{};
+  // How long, in all, an unmap waits for access pins of its range that are
+  // still locking pages (a large pin in mlock, or one stuck in a page fault)
+  // before it gives up with EDEADLOCK.
+  uint32_t unmap_pin_wait_ms = 10000;
 };
 
 struct MappingInfo {
@@ -163,6 +173,9 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   // first. EINVAL: tracking off, iova/length not page aligned, zero length,
   // bitmap too small; EOVERFLOW: wrap.
   Status read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap);
+  // The same, leaving the log as it is: for a monitor that must not take
+  // bits from whoever collects them (a migration).
+  Status peek_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap);
 
   // Live update. invalidate_host marks every mapping inside the range (none
   // may be cut: ENOENT) as having no valid host address: domains keep

@@ -3,10 +3,14 @@
 // Contract: every call that changes state returns Status or Result<T> and
 // lets no exception out; on error it carries a positive errno value and a
 // human-readable message, and the call has had no effect (all-or-nothing).
-// The one exception: read-only queries that return a container
+// The exceptions: read-only queries that return a container
 // (Ioas::mappings, Ioas::iova_ranges, SoftDomain::take_faults,
 // iomm::counters) may throw std::bad_alloc when that container cannot be
-// allocated; they change nothing either way.
+// allocated, and so may an error whose message is composed at run time
+// (naming a range, a size or a limit) while the message is built, when the
+// heap is exhausted; either way the call has changed nothing. A fixed
+// message never throws (an error whose message cannot be allocated keeps
+// its code with an empty message), so running out of memory is ENOMEM.
 #pragma once
 
 #include <cerrno>
@@ -20,6 +24,13 @@ namespace iomm {
 class Error {
  public:
   Error(int code, std::string message) : code_(code), message_(std::move(message)) {}
+  // A fixed message: never throws (see above).
+  Error(int code, const char* message) noexcept : code_(code) {
+    try {
+      message_ = message;
+    } catch (...) {  // std::bad_alloc: keep the code, drop the text
+    }
+  }
 
   // A positive errno value (EINVAL, ENOMEM, ...).
   [[nodiscard]] int code() const noexcept { return code_; }
@@ -72,7 +83,7 @@ class [[nodiscard]] Status {
   [[nodiscard]] int code() const noexcept { return failed_ ? error_.code() : 0; }
 
  private:
-  Error error_{0, {}};
+  Error error_{0, std::string()};
   bool failed_ = false;
 };
 

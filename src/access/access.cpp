@@ -62,6 +62,13 @@ void notify_unmap(IoasState& st, const IovaRange& r) {
 
 namespace {
 
+// The pin is recorded or has failed: it no longer holds up an unmap that
+// waits for pins in flight.
+void leave_flight(IoasState& st, const std::vector<PinSlice>& slices) noexcept {
+  for (const PinSlice& s : slices) s.area->pins_in_flight.fetch_sub(1, std::memory_order_acq_rel);
+  st.note_flight_exit();
+}
+
 void release_slices(const std::vector<PinSlice>& slices, size_t pinned) noexcept {
   for (size_t i = 0; i < slices.size(); ++i) {
     const Area& a = *slices[i].area;
@@ -118,15 +125,16 @@ Result<std::shared_ptr<Access>> Access::create(const std::shared_ptr<Ioas>& ioas
     }
     ++st.access_count;
   }
-  std::shared_ptr<Access> access(new (std::nothrow) Access(nullptr));
+  std::shared_ptr<Access> access;
   bool listed = false;
-  if (access) {
-    try {
+  try {
+    access.reset(new (std::nothrow) Access(nullptr));  // frees it if the count cannot be allocated
+    if (access) {
       std::lock_guard lk(st.accesses_mu);
       st.accesses.push_back(state.get());
       listed = true;
-    } catch (const std::bad_alloc&) {
     }
+  } catch (const std::bad_alloc&) {
   }
   if (!listed) {
     std::unique_lock tree(st.tree_mu);
@@ -180,8 +188,10 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
     std::shared_lock tree(st.tree_mu);
     if (IOMM_INJECT("access.alloc_slices")) throw std::bad_alloc();
     if (Status s = check_covered(st, range, prot, &record.slices); !s) return s.error();
-    for (const PinSlice& s : record.slices)
+    for (const PinSlice& s : record.slices) {
       s.area->access_pins.fetch_add(1, std::memory_order_acq_rel);
+      s.area->pins_in_flight.fetch_add(1, std::memory_order_acq_rel);
+    }
   } catch (const std::bad_alloc&) {
     return Error(ENOMEM, "out of memory");
   }
@@ -204,13 +214,16 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
             {s.iova, s.length, s.area->source.object()->host(s.area->backing_offset(s.iova))});
       }
       std::lock_guard lk(state_->mu);
-      state_->pins.emplace(iova, std::move(record));
+      auto recorded = state_->pins.emplace(iova, std::move(record));
       state_->pinned_bytes += length;
+      // Under mu: an unpin from the callback cannot free the record yet.
+      leave_flight(st, recorded->second.slices);
       return segments;
     } catch (const std::bad_alloc&) {
       result = Error(ENOMEM, "out of memory");
     }
   }
+  leave_flight(st, record.slices);
   release_slices(record.slices, pinned);
   return result.error();
 }

@@ -51,11 +51,19 @@ struct AccessState {
   // Per-page pins (pin_pages): a reference count per IOVA page, in chunks
   // of kChunkPages keyed by iova >> (12 + kChunkShift). The backing pin store
   // holds one pin per page with a non-zero count. Guarded by page_mu, which
-  // is held across a pin_pages call (lock order: page_mu, then tree_mu).
+  // is never held while pages are locked (lock order: docs/design.md).
   static constexpr unsigned kChunkShift = 4;
   static constexpr unsigned kChunkPages = 1U << kChunkShift;
   struct PageChunk {
     uint32_t refs[kChunkPages] = {};
+    uint32_t busy = 0;  // pin_pages calls between their check and commit
+    [[nodiscard]] bool idle() const noexcept {
+      if (busy != 0) return false;
+      for (uint32_t r : refs) {
+        if (r != 0) return false;
+      }
+      return true;
+    }
   };
   mutable std::mutex page_mu;
   std::map<uint64_t, PageChunk> page_chunks;  // guarded by page_mu

@@ -95,6 +95,15 @@ void collect_pinned(const AccessState& a, uint64_t first_page, uint64_t npages,
 
 }  // namespace access
 
+// Three steps, so that page_mu (which unmap notification and dirty reads
+// take) is never held while pages are locked:
+// 1. Under page_mu and tree_mu (shared): check every page, raise the count of
+//    pages already pinned, and for pages at count 0 raise their area's
+//    access_pins and pins_in_flight. Hold each chunk touched busy so a
+//    concurrent unpin cannot erase it.
+// 2. Without locks: pin the pages that were at count 0.
+// 3. Under page_mu: commit (a page another call pinned meanwhile keeps that
+//    pin and ours is dropped) or undo, and release the chunks.
 Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** host) {
   if (npages == 0) return Error(EINVAL, "zero pages");
   if (host == nullptr) return Error(EINVAL, "no array for the host addresses");
@@ -111,31 +120,55 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
     ~InFlight() { s.pins_in_flight.fetch_sub(1, std::memory_order_acq_rel); }
   } in_flight{as};
 
-  std::lock_guard pl(as.page_mu);
-  // Per page: its area, and whether this call pins it anew.
-  std::vector<const Area*> areas;
-  std::vector<uint64_t> fresh;  // indexes of pages pinned anew
-  std::vector<uint64_t> new_chunks;
-  auto drop_new_chunks = [&] {
-    for (uint64_t key : new_chunks) as.page_chunks.erase(key);
+  auto page_iova = [&](uint64_t i) { return iova + (i << kPageShift); };
+  auto ref_of = [&](uint64_t i) -> uint32_t& {
+    const uint64_t key = page_iova(i) >> access::kChunkBits;
+    return as.page_chunks.find(key)
+        ->second.refs[(page_iova(i) >> kPageShift) & (AccessState::kChunkPages - 1)];
   };
+  std::vector<const Area*> areas;  // per page
+  std::vector<uint8_t> fresh;      // per page: at count 0 when checked, pinned by this call
+  std::vector<uint64_t> busy;      // keys of the chunks this call holds busy
+  uint64_t fresh_count = 0;
+  uint64_t checked = 0;  // pages counted in step 1
+  auto release_busy = [&] {
+    for (uint64_t key : busy) {
+      auto it = as.page_chunks.find(key);
+      --it->second.busy;
+      if (it->second.idle()) as.page_chunks.erase(it);
+    }
+  };
+  // Undo step 1 for pages [0, checked), page_mu held. No page reaches count
+  // 0 here, because nothing else changed the counts since step 1.
+  auto undo_checked = [&] {
+    for (uint64_t i = 0; i < checked; ++i) {
+      if (fresh[i] != 0) {
+        areas[i]->access_pins.fetch_sub(1, std::memory_order_release);
+        areas[i]->pins_in_flight.fetch_sub(1, std::memory_order_release);
+      } else {
+        --ref_of(i);
+      }
+    }
+    release_busy();
+    if (fresh_count != 0) st.note_flight_exit();
+  };
+
+  std::unique_lock pl(as.page_mu);
   try {
     if (IOMM_INJECT("access.alloc_page_pins")) throw std::bad_alloc();
     areas.resize(npages);
+    fresh.resize(npages);
+    busy.reserve(((npages + AccessState::kChunkPages - 1) >> AccessState::kChunkShift) + 1);
     std::shared_lock tree(st.tree_mu);
     const Area* a = nullptr;
-    auto chunk = as.page_chunks.end();
-    for (uint64_t i = 0; i < npages; ++i) {
-      const uint64_t page_iova = iova + (i << kPageShift);
-      if (a == nullptr || page_iova > a->range.last) {
-        a = access::area_at(st, page_iova);
-        if (a == nullptr || a->state == AreaState::filling) {
-          for (uint64_t f : fresh) areas[f]->access_pins.fetch_sub(1, std::memory_order_release);
-          drop_new_chunks();
-          return Error(ENOENT, "page is not mapped");
-        }
+    for (; checked < npages; ++checked) {
+      const uint64_t at = page_iova(checked);
+      if (a == nullptr || at > a->range.last) {
+        a = access::area_at(st, at);
         Status bad;
-        if (a->state == AreaState::removing) {
+        if (a == nullptr || a->state == AreaState::filling) {
+          bad = Error(ENOENT, "page is not mapped");
+        } else if (a->state == AreaState::removing) {
           bad = Error(EINVAL, "range is being unmapped");
         } else if (a->host_invalid) {
           bad = Error(EBUSY, "the host address of the range is being updated");
@@ -145,72 +178,82 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
           bad = Error(ENXIO, "no memory behind a simulated mapping");
         }
         if (!bad) {
-          for (uint64_t f : fresh) areas[f]->access_pins.fetch_sub(1, std::memory_order_release);
-          drop_new_chunks();
+          undo_checked();
           return bad;
         }
       }
-      areas[i] = a;
-      const uint64_t key = page_iova >> access::kChunkBits;
-      if (chunk == as.page_chunks.end() || chunk->first != key) {
-        chunk = as.page_chunks.lower_bound(key);
-        if (chunk == as.page_chunks.end() || chunk->first != key) {
-          chunk = as.page_chunks.emplace_hint(chunk, key, AccessState::PageChunk{});
-          new_chunks.push_back(key);
-        }
+      areas[checked] = a;
+      const uint64_t key = at >> access::kChunkBits;
+      if (busy.empty() || busy.back() != key) {
+        auto chunk = as.page_chunks.try_emplace(key).first;
+        ++chunk->second.busy;
+        busy.push_back(key);  // within the reserved capacity
       }
-      if (chunk->second.refs[(page_iova >> kPageShift) & (AccessState::kChunkPages - 1)] == 0) {
-        fresh.push_back(i);
+      uint32_t& ref = ref_of(checked);
+      if (ref == 0) {
+        fresh[checked] = 1;
+        ++fresh_count;
         a->access_pins.fetch_add(1, std::memory_order_acq_rel);
+        a->pins_in_flight.fetch_add(1, std::memory_order_acq_rel);
+      } else {
+        ++ref;
       }
     }
   } catch (const std::bad_alloc&) {
-    for (uint64_t f : fresh) areas[f]->access_pins.fetch_sub(1, std::memory_order_release);
-    drop_new_chunks();
+    undo_checked();
     return Error(ENOMEM, "out of memory");
   }
+  pl.unlock();
 
-  // Pin the fresh pages, without the tree lock (their areas are held by
-  // the access_pins raised above).
-  size_t done = 0;
+  // Step 2. The areas are held by the access_pins raised above.
+  uint64_t done = 0;
   Status result;
-  for (; done < fresh.size(); ++done) {
-    const uint64_t page_iova = iova + (fresh[done] << kPageShift);
-    const Area& a = *areas[fresh[done]];
-    result = a.source.object()->pin(a.owner.get(), a.backing_offset(page_iova), kPageSize,
+  for (; done < npages && result; ++done) {
+    if (fresh[done] == 0) continue;
+    const Area& a = *areas[done];
+    result = a.source.object()->pin(a.owner.get(), a.backing_offset(page_iova(done)), kPageSize,
                                     (prot & kProtWrite) != 0);
     if (!result) break;
   }
-  if (!result) {
-    for (size_t k = 0; k < fresh.size(); ++k) {
-      const uint64_t page_iova = iova + (fresh[k] << kPageShift);
-      if (k < done) {
-        access::release_page(*areas[fresh[k]], page_iova);
-      } else {
-        areas[fresh[k]]->access_pins.fetch_sub(1, std::memory_order_release);
-      }
-    }
-    drop_new_chunks();
-    return result;
-  }
-  auto chunk = as.page_chunks.end();
+
+  // Step 3.
+  pl.lock();
+  uint64_t counted = 0;  // pages whose count this call took from 0
   for (uint64_t i = 0; i < npages; ++i) {
-    const uint64_t page_iova = iova + (i << kPageShift);
-    const uint64_t key = page_iova >> access::kChunkBits;
-    if (chunk == as.page_chunks.end() || chunk->first != key) {
-      if (chunk != as.page_chunks.end() && std::next(chunk) != as.page_chunks.end() &&
-          std::next(chunk)->first == key) {
-        ++chunk;
-      } else {
-        chunk = as.page_chunks.find(key);
-      }
-    }
-    ++chunk->second.refs[(page_iova >> kPageShift) & (AccessState::kChunkPages - 1)];
     const Area& a = *areas[i];
-    host[i] = a.source.object()->host(a.backing_offset(page_iova));
+    uint32_t& ref = ref_of(i);
+    if (fresh[i] == 0) {
+      if (result) continue;
+      // Another call may have dropped its own count meanwhile.
+      if (--ref == 0) {
+        access::release_page(a, page_iova(i));
+        as.page_pins.fetch_sub(1, std::memory_order_acq_rel);
+      }
+      continue;
+    }
+    a.pins_in_flight.fetch_sub(1, std::memory_order_acq_rel);
+    if (!result) {
+      if (i < done) {
+        access::release_page(a, page_iova(i));
+      } else {
+        a.access_pins.fetch_sub(1, std::memory_order_release);
+      }
+    } else if (ref++ == 0) {
+      ++counted;
+    } else {
+      access::release_page(a, page_iova(i));  // pinned by another call meanwhile
+    }
   }
-  as.page_pins.fetch_add(fresh.size(), std::memory_order_acq_rel);
-  return {};
+  if (result) {
+    for (uint64_t i = 0; i < npages; ++i) {
+      host[i] = areas[i]->source.object()->host(areas[i]->backing_offset(page_iova(i)));
+    }
+    as.page_pins.fetch_add(counted, std::memory_order_acq_rel);
+  }
+  release_busy();
+  pl.unlock();
+  if (fresh_count != 0) st.note_flight_exit();
+  return result;
 }
 
 Status Access::unpin_pages(uint64_t iova, uint64_t npages) {
@@ -250,9 +293,8 @@ Status Access::unpin_pages(uint64_t iova, uint64_t npages) {
     }
     if (a != nullptr) access::release_page(*a, page_iova);
     ++released;
-    const auto& refs = chunk->second.refs;
-    if (std::all_of(std::begin(refs), std::end(refs), [](uint32_t r) { return r == 0; })) {
-      chunk = as.page_chunks.erase(chunk);
+    if (chunk->second.idle()) {
+      as.page_chunks.erase(chunk);
       chunk = as.page_chunks.end();
     }
   }

@@ -12,6 +12,7 @@ void DirtyLog::free_node(Node* n, unsigned level) noexcept {
   for (auto& s : n->slot) {
     void* p = s.load(std::memory_order_relaxed);
     if (p == nullptr) continue;
+    s.store(nullptr, std::memory_order_relaxed);
     if (level == 0) {
       delete static_cast<Block*>(p);
     } else {
@@ -19,6 +20,49 @@ void DirtyLog::free_node(Node* n, unsigned level) noexcept {
       free_node(child, level - 1);
       delete child;
     }
+    tables_.fetch_sub(1, std::memory_order_relaxed);
+  }
+}
+
+void DirtyLog::release_unused(uint64_t first_page, uint64_t last_page, InUse in_use,
+                              const void* context) noexcept {
+  const uint64_t max_page = UINT64_MAX >> 12;
+  if (last_page > max_page) last_page = max_page;
+  if (first_page > last_page) return;
+  prune(&root_, kLevels - 1, 0, first_page >> kLeafPagesShift, last_page >> kLeafPagesShift, in_use,
+        context);
+}
+
+// n covers blocks [base, base + 512^(level + 1) - 1]; slot i a 512^level
+// share of them.
+void DirtyLog::prune(Node* n, unsigned level, uint64_t base, uint64_t first_block,
+                     uint64_t last_block, InUse in_use, const void* context) noexcept {
+  const unsigned shift = level * kBits;
+  const uint64_t max_page = UINT64_MAX >> 12;
+  for (unsigned i = 0; i < (1U << kBits); ++i) {
+    std::atomic<void*>& slot = n->slot[i];
+    void* p = slot.load(std::memory_order_acquire);
+    if (p == nullptr) continue;
+    const uint64_t lo = base | (uint64_t{i} << shift);
+    const uint64_t hi = lo | ((uint64_t{1} << shift) - 1);
+    if (hi < first_block || lo > last_block) continue;
+    const uint64_t span_first = lo << kLeafPagesShift;
+    uint64_t span_last = (hi << kLeafPagesShift) | ((uint64_t{1} << kLeafPagesShift) - 1);
+    if (span_last > max_page) span_last = max_page;
+    if (in_use(context, span_first, span_last)) {
+      if (level > 0) {
+        prune(static_cast<Node*>(p), level - 1, lo, first_block, last_block, in_use, context);
+      }
+      continue;
+    }
+    slot.store(nullptr, std::memory_order_release);
+    if (level == 0) {
+      delete static_cast<Block*>(p);
+    } else {
+      free_node(static_cast<Node*>(p), level - 1);
+      delete static_cast<Node*>(p);
+    }
+    tables_.fetch_sub(1, std::memory_order_relaxed);
   }
 }
 
@@ -36,6 +80,7 @@ DirtyLog::Block* DirtyLog::block(uint64_t page, bool create) noexcept {
       if (fresh == nullptr) return nullptr;
       if (slot.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) {
         p = fresh;
+        tables_.fetch_add(1, std::memory_order_relaxed);
       } else if (level == 0) {
         delete static_cast<Block*>(fresh);
       } else {

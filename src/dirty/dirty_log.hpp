@@ -3,12 +3,15 @@
 //
 // Storage is a lazily built radix of 512-entry tables over the page index
 // (52 bits of a 64-bit IOVA), with 32768-page leaf blocks of atomic words.
-// Marking is lock-free (tables installed by compare-and-swap); tables are
-// freed only with the log. Marking may allocate: it reports false when it
-// cannot, so the writer can fail rather than lose a dirty bit.
+// Marking is lock-free (tables installed by compare-and-swap). Marking may
+// allocate: it reports false when it cannot, so the writer can fail rather
+// than lose a dirty bit. Tables whose IOVA span no mapping overlaps any more
+// are freed by release_unused(), which the IOAS calls when an unmap has
+// removed the mappings (see its contract for what the caller excludes).
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <span>
 
@@ -40,6 +43,19 @@ class DirtyLog {
   // Clear pages [first_page, last_page] (inclusive).
   void clear(uint64_t first_page, uint64_t last_page) noexcept;
 
+  // Whether any mapping overlaps pages [first_page, last_page].
+  using InUse = bool (*)(const void* context, uint64_t first_page, uint64_t last_page);
+  // Free every table (inner node or leaf block) that covers part of pages
+  // [first_page, last_page] and whose whole span in_use() says no mapping
+  // overlaps. The caller guarantees that nothing walks the log meanwhile
+  // (collectors and clearers are excluded) and that no writer can mark a
+  // page no mapping covers (its translations are gone and readers were
+  // waited for). Never fails.
+  void release_unused(uint64_t first_page, uint64_t last_page, InUse in_use,
+                      const void* context) noexcept;
+  // Tables (inner nodes and leaf blocks) allocated now, for tests.
+  [[nodiscard]] size_t tables() const noexcept { return tables_.load(std::memory_order_relaxed); }
+
  private:
   static constexpr unsigned kLeafWordsShift = 9;                    // 512 words per block
   static constexpr unsigned kLeafPagesShift = kLeafWordsShift + 6;  // 32768 pages
@@ -59,9 +75,13 @@ class DirtyLog {
   // f(page, bits, n) for every non-zero word in range; clear also clears it.
   template <typename F>
   void for_each_word(uint64_t first_page, uint64_t last_page, bool clear, F f) noexcept;
-  static void free_node(Node* n, unsigned level) noexcept;
+  // Free everything below n (not n itself).
+  void free_node(Node* n, unsigned level) noexcept;
+  void prune(Node* n, unsigned level, uint64_t base, uint64_t first_block, uint64_t last_block,
+             InUse in_use, const void* context) noexcept;
 
   std::atomic<bool> enabled_{false};
+  std::atomic<size_t> tables_{0};
   Node root_{};
 };
 

@@ -2,6 +2,7 @@
 
 #include <bit>
 #include <cerrno>
+#include <mutex>
 #include <new>
 
 #include "fault/inject.hpp"
@@ -34,6 +35,10 @@ constexpr unsigned index_at(uint64_t iova, unsigned level) {
 
 constexpr bool is_table(uint64_t entry) { return (entry & kIsTable) != 0; }
 
+// Retirement sequence shared by every page table, so that one horizon read
+// before a grace period covers all the domains an unmap touched.
+std::atomic<uint64_t> retire_sequence{0};
+
 unsigned levels_for(uint64_t aperture_last) {
   const unsigned bits = std::bit_width(aperture_last);
   if (bits <= kPageShift) return 1;
@@ -63,7 +68,30 @@ PageTable::PageTable(Table* root, unsigned levels, uint64_t page_sizes)
       page_sizes_(page_sizes),
       covered_last_(level_shift(levels) >= 64 ? UINT64_MAX : level_size(levels) - 1) {}
 
-PageTable::~PageTable() { free_table(root_, levels_ - 1); }
+PageTable::~PageTable() {
+  free_retired(UINT64_MAX);
+  free_table(root_, levels_ - 1);
+}
+
+uint64_t PageTable::retire_horizon() noexcept {
+  return retire_sequence.load(std::memory_order_acquire);
+}
+
+void PageTable::free_retired(uint64_t horizon) noexcept {
+  std::unique_lock lk(structure_mu_);
+  Table** link = &retired_;
+  while (*link != nullptr) {
+    Table* table = *link;
+    const auto next = reinterpret_cast<Table*>(table->entries[0].load(std::memory_order_relaxed));
+    if ((table->entries[1].load(std::memory_order_relaxed) >> 1) <= horizon) {
+      *link = next;
+      delete table;
+      table_pages_.fetch_sub(1, std::memory_order_relaxed);
+    } else {
+      link = reinterpret_cast<Table**>(&table->entries[0]);
+    }
+  }
+}
 
 void PageTable::free_table(Table* table, unsigned level) noexcept {
   if (level > 0) {
@@ -101,10 +129,12 @@ Status PageTable::map(uint64_t iova, uint64_t address, uint64_t length, uint32_t
                              ((prot & kProtWrite) != 0 ? kWritable : 0) |
                              (static_cast<uint64_t>(host_access) << kHostAccessShift);
   uint64_t done = 0;
+  std::shared_lock lk(structure_mu_);
   while (done < length) {
     Result<uint64_t> placed = map_one_leaf(iova + done, address + done, length - done, leaf_bits);
     if (!placed.ok()) {
-      unmap(iova, done);
+      lk.unlock();
+      unmap_keeping_tables(iova, done);
       return placed.error();
     }
     done += placed.value();
@@ -120,8 +150,9 @@ Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64
     uint64_t entry = slot.load(std::memory_order_acquire);
     // A table already in the slot means part of this span is mapped by
     // someone else: descend and use smaller leaves around it.
-    if (entry == 0 && leaf_fits(level, iova, address, remaining)) {
-      slot.store(address | leaf_bits, std::memory_order_release);
+    if (entry == 0 && leaf_fits(level, iova, address, remaining) &&
+        slot.compare_exchange_strong(entry, address | leaf_bits, std::memory_order_release,
+                                     std::memory_order_acquire)) {
       mapped_bytes_.fetch_add(level_size(level), std::memory_order_relaxed);
       leaves_[level].fetch_add(1, std::memory_order_relaxed);
       return level_size(level);
@@ -145,13 +176,63 @@ Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64
   }
 }
 
-uint64_t PageTable::unmap(uint64_t iova, uint64_t length) noexcept {
-  if (length == 0 || iova > covered_last_) return 0;
+namespace {
+
+// [iova, last] clipped to what the table covers; false if nothing is left.
+bool clip(uint64_t iova, uint64_t length, uint64_t covered_last, uint64_t* last) {
+  if (length == 0 || iova > covered_last) return false;
+  if (__builtin_add_overflow(iova, length - 1, last) || *last > covered_last) *last = covered_last;
+  return true;
+}
+
+}  // namespace
+
+uint64_t PageTable::unmap_keeping_tables(uint64_t iova, uint64_t length) noexcept {
   uint64_t last = 0;
-  if (__builtin_add_overflow(iova, length - 1, &last) || last > covered_last_) {
-    last = covered_last_;
-  }
+  if (!clip(iova, length, covered_last_, &last)) return 0;
+  std::shared_lock lk(structure_mu_);
   return clear_range(root_, levels_ - 1, iova, last);
+}
+
+uint64_t PageTable::unmap(uint64_t iova, uint64_t length) noexcept {
+  uint64_t last = 0;
+  if (!clip(iova, length, covered_last_, &last)) return 0;
+  const uint64_t cleared = unmap_keeping_tables(iova, length);
+  std::unique_lock lk(structure_mu_);
+  retire_empty(root_, levels_ - 1, iova, last);
+  return cleared;
+}
+
+void PageTable::retire_empty(Table* table, unsigned level, uint64_t first, uint64_t last) noexcept {
+  if (level == 0) return;
+  const unsigned shift = level_shift(level);
+  const unsigned table_shift = shift + kBitsPerLevel;
+  const uint64_t table_base = table_shift >= 64 ? 0 : first & ~((uint64_t{1} << table_shift) - 1);
+  const unsigned first_index = index_at(first, level);
+  const unsigned last_index = index_at(last, level);
+  for (unsigned index = first_index; index <= last_index; ++index) {
+    std::atomic<uint64_t>& slot = table->entries[index];
+    const uint64_t entry = slot.load(std::memory_order_relaxed);
+    if (!is_table(entry)) continue;
+    Table* child = table_of(entry);
+    const uint64_t slot_first = table_base + (uint64_t{index} << shift);
+    const uint64_t slot_last = slot_first + (level_size(level) - 1);
+    retire_empty(child, level - 1, index == first_index ? first : slot_first,
+                 index == last_index ? last : slot_last);
+    bool empty = true;
+    for (const auto& e : child->entries) {
+      if (e.load(std::memory_order_relaxed) != 0) {
+        empty = false;
+        break;
+      }
+    }
+    if (!empty) continue;
+    slot.store(0, std::memory_order_release);
+    const uint64_t sequence = retire_sequence.fetch_add(1, std::memory_order_acq_rel) + 1;
+    child->entries[0].store(reinterpret_cast<uint64_t>(retired_), std::memory_order_relaxed);
+    child->entries[1].store(sequence << 1, std::memory_order_relaxed);
+    retired_ = child;
+  }
 }
 
 // [first, last] lies within the span of table. A leaf only partly inside the
@@ -190,7 +271,7 @@ bool PageTable::lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const n
   for (unsigned level = levels_ - 1;; --level) {
     const unsigned index = index_at(iova, level);
     const uint64_t entry = table->entries[index].load(std::memory_order_acquire);
-    if (entry == 0) return false;
+    if ((entry & kPresent) == 0) return false;
     if (is_table(entry)) {
       table = table_of(entry);
       continue;

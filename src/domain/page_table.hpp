@@ -8,15 +8,22 @@
 // 2 (1 GiB) when allowed by page_sizes.
 //
 // Concurrency: lookup() is lock-free (acquire loads) and must run inside an
-// RCU read-side section. map() and unmap() of disjoint ranges may run
-// concurrently: next-level tables are installed with compare-and-swap.
-// Intermediate tables are freed only by the destructor, after the owner has
-// waited for readers.
+// RCU read-side section: tables are freed while the table lives. map() and
+// unmap() of disjoint ranges may run concurrently: next-level tables are
+// installed with compare-and-swap, and both hold structure_mu_ shared while
+// they change entries. unmap() then takes it exclusively, briefly, to unlink
+// the tables it emptied (no map can be filling them then); an unlinked table
+// is only *retired*: a reader that entered it before the unlink still reads
+// it (all entries not present). It is freed by free_retired(horizon), which
+// the owner calls after an RCU grace period that began after the horizon was
+// read (retire_horizon()). So the table count follows what is mapped, and an
+// emptied slot takes a large leaf again.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <shared_mutex>
 
 #include "iomm/result.hpp"
 #include "mem/host_access.hpp"
@@ -66,14 +73,27 @@ class PageTable {
   // guarantees this). Uses the largest allowed leaf whose slot is empty and
   // where iova and address are aligned and the range covers it.
   // All-or-nothing: ENOMEM when a table cannot be allocated leaves the range
-  // unmapped (tables allocated on the way may stay, empty).
+  // unmapped (tables allocated on the way stay, empty, until an unmap of the
+  // range retires them).
   Status map(uint64_t iova, uint64_t address, uint64_t length, uint32_t prot,
              mem::HostAccess host_access);
 
-  // Clear every leaf in [iova, iova + length). Leaves never straddle the
-  // range, because the IOAS unmaps whole mappings. Returns bytes cleared.
-  // Never fails and never allocates.
+  // Clear every leaf in [iova, iova + length) and retire the tables this
+  // leaves empty. Leaves never straddle the range, because the IOAS unmaps
+  // whole mappings. Returns bytes cleared. Never fails and never allocates.
   uint64_t unmap(uint64_t iova, uint64_t length) noexcept;
+  // unmap() that leaves every table in place, so that mapping the same
+  // range again at the same address cannot fail for lack of a table (the
+  // undo paths of map() and of live update rely on it).
+  uint64_t unmap_keeping_tables(uint64_t iova, uint64_t length) noexcept;
+
+  // The retirement sequence so far (process-wide, over all page tables).
+  // Read it after unmapping and before waiting for an RCU grace period; then
+  // free_retired(horizon) frees what was retired up to it.
+  static uint64_t retire_horizon() noexcept;
+  // Free the tables retired at or before horizon. The caller has waited for
+  // a grace period that began after it read horizon. Never fails.
+  void free_retired(uint64_t horizon) noexcept;
 
   // Lock-free lookup of one IOVA. False if nothing is mapped there. Inline:
   // it is the translate() hot path.
@@ -99,6 +119,9 @@ class PageTable {
   [[nodiscard]] bool leaf_fits(unsigned level, uint64_t iova, uint64_t address,
                                uint64_t remaining) const noexcept;
   uint64_t clear_range(Table* table, unsigned level, uint64_t first, uint64_t last) noexcept;
+  // Unlink and retire every table below `table` in [first, last] that is
+  // empty. structure_mu_ held exclusively.
+  void retire_empty(Table* table, unsigned level, uint64_t first, uint64_t last) noexcept;
   static void free_table(Table* table, unsigned level) noexcept;
   static Table* table_of(uint64_t entry) noexcept {
     return reinterpret_cast<Table*>(entry & pte::kAddressMask);
@@ -112,6 +135,15 @@ class PageTable {
   std::atomic<uint64_t> mapped_bytes_{0};
   std::atomic<uint64_t> leaves_[3] = {};
   std::atomic<uint64_t> table_pages_{1};
+  // Held shared by map() and unmap() while they change entries; exclusively
+  // to unlink emptied tables and to free retired ones (lock order:
+  // docs/design.md).
+  std::shared_mutex structure_mu_;
+  // Retired tables, newest first, linked through their own entries (entry 0:
+  // the next table, entry 1: the retirement sequence shifted left by one).
+  // Neither value has kPresent set, so a reader still inside a retired table
+  // sees nothing mapped. Guarded by structure_mu_ (exclusive).
+  Table* retired_ = nullptr;
 };
 
 inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
@@ -121,11 +153,11 @@ inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
     const unsigned shift = pte::level_shift(level);
     const uint64_t entry = table->entries[(iova >> shift) & (pte::kEntriesPerTable - 1)].load(
         std::memory_order_acquire);
+    if ((entry & pte::kPresent) == 0) return false;
     if ((entry & pte::kIsTable) != 0) {
       table = table_of(entry);
       continue;
     }
-    if (entry == 0) return false;
     const uint64_t size = uint64_t{1} << shift;
     const uint64_t offset = iova & (size - 1);
     out->address = (entry & pte::kAddressMask) + offset;

@@ -253,11 +253,16 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
   if (!inside_aperture(impl_->config, iova)) {
     return record_fault(impl_->faults, iova, access, FaultReason::outside_aperture);
   }
-  // No read-side section of our own: page-table pages are freed only when the
-  // domain is destroyed, and the leaf is copied out. What RCU protects is the
-  // memory behind the translation, which is the caller's guard to hold.
+  // The walk needs its own read-side section: an unmap frees the tables it
+  // empties after a grace period. The leaf is copied out; the memory behind
+  // it stays valid only under the caller's guard.
   domain::Leaf leaf;
-  if (!impl_->page_table->lookup(iova, &leaf)) {
+  bool present = false;
+  {
+    const RcuReadGuard walk;
+    present = impl_->page_table->lookup(iova, &leaf);
+  }
+  if (!present) {
     return record_fault(impl_->faults, iova, access, FaultReason::not_present);
   }
   if ((leaf.prot & access) != access) {

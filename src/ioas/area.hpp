@@ -37,6 +37,10 @@ struct Area {
   std::atomic<bool> domain_pinned{false};
   // Access pins overlapping the area; raised under the tree lock held shared.
   mutable std::atomic<uint32_t> access_pins{0};
+  // Of those, pins still locking pages (not yet recorded or failed). An
+  // unmap waits for them to leave flight instead of counting retries
+  // (IoasState::note_flight_exit).
+  mutable std::atomic<uint32_t> pins_in_flight{0};
   // Live update: the host address was invalidated (Ioas::invalidate_host).
   // Domains keep translating; access pins and rw fail with EBUSY until
   // Ioas::replace_host installs a new source. Written under tree_mu

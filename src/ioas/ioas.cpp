@@ -13,7 +13,6 @@
 #include "domain/page_table.hpp"
 #include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
-#include "sync/rcu.hpp"
 
 namespace iomm {
 
@@ -131,12 +130,14 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
     }
     if (!result) {
       for (size_t d = 0; d <= domains_done && d < st.domains.size(); ++d) {
-        const size_t n = d < domains_done ? created.size() : areas_in_last;
+        // The area whose map failed too: its map undid its leaves but kept
+        // the tables it allocated, which this unmap retires.
+        const size_t n = d < domains_done ? created.size() : areas_in_last + 1;
         for (size_t i = 0; i < n; ++i) {
           st.domains[d]->page_table().unmap(created[i]->range.start, created[i]->length());
         }
       }
-      sync::rcu_synchronize();  // a device may have seen the translations
+      ioas::wait_for_readers(st.domains);  // a device may have seen the translations
       for (size_t i = 0; i < pinned; ++i) created[i]->unpin_all();
       domains.unlock();
       erase_areas(st, created);
@@ -168,34 +169,63 @@ struct Victims {
   void each(F f) const {
     for (Area* a = head; a != nullptr; a = a->next_victim) f(*a);
   }
-  [[nodiscard]] bool any_access_pins() const noexcept {
+  [[nodiscard]] uint64_t access_pins() const noexcept {
+    uint64_t n = 0;
     for (const Area* a = head; a != nullptr; a = a->next_victim) {
-      if (a->access_pins.load(std::memory_order_acquire) != 0) return true;
+      n += a->access_pins.load(std::memory_order_acquire);
+    }
+    return n;
+  }
+  [[nodiscard]] bool any_in_flight() const noexcept {
+    for (const Area* a = head; a != nullptr; a = a->next_victim) {
+      if (a->pins_in_flight.load(std::memory_order_acquire) != 0) return true;
     }
     return false;
   }
 };
 
-// Ask accesses to drop their pins on the victims until none remain, at most
-// kUnmapNotifyRetries rounds. A driver that unpins in its callback finishes
-// in one round with no wait; between further rounds the wait backs off (to
-// 1 ms), so a pin that passed its checks just before the unmap and is still
-// locking pages can complete and be dropped, and the whole loop stays
-// bounded (about 0.1 s) before it gives up.
+// Ask accesses to drop their pins on the victims until none remain. Only
+// rounds without progress count toward kUnmapNotifyRetries: a round that
+// released pins is progress, and while a pin of the victims is still in
+// flight (locking pages, e.g. a 1 GiB mlock) the loop sleeps until some pin
+// leaves flight, bounded in all by options.unmap_pin_wait_ms. A driver that
+// unpins in its callback finishes in one round with no wait; one that never
+// unpins gets kUnmapNotifyRetries calls and EDEADLOCK, after about 0.1 s of
+// back-off. Every round either lowers the victims' pin count (which no new
+// pin can raise: the areas are removing), consumes a flight exit (bounded by
+// the wait deadline) or counts as idle, so the loop is bounded.
 bool drain_access_pins(IoasState& st, const Victims& victims) {
   const IovaRange span{victims.head->range.start, victims.tail->range.last};
-  for (int round = 0; round < kUnmapNotifyRetries; ++round) {
-    if (!victims.any_access_pins()) return true;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(st.options.unmap_pin_wait_ms);
+  uint64_t pins = victims.access_pins();
+  int idle_rounds = 0;
+  while (pins != 0) {
+    // Read before the flight counts: a pin leaving flight after this read
+    // is seen by the wait below.
+    const uint64_t exits = st.flight_exit_count();
     access::notify_unmap(st, span);
-    if (!victims.any_access_pins()) return true;
-    if (round < 8) {
+    const uint64_t left = victims.access_pins();
+    if (left == 0) return true;
+    if (victims.any_in_flight()) {
+      std::unique_lock lk(st.flight_mu);
+      if (!st.flight_changed.wait_until(lk, deadline, [&] { return st.flight_exits != exits; })) {
+        return false;
+      }
+      idle_rounds = 0;
+    } else if (left < pins) {
+      idle_rounds = 0;
+    } else if (++idle_rounds >= kUnmapNotifyRetries) {
+      return false;
+    } else if (idle_rounds < 8) {
       std::this_thread::yield();
     } else {
-      const int shift = std::min(round - 8, 10);  // 1 µs doubling up to ~1 ms
+      const int shift = std::min(idle_rounds - 8, 10);  // 1 µs doubling up to ~1 ms
       std::this_thread::sleep_for(std::chrono::microseconds(1 << shift));
     }
+    pins = left;
   }
-  return !victims.any_access_pins();
+  return true;
 }
 
 // Where an unmap reports the dirty bits of what it removes: bit i of bits
@@ -245,7 +275,9 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
     std::unique_lock tree(st.tree_mu);
     victims.each([](Area& a) { a.state = AreaState::live; });
     return Error(EDEADLOCK, "an access kept pins in " + describe(r) + " after " +
-                                std::to_string(kUnmapNotifyRetries) + " unmap notifications");
+                                std::to_string(kUnmapNotifyRetries) +
+                                " unmap notifications without progress, or a pin stayed in "
+                                "flight past the unmap's wait");
   }
 
   // Teardown order: translations out of every domain, wait for lock-free
@@ -255,7 +287,7 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
     for (const auto& d : st.domains) {
       victims.each([&](Area& a) { d->page_table().unmap(a.range.start, a.length()); });
     }
-    if (!st.domains.empty()) sync::rcu_synchronize();
+    if (!st.domains.empty()) ioas::wait_for_readers(st.domains);
     victims.each([](Area& a) {
       if (a.domain_pinned.exchange(false)) a.unpin_all();
     });
@@ -278,6 +310,17 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
     a = next;
   }
   st.mapped_bytes -= bytes;
+  // Dirty-log tables no mapping reaches any more. Safe now: collectors and
+  // access writers hold tree_mu, and DMA writers cannot mark pages whose
+  // translations are gone (readers were waited for above); every area that
+  // still has translations is in the tree.
+  st.dirty.release_unused(
+      first_page, last_page,
+      [](const void* state, uint64_t first, uint64_t last) {
+        return static_cast<const IoasState*>(state)->overlaps_area(
+            {first << kPageShift, (last << kPageShift) | (kPageSize - 1)});
+      },
+      &st);
   return bytes;
 }
 
@@ -295,7 +338,13 @@ Result<std::shared_ptr<Ioas>> Ioas::create(const IoasOptions& options) {
   if (options.max_mappings == 0) return Error(EINVAL, "max_mappings must be at least 1");
   auto state = std::unique_ptr<IoasState>(new (std::nothrow) IoasState(options));
   if (!state) return Error(ENOMEM, "out of memory");
-  return std::shared_ptr<Ioas>(new (std::nothrow) Ioas(std::move(state)));
+  std::unique_ptr<Ioas> ioas(new (std::nothrow) Ioas(std::move(state)));
+  if (!ioas) return Error(ENOMEM, "out of memory");
+  try {
+    return std::shared_ptr<Ioas>(std::move(ioas));
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
 }
 
 Ioas::Ioas(std::unique_ptr<IoasState> state) : state_(std::move(state)) {}
@@ -336,7 +385,11 @@ Result<uint64_t> Ioas::map_as(const MemorySource& source, uint32_t prot,
   auto owner = acct::owner_for_mapping(state_->options.account_mode, owner_spec);
   if (!owner.ok()) return owner.error();
   std::vector<Slice> slices;
-  slices.push_back({source, std::move(owner).value()});
+  try {
+    slices.push_back({source, std::move(owner).value()});
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
   return insert_and_fill(*state_, slices, prot, iova);
 }
 

@@ -1,12 +1,12 @@
 // Attaching and detaching software domains (see include/iomm/ioas.hpp).
 #include <algorithm>
+#include <span>
 #include <string>
 
 #include "domain/soft_domain_impl.hpp"
 #include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
 #include "iomm/ioas.hpp"
-#include "sync/rcu.hpp"
 
 namespace iomm {
 
@@ -113,10 +113,12 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     }
   }
   if (!result) {
-    for (size_t i = 0; i < mapped; ++i) {
+    // Up to and including the area whose map failed (its map kept the
+    // tables it allocated; this unmap retires them).
+    for (size_t i = 0; i < std::min(mapped + 1, live.size()); ++i) {
       domain->page_table().unmap(live[i]->range.start, live[i]->length());
     }
-    sync::rcu_synchronize();  // its DMA interface may have used them
+    ioas::wait_for_readers(std::span(&domain, 1));  // its DMA interface may have used them
     for (size_t i = 0; i < pinned; ++i) live[i]->unpin_all();
     std::unique_lock tree(st.tree_mu);
     forget_domain(st, domain.get());
@@ -142,7 +144,7 @@ Status Ioas::detach(const std::shared_ptr<SoftDomain>& domain) {
     for (const auto& [start, a] : st.areas) domain->page_table().unmap(start, a->length());
   }
   domain->impl_->dirty_log.store(nullptr, std::memory_order_release);
-  sync::rcu_synchronize();
+  ioas::wait_for_readers(std::span(&domain, 1));
   if (st.domains.empty()) {
     std::shared_lock tree(st.tree_mu);
     for (const auto& [start, a] : st.areas) {

@@ -21,12 +21,16 @@ using ioas::AreaState;
 using ioas::IoasState;
 
 void Ioas::set_dirty_tracking(bool on) noexcept {
-  state_->dirty.set_enabled(on);
+  {
+    // Exclusive tree_mu: unmap frees dirty-log tables under it, and access rw
+    // holds it shared from its check of the flag to its last byte, so once
+    // we hold it no access write that read the flag as off is still running.
+    std::unique_lock tree(state_->tree_mu);
+    state_->dirty.set_enabled(on);
+  }
   if (!on) return;
-  // A writer that read the flag as off may still be copying. Access rw holds
-  // tree_mu shared from the check to the last byte; device DMA runs inside
-  // an RCU read section. Wait for both.
-  { std::unique_lock tree(state_->tree_mu); }
+  // Device DMA runs inside an RCU read section: wait for writers that read
+  // the flag as off.
   sync::rcu_synchronize();
 }
 
@@ -34,7 +38,8 @@ bool Ioas::dirty_tracking() const noexcept { return state_->dirty.enabled(); }
 
 namespace {
 
-Status read_and_clear(IoasState& st, uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
+Status read_dirty(IoasState& st, uint64_t iova, uint64_t length, std::span<uint64_t> bitmap,
+                  bool clear) {
   if (!st.dirty.enabled()) return Error(EINVAL, "dirty tracking is off");
   if (length == 0) return Error(EINVAL, "zero length");
   if (!is_aligned(iova, kPageSize) || !is_aligned(length, kPageSize)) {
@@ -44,7 +49,10 @@ Status read_and_clear(IoasState& st, uint64_t iova, uint64_t length, std::span<u
   const uint64_t npages = length >> kPageShift;
   if (bitmap.size() < (npages + 63) / 64) return Error(EINVAL, "bitmap too small");
   std::fill(bitmap.begin(), bitmap.end(), 0);
-  st.dirty.collect(iova >> kPageShift, npages, bitmap, true);
+  {
+    std::shared_lock tree(st.tree_mu);  // unmap frees dirty-log tables under it
+    st.dirty.collect(iova >> kPageShift, npages, bitmap, clear);
+  }
   std::lock_guard lk(st.accesses_mu);
   for (const access::AccessState* a : st.accesses) {
     access::collect_pinned(*a, iova >> kPageShift, npages, bitmap);
@@ -55,7 +63,11 @@ Status read_and_clear(IoasState& st, uint64_t iova, uint64_t length, std::span<u
 }  // namespace
 
 Status Ioas::read_and_clear_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
-  return read_and_clear(*state_, iova, length, bitmap);
+  return read_dirty(*state_, iova, length, bitmap, true);
+}
+
+Status Ioas::peek_dirty(uint64_t iova, uint64_t length, std::span<uint64_t> bitmap) {
+  return read_dirty(*state_, iova, length, bitmap, false);
 }
 
 Result<uint64_t> Ioas::invalidate_host(uint64_t iova, uint64_t length) {
@@ -140,17 +152,17 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
   if (!same_pages && new_addr != old_addr) {
     for (size_t d = 0; d < st.domains.size(); ++d) {
       domain::PageTable& pt = st.domains[d]->page_table();
-      pt.unmap(old->range.start, old->length());
+      pt.unmap_keeping_tables(old->range.start, old->length());
       if (Status s = pt.map(old->range.start, new_addr, old->length(), old->prot,
                             source.object()->host_access());
           !s) {
-        // Put every domain back on the old pages. This cannot fail: page
-        // tables are never freed while the domain lives, so every table the
-        // old translation used is still there, and a slot the failed map
-        // turned into a table takes the old pages as smaller leaves in it.
+        // Put every domain back on the old pages. This cannot fail: the
+        // unmaps above kept their tables, so every table the old translation
+        // used is still there, and a slot the failed map turned into a
+        // table takes the old pages as smaller leaves in it.
         for (size_t e = 0; e <= d; ++e) {
           domain::PageTable& back = st.domains[e]->page_table();
-          back.unmap(old->range.start, old->length());
+          back.unmap_keeping_tables(old->range.start, old->length());
           const Status restored = back.map(old->range.start, old_addr, old->length(), old->prot,
                                            old->source.object()->host_access());
           IOMM_CHECK(restored.ok(), "restoring the old translation failed");

@@ -1,9 +1,11 @@
 // Internal state of an IOAS.
 //
-// Lock order: domains_mu before tree_mu; accesses_mu is a leaf lock. No IOAS
-// lock is held while calling an access's unmap callback.
+// Lock order: see docs/design.md, "Lock order". No IOAS lock is held while
+// calling an access's unmap callback.
 #pragma once
 
+#include <condition_variable>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -11,8 +13,10 @@
 #include <vector>
 
 #include "dirty/dirty_log.hpp"
+#include "domain/page_table.hpp"
 #include "ioas/area.hpp"
 #include "iomm/ioas.hpp"
+#include "sync/rcu.hpp"
 
 namespace iomm::access {
 struct AccessState;
@@ -24,6 +28,16 @@ struct Reservation {
   IovaRange range;
   const void* owner;  // the domain that reserved it, or nullptr for the user
 };
+
+// Teardown's "wait for lock-free readers": after translations were removed
+// from `domains`, wait for an RCU grace period, then free the page-table
+// pages those unmaps retired.
+template <typename Domains>
+void wait_for_readers(const Domains& domains) noexcept {
+  const uint64_t horizon = domain::PageTable::retire_horizon();
+  sync::rcu_synchronize();
+  for (const auto& d : domains) d->page_table().free_retired(horizon);
+}
 
 struct IoasState {
   explicit IoasState(const IoasOptions& o) : options(o) {}
@@ -42,6 +56,23 @@ struct IoasState {
 
   mutable std::mutex accesses_mu;
   std::vector<access::AccessState*> accesses;  // guarded by accesses_mu
+
+  // Access pins leaving flight (Area::pins_in_flight falling) bump
+  // flight_exits and wake unmaps waiting for them. flight_mu is a leaf.
+  std::mutex flight_mu;
+  std::condition_variable flight_changed;
+  uint64_t flight_exits = 0;  // guarded by flight_mu
+  void note_flight_exit() noexcept {
+    {
+      std::lock_guard lk(flight_mu);
+      ++flight_exits;
+    }
+    flight_changed.notify_all();
+  }
+  [[nodiscard]] uint64_t flight_exit_count() noexcept {
+    std::lock_guard lk(flight_mu);
+    return flight_exits;
+  }
 
   // Pages written through the domains' DMA and through accesses, while
   // dirty tracking is on (Ioas::set_dirty_tracking). Domains reach it through
