@@ -79,9 +79,8 @@ struct RecordAfterPinDriver {
 
 TEST(UnmapProgress, PinStillLockingPagesIsWaitedForNotEdeadlock) {
   test::UserfaultRegion slow(kStuckPages * kPageSize);
-  if (!slow.ok()) {
-    GTEST_SKIP() << "needs userfaultfd for kernel faults (vm.unprivileged_userfaultfd=1 or root)";
-  }
+  IOMM_NEEDS(slow.ok(),
+             "userfaultfd for kernel-mode faults (vm.unprivileged_userfaultfd=1 when not root)");
   auto ioas = Ioas::create({}).value();
   RecordAfterPinDriver drv;
   drv.access = Access::create(ioas, [&drv](const IovaRange& r) { drv.on_unmap(r); }).value();
@@ -110,9 +109,8 @@ TEST(UnmapProgress, PinStillLockingPagesIsWaitedForNotEdeadlock) {
 
 TEST(UnmapProgress, PinThatNeverLeavesFlightEndsInEdeadlockWithinTheWait) {
   test::UserfaultRegion stuck(kStuckPages * kPageSize);
-  if (!stuck.ok()) {
-    GTEST_SKIP() << "needs userfaultfd for kernel faults (vm.unprivileged_userfaultfd=1 or root)";
-  }
+  IOMM_NEEDS(stuck.ok(),
+             "userfaultfd for kernel-mode faults (vm.unprivileged_userfaultfd=1 when not root)");
   IoasOptions options;
   options.unmap_pin_wait_ms = 300;
   auto ioas = Ioas::create(options).value();
@@ -158,9 +156,8 @@ struct PagePinDriver {
 
 TEST(UnmapProgress, StuckPagePinBlocksNeitherOtherUnmapsNorDirtyReads) {
   test::UserfaultRegion stuck(kStuckPages * kPageSize);
-  if (!stuck.ok()) {
-    GTEST_SKIP() << "needs userfaultfd for kernel faults (vm.unprivileged_userfaultfd=1 or root)";
-  }
+  IOMM_NEEDS(stuck.ok(),
+             "userfaultfd for kernel-mode faults (vm.unprivileged_userfaultfd=1 when not root)");
   test::Memfd mfd(kMiB);
   auto ioas = Ioas::create({}).value();
   ioas->set_dirty_tracking(true);

@@ -1,13 +1,8 @@
 // A map whose pinning is stuck (here: blocked in a userfaultfd fault, as a
 // slow or huge populate would be) must not stop maps, unmaps, translations
 // and access pins of disjoint ranges: the fill runs outside the tree lock.
-#include <fcntl.h>
 #include <gtest/gtest.h>
-#include <linux/userfaultfd.h>
-#include <poll.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -15,49 +10,14 @@
 
 #include "iomm/access.hpp"
 #include "test_support.hpp"
+#include "userfault_region.hpp"
 
 namespace iomm {
 namespace {
 
 constexpr uint32_t kRW = kProtRead | kProtWrite;
 
-class UserfaultRegion {
- public:
-  explicit UserfaultRegion(size_t length) : length_(length) {
-    uffd_ = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-    if (uffd_ < 0) return;
-    uffdio_api api{.api = UFFD_API, .features = 0, .ioctls = 0};
-    if (ioctl(uffd_, UFFDIO_API, &api) != 0) return;
-    addr_ = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    uffdio_register reg{};
-    reg.range = {reinterpret_cast<uint64_t>(addr_), length};
-    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
-    ok_ = addr_ != MAP_FAILED && ioctl(uffd_, UFFDIO_REGISTER, &reg) == 0;
-  }
-  ~UserfaultRegion() {
-    if (addr_ != MAP_FAILED && addr_ != nullptr) munmap(addr_, length_);
-    if (uffd_ >= 0) close(uffd_);
-  }
-  [[nodiscard]] bool ok() const { return ok_; }
-  [[nodiscard]] void* addr() const { return addr_; }
-  // Wait for the first fault (bounded), without resolving it.
-  bool wait_fault(int timeout_ms) {
-    pollfd p{uffd_, POLLIN, 0};
-    return poll(&p, 1, timeout_ms) == 1;
-  }
-  // Resolve every missing page with zeros.
-  void resolve_all() {
-    uffdio_zeropage zero{};
-    zero.range = {reinterpret_cast<uint64_t>(addr_), length_};
-    ioctl(uffd_, UFFDIO_ZEROPAGE, &zero);
-  }
-
- private:
-  size_t length_;
-  int uffd_ = -1;
-  void* addr_ = nullptr;
-  bool ok_ = false;
-};
+using test::UserfaultRegion;
 
 TEST(FillConcurrency, StuckPinDoesNotBlockDisjointWork) {
   UserfaultRegion stuck(16 * kPageSize);

@@ -191,19 +191,17 @@ Result<bool> Container::wait_for_unmap(std::unique_lock<std::mutex>& lk, uint64_
                    "a dma_unmap callback reaches a mapping its own unmap is removing, directly "
                    "or through other unmaps waiting for each other");
     }
-    auto w =
-        std::find_if(waiters_.begin(), waiters_.end(), [&](const auto& e) { return e.first == t; });
-    if (w == waiters_.end()) break;
-    t = w->second;
+    const UnmapWaiter* w = waiters_;
+    while (w != nullptr && w->self != t) w = w->next;
+    if (w == nullptr) break;
+    t = w->holder;
   }
-  try {
-    if (IOMM_INJECT("vfio.alloc_unmap")) throw std::bad_alloc();
-    waiters_.emplace_back(self, holder);
-  } catch (const std::bad_alloc&) {
-    return Error(ENOMEM, "out of memory");
-  }
+  UnmapWaiter me{self, holder, waiters_};
+  waiters_ = &me;
   unmap_done_.wait(lk);
-  waiters_.erase(std::find(waiters_.begin(), waiters_.end(), std::pair{self, holder}));
+  UnmapWaiter** link = &waiters_;
+  while (*link != &me) link = &(*link)->next;
+  *link = me.next;
   return true;
 }
 

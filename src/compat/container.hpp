@@ -162,9 +162,15 @@ class Container {
   Result<bool> wait_for_unmap(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last);
 
   std::condition_variable unmap_done_;  // with mu: an unmap finished
-  // Threads waiting in wait_for_unmap, and the unmapping thread each waits
-  // for (mu).
-  std::vector<std::pair<std::thread::id, std::thread::id>> waiters_;
+  // A thread waiting in wait_for_unmap for another's unmap: a node on the
+  // waiter's stack (so waiting allocates nothing), with the unmapping
+  // thread it waits for.
+  struct UnmapWaiter {
+    std::thread::id self;
+    std::thread::id holder;
+    UnmapWaiter* next;
+  };
+  UnmapWaiter* waiters_ = nullptr;  // mu
   std::mutex calls_mu_;
   std::condition_variable calls_done_;
   uint64_t calls_ = 0;  // calls_mu_
