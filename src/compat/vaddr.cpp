@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/errno_text.hpp"
 #include "fault/inject.hpp"
 
 namespace iomm::compat {
@@ -118,7 +119,7 @@ Result<MemorySource> resolve_vaddr(const FdRegistry& fds, uint64_t vaddr, uint64
   }
   if (fd < 0) {
     return Error(EFAULT, std::string("cannot open the file behind vaddr (") + path +
-                             "): " + std::strerror(errno));
+                             "): " + errno_text(errno));
   }
   struct stat st {};
   const bool same = ::fstat(fd, &st) == 0 && st.st_ino == vma.ino;
