@@ -148,17 +148,22 @@ TEST(VfioDirtyBitmap, WriteDuringTheUnmapIsReported) {
   iomm_vfio_close(c);
 }
 
+// Reads guest memory that a device may be writing: a race by design (as
+// with a real device, the dirty log, not the bytes, says what changed), kept
+// out of ThreadSanitizer's view. Volatile reads, so no interceptable memcpy
+// is made of the loop.
+__attribute__((no_sanitize("thread"))) void copy_racing_device(unsigned char* dst,
+                                                               const unsigned char* src, size_t n) {
+  const volatile unsigned char* from = src;
+  for (size_t i = 0; i < n; ++i) dst[i] = from[i];
+}
+
 // Migration's invariant under fire. A device writes continuously (software
 // DMA and mediated dma_rw) while tracking is stopped and started and ranges
 // are unmapped with GET_DIRTY_BITMAP and mapped again. After each START the
 // memory is snapshotted; a page whose content later differs from the
-// snapshot must be in the union of the bitmaps reported since. Reading the
-// guest memory while the device writes it is a data race by design (as with
-// a real device), so ThreadSanitizer builds do not run this test.
+// snapshot must be in the union of the bitmaps reported since.
 TEST(VfioDirtyBitmap, NoWrittenPageMissingUnderConcurrentStartAndUnmap) {
-#if defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "device writes racing CPU reads of guest memory are a data race by design";
-#else
   constexpr uint64_t kChunks = 8;
   constexpr uint64_t kChunkPages = 64;
   constexpr uint64_t kPages = kChunks * kChunkPages;
@@ -218,7 +223,7 @@ TEST(VfioDirtyBitmap, NoWrittenPageMissingUnderConcurrentStartAndUnmap) {
   while (std::chrono::steady_clock::now() < deadline || cycles < 4) {
     ++cycles;
     ASSERT_EQ(dirty_flag(c, VFIO_IOMMU_DIRTY_PAGES_FLAG_START), 0);
-    std::memcpy(snapshot.data(), mem.p, snapshot.size());
+    copy_racing_device(snapshot.data(), mem.p, snapshot.size());
     std::fill(seen.begin(), seen.end(), 0);
     for (int step = 0; step < 4; ++step) {
       const uint64_t chunk = rng() % kChunks;
@@ -231,7 +236,8 @@ TEST(VfioDirtyBitmap, NoWrittenPageMissingUnderConcurrentStartAndUnmap) {
         seen[chunk * kChunkPages / 64 + i] |= chunk_bits[i];
       ASSERT_EQ(map(c, iova, mem.p + chunk * kChunkPages * kPage, kChunkPages * kPage), 0);
     }
-    std::vector<unsigned char> now(mem.p, mem.p + kPages * kPage);
+    std::vector<unsigned char> now(kPages * kPage);
+    copy_racing_device(now.data(), mem.p, now.size());
     std::fill(bits.begin(), bits.end(), 0);
     ASSERT_EQ(get_bitmap(c, kBase, kPages * kPage, bits), 0);
     for (uint64_t i = 0; i < bits.size(); ++i) seen[i] |= bits[i];
@@ -248,7 +254,6 @@ TEST(VfioDirtyBitmap, NoWrittenPageMissingUnderConcurrentStartAndUnmap) {
   iomm_vfio_group_destroy(md);
   iomm_vfio_group_destroy(sw);
   iomm_vfio_close(c);
-#endif
 }
 
 }  // namespace
