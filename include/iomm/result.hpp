@@ -15,6 +15,7 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <utility>
 #include <variant>
@@ -55,19 +56,29 @@ class [[nodiscard]] Result {
   [[nodiscard]] bool ok() const noexcept { return v_.index() == 0; }
   explicit operator bool() const noexcept { return ok(); }
 
-  T& value() & { return std::get<0>(v_); }
-  const T& value() const& { return std::get<0>(v_); }
-  T&& value() && { return std::get<0>(std::move(v_)); }
-  T* operator->() { return &std::get<0>(v_); }
-  const T* operator->() const { return &std::get<0>(v_); }
-  T& operator*() & { return value(); }
-  const T& operator*() const& { return value(); }
+  // value() of an error, or error() of a value, is a bug in the caller: it
+  // aborts (it never throws, so noexcept paths may use these).
+  T& value() & noexcept { return *get<0>(v_); }
+  const T& value() const& noexcept { return *get<0>(v_); }
+  T&& value() && noexcept { return std::move(*get<0>(v_)); }
+  T* operator->() noexcept { return get<0>(v_); }
+  const T* operator->() const noexcept { return get<0>(v_); }
+  T& operator*() & noexcept { return value(); }
+  const T& operator*() const& noexcept { return value(); }
 
-  [[nodiscard]] const Error& error() const& { return std::get<1>(v_); }
+  [[nodiscard]] const Error& error() const& noexcept { return *get<1>(v_); }
+  // Moving the error out never allocates.
+  [[nodiscard]] Error&& error() && noexcept { return std::move(*get<1>(v_)); }
   // errno value of the error, or 0 on success.
-  [[nodiscard]] int code() const noexcept { return ok() ? 0 : std::get<1>(v_).code(); }
+  [[nodiscard]] int code() const noexcept { return ok() ? 0 : get<1>(v_)->code(); }
 
  private:
+  template <size_t I, typename V>
+  static auto* get(V& v) noexcept {
+    auto* p = std::get_if<I>(&v);
+    if (p == nullptr) std::abort();
+    return p;
+  }
   std::variant<T, Error> v_;
 };
 

@@ -214,7 +214,7 @@ bool thread_has_ipc_lock() noexcept {
 Result<std::shared_ptr<Owner>> owner_for_mapping(AccountMode mode, const OwnerSpec& spec) noexcept {
   if (mode == AccountMode::none || thread_has_ipc_lock()) return std::shared_ptr<Owner>();
   auto process = process_id(spec.pid);
-  if (!process.ok()) return process.error();
+  if (!process.ok()) return std::move(process).error();
   if (mode == AccountMode::per_process) {
     const int pid = process->pid == 0 ? static_cast<int>(getpid()) : process->pid;
     return ledger_owner(mode, pid, *process, true);
