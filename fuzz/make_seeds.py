@@ -11,7 +11,10 @@ import os
 
 # Opcodes (enum Op in ioas_sequence_fuzzer.cpp).
 MAP, UNMAP, COPY, ATTACH, DETACH, DOMAIN, ACCESS, ACCESS_DESTROY, PIN, UNPIN, RW, DMA, \
-    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS = range(18)
+    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS, DIRTY = range(19)
+# DIRTY's mode byte: action (low 2 bits) and flags for the reads.
+DIRTY_ON, DIRTY_OFF, DIRTY_READ, DIRTY_PEEK = range(4)
+ALIGN_IOVA, ROUND_LEN, SHORT_BITMAP = 4, 8, 16
 
 # Value picks: an index into the length table, or 16 + a number of pages.
 def pages(n):
@@ -125,6 +128,22 @@ SEEDS = {
         op(PIN, 1, area(0, 0), LEN_8K, R) + op(RECREATE, 0, 5) +
         op(MAP, 0, file_rw(LEN0, LEN_8K), RW_) + op(MAP, 0, file_rw(LEN0, LEN_8K), RW_) +
         op(ACCESS_DESTROY, 1) + op(LIMIT, 6, 2) + op(LIMIT, 3, 0) + op(LIMIT, 1, 0),
+    # the dirty log: access and DMA writes, a pin, reads that clear or peek,
+    # an unmap that clears, a bitmap one word short, tracking off.
+    "seed-dirty": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_64K), RW_ | FIXED, IOVA_1M) +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) + op(ACCESS, 0, 0, 0) +
+        op(DIRTY, 0, DIRTY_ON) +
+        op(RW, 0, 1, area(0, 1), LEN_4K1) + op(DMA, 0, 1, area(0, 3), LEN_4K) +
+        op(PIN, 0, area(0, 2), LEN_4K, R) +
+        op(DIRTY, 0, DIRTY_PEEK, IOVA_1M, LEN_64K) +
+        op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_64K) +
+        op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_1M) +
+        op(DIRTY, 0, DIRTY_READ | SHORT_BITMAP, IOVA_1M, LEN_64K) +
+        op(DIRTY, 0, DIRTY_READ | ALIGN_IOVA | ROUND_LEN, area(0, 6), LEN_4K1) +
+        op(RW, 0, 1, area(0, 0), LEN_4K) + op(UNMAP, 0, 0, area(0, 0), to_end()) +
+        op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_64K) +
+        op(DIRTY, 0, DIRTY_OFF) + op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_64K),
     # wrap-around and UINT64_MAX arguments.
     "seed-edges": hdr() +
         op(MAP, 0, file_rw(LEN0, LEN_4K), R | FIXED, IOVA_MAX) +

@@ -152,6 +152,9 @@ void op_access_rw(Reader& in) {
       note(write ? acc->access->write(iova, buf, len) : acc->access->read(iova, buf, len));
   FUZZ_CHECK(s.code() == want, "%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read", iova,
              len, errno_name(s.code()), errno_name(want));
+  // A write marks its pages once the coverage walk passed, before the first
+  // byte moves: also when the copy then faults.
+  if (write && len > 0 && (want == 0 || want == EFAULT)) acc->io->mark_dirty(iova, len);
   if (s && len > 0) check_host_bytes(m, iova, buf, len, write ? "access write" : "access read");
 }
 
@@ -203,6 +206,7 @@ void op_dma(Reader& in) {
   FUZZ_CHECK(s.code() == want, "dma_%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read",
              iova, len, errno_name(s.code()), errno_name(want));
   if (fault) ++d->expected_faults;
+  if (s && write && len > 0) d->attached->mark_dirty(iova, len);
   if (s && len > 0) check_host_bytes(*m, iova, buf, len, write ? "dma_write" : "dma_read");
 }
 

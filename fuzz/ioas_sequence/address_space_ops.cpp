@@ -218,6 +218,17 @@ void unmap_model(IoasModel& m, const IovaRange& r) {
                  r.last);
     }
   }
+  // The log is cleared over the pages of the span of the removed mappings,
+  // from the first one's first page to the last one's last page.
+  std::optional<uint64_t> first, last;
+  for (const auto& [start, a] : m.areas) {
+    if (!r.contains(a.range())) continue;
+    if (!first) first = a.iova >> kPageShift;
+    last = a.last() >> kPageShift;
+  }
+  if (first) {
+    m.dirty_pages.erase(m.dirty_pages.lower_bound(*first), m.dirty_pages.upper_bound(*last));
+  }
   std::erase_if(m.areas, [&](const auto& e) { return r.contains(e.second.range()); });
 }
 

@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "fuzz_common.hpp"
@@ -90,8 +91,20 @@ struct IoasModel {
   std::vector<IovaRange> user_reserved;
   std::vector<IovaRange> allowed;  // sorted
   uint64_t accesses = 0;
+  // The dirty log: whether tracking is on, and the 4 KiB IOVA pages written
+  // (access writes that reached the copy, successful domain DMA writes)
+  // since tracking was switched or the pages were last read and cleared.
+  bool dirty_tracking = false;
+  std::set<uint64_t> dirty_pages;
 
   ~IoasModel();
+  // Records a write of [iova, iova + len) in the dirty log (len > 0, no wrap).
+  void mark_dirty(uint64_t iova, uint64_t len) {
+    if (!dirty_tracking) return;
+    for (uint64_t p = iova >> kPageShift; p <= (iova + len - 1) >> kPageShift; ++p) {
+      dirty_pages.insert(p);
+    }
+  }
   [[nodiscard]] int owner() const {
     if (!fx->charged) return kNoOwner;
     switch (mode) {

@@ -41,6 +41,8 @@ void run_op(Op op, Reader& in) {
       return op_set_limit(in);
     case kTakeFaults:
       return op_take_faults(in);
+    case kDirty:
+      return op_dirty(in);
     case kOpCount:
       break;
   }

@@ -30,6 +30,7 @@ enum Op : uint8_t {
   kRecreateIoas,
   kSetLimit,
   kTakeFaults,
+  kDirty,
   kOpCount,
 };
 
@@ -43,6 +44,7 @@ const char* const kOpNames[] = {
     "translate",     "set_allowed_ranges",
     "reserved",      "recreate_ioas",
     "set_limit",     "take_faults",
+    "dirty",
 };
 
 static_assert(std::size(kOpNames) == kOpCount);
@@ -67,6 +69,9 @@ void op_access_rw(Reader& in);
 void op_dma(Reader& in);
 void op_translate(Reader& in);
 void op_take_faults(Reader& in);
+
+// The dirty log (dirty_ops.cpp).
+void op_dirty(Reader& in);
 
 void run_op(Op op, Reader& in);
 
