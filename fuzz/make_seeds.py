@@ -11,7 +11,13 @@ import os
 
 # Opcodes (enum Op in ioas_sequence_fuzzer.cpp).
 MAP, UNMAP, COPY, ATTACH, DETACH, DOMAIN, ACCESS, ACCESS_DESTROY, PIN, UNPIN, RW, DMA, \
-    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS, DIRTY = range(19)
+    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS, DIRTY, PIN_PAGES, UNPIN_PAGES = \
+    range(21)
+# PIN_PAGES' and UNPIN_PAGES' flag byte: bit 0 aligns the IOVA down; 6 (both
+# bits) passes no host array to PIN_PAGES. UNPIN_PAGES with a flag byte
+# below 0x80 unpins from the (byte % n)-th held page, 1 + next byte % 4 pages.
+PAGES_ALIGN, PAGES_NULL_HOST = 1, 6
+TOO_MANY_PAGES = 0xFF
 # DIRTY's mode byte: action (low 2 bits) and flags for the reads.
 DIRTY_ON, DIRTY_OFF, DIRTY_READ, DIRTY_PEEK = range(4)
 ALIGN_IOVA, ROUND_LEN, SHORT_BITMAP = 4, 8, 16
@@ -144,6 +150,22 @@ SEEDS = {
         op(RW, 0, 1, area(0, 0), LEN_4K) + op(UNMAP, 0, 0, area(0, 0), to_end()) +
         op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_64K) +
         op(DIRTY, 0, DIRTY_OFF) + op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_64K),
+    # per-page pins: counts, host addresses, unpin of unpinned pages, a
+    # dirty read that reports them, an unmap whose callback unpins them.
+    "seed-page-pins": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_32K), RW_ | FIXED, IOVA_1M) +
+        op(MAP, 0, simulated(0, LEN0, LEN_8K), RW_ | FIXED, IOVA_2M) +
+        op(ACCESS, 0, 0, 0) + op(ACCESS, 1, 0, 1) +
+        op(PIN_PAGES, 0, 0, area(0, 1), 3, RW_) + op(PIN_PAGES, 0, 0, area(0, 2), 2, R) +
+        op(PIN_PAGES, 1, 0, area(0, 0), 8, W) + op(PIN_PAGES, 1, 0, area(0, 0), 9, R) +
+        op(PIN_PAGES, 0, PAGES_NULL_HOST, area(0, 0), 1, R) +
+        op(PIN_PAGES, 0, 0, area(1, 0), 1, R) +
+        op(PIN_PAGES, 0, PAGES_ALIGN, IOVA_MAX, 2, R) +
+        op(PIN_PAGES, 0, 0, IOVA_1M, TOO_MANY_PAGES, R) +
+        op(UNPIN_PAGES, 0, 0, 1) + op(UNPIN_PAGES, 0, 1, 3) + op(UNPIN_PAGES, 0, 0x80, area(0, 6), 1) +
+        op(DIRTY, 0, DIRTY_ON) + op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_32K) +
+        op(UNMAP, 0, 0, area(0, 0), to_end()) + op(UNPIN_PAGES, 1, 0x80, IOVA_1M, 1) +
+        op(ACCESS_DESTROY, 0),
     # wrap-around and UINT64_MAX arguments.
     "seed-edges": hdr() +
         op(MAP, 0, file_rw(LEN0, LEN_4K), R | FIXED, IOVA_MAX) +

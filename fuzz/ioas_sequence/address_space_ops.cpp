@@ -217,6 +217,10 @@ void unmap_model(IoasModel& m, const IovaRange& r) {
                  "access pin [%#lx, +%#lx) survived an unmap of [%#lx, %#lx]", iova, len, r.start,
                  r.last);
     }
+    for (const auto& [page, count] : acc->page_pins) {
+      FUZZ_CHECK(!page_range(page).overlaps(r),
+                 "page pin at %#lx survived an unmap of [%#lx, %#lx]", page, r.start, r.last);
+    }
   }
   // The log is cleared over the pages of the span of the removed mappings,
   // from the first one's first page to the last one's last page.

@@ -35,6 +35,9 @@ std::vector<uint64_t> expected_bitmap(const IoasModel& m, uint64_t first_page, u
         set_bit(bits, first_page, npages, p);
       }
     }
+    for (const auto& [page, count] : acc->page_pins) {
+      set_bit(bits, first_page, npages, page >> kPageShift);
+    }
   }
   return bits;
 }

@@ -154,12 +154,15 @@ struct DomainModel {
 
 struct AccessModel;
 
+inline IovaRange page_range(uint64_t page_iova) { return {page_iova, page_iova + kPageSize - 1}; }
+
 inline std::optional<IovaRange> g_unmap_request;  // the range of the unmap in progress
 
 struct AccessModel {
   std::shared_ptr<IoasModel> io;  // declared first: destroyed after the access
   std::mutex mu;
   std::vector<std::pair<uint64_t, uint64_t>> pins;  // iova, length; guarded by mu
+  std::map<uint64_t, uint32_t> page_pins;           // page iova -> pin_pages count; guarded by mu
   bool refuse_alternate = false;                    // ignore every other notification (retry path)
   bool probe_in_callback = false;                   // try pin/read of the range being unmapped
   uint64_t notifications = 0;
@@ -175,9 +178,13 @@ struct AccessModel {
     FUZZ_CHECK(access != nullptr, "unmap callback before create returned");
     FUZZ_CHECK(g_unmap_request.has_value() && g_unmap_request->contains(r),
                "callback range [%#lx, %#lx] is not inside the unmap in progress", r.start, r.last);
-    const bool overlaps = std::any_of(pins.begin(), pins.end(), [&](const auto& p) {
-      return IovaRange{p.first, p.first + p.second - 1}.overlaps(r);
-    });
+    const bool overlaps =
+        std::any_of(pins.begin(), pins.end(),
+                    [&](const auto& p) {
+                      return IovaRange{p.first, p.first + p.second - 1}.overlaps(r);
+                    }) ||
+        std::any_of(page_pins.begin(), page_pins.end(),
+                    [&](const auto& p) { return page_range(p.first).overlaps(r); });
     FUZZ_CHECK(overlaps, "callback for [%#lx, %#lx] on an access with no pin there", r.start,
                r.last);
     if (refuse_alternate && (notifications++ % 2) == 0) return;
@@ -196,6 +203,16 @@ struct AccessModel {
       Status s = access->unpin(p.first, p.second);
       FUZZ_CHECK(s.ok(), "unpin of a held pin failed in the callback: %s",
                  s.error().describe().c_str());
+      return true;
+    });
+    // Page pins are unpinned one page at a time, as often as they were pinned.
+    std::erase_if(page_pins, [&](const auto& p) {
+      if (!page_range(p.first).overlaps(r)) return false;
+      for (uint32_t i = 0; i < p.second; ++i) {
+        Status s = access->unpin_pages(p.first, 1);
+        FUZZ_CHECK(s.ok(), "unpin_pages of a held page failed in the callback: %s",
+                   s.error().describe().c_str());
+      }
       return true;
     });
   }

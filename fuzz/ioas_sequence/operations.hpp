@@ -31,6 +31,8 @@ enum Op : uint8_t {
   kSetLimit,
   kTakeFaults,
   kDirty,
+  kPinPages,
+  kUnpinPages,
   kOpCount,
 };
 
@@ -44,7 +46,8 @@ const char* const kOpNames[] = {
     "translate",     "set_allowed_ranges",
     "reserved",      "recreate_ioas",
     "set_limit",     "take_faults",
-    "dirty",
+    "dirty",         "pin_pages",
+    "unpin_pages",
 };
 
 static_assert(std::size(kOpNames) == kOpCount);
@@ -69,6 +72,8 @@ void op_access_rw(Reader& in);
 void op_dma(Reader& in);
 void op_translate(Reader& in);
 void op_take_faults(Reader& in);
+void op_pin_pages(Reader& in);
+void op_unpin_pages(Reader& in);
 
 // The dirty log (dirty_ops.cpp).
 void op_dirty(Reader& in);

@@ -59,6 +59,11 @@ std::vector<PageRun> expected_runs() {
           add_run(runs, a->src, s - a->iova, l - s + 1, a->owner);
         }
       }
+      for (const auto& [page, count] : acc->page_pins) {
+        const AreaModel* a = m->find(page);
+        FUZZ_CHECK(a != nullptr, "model: page pin at %#lx outside every mapping", page);
+        add_run(runs, a->src, page - a->iova, kPageSize, a->owner);
+      }
     }
   }
   return runs;
@@ -139,6 +144,11 @@ void check_ioas(IoasModel& m) {
       for (const auto& [iova, len] : acc->pins) {
         if (IovaRange{iova, iova + len - 1}.overlaps(a.range())) ++access_pins;
       }
+      // One per page held by pin_pages (not per count).
+      for (auto it = acc->page_pins.lower_bound(a.iova);
+           it != acc->page_pins.end() && it->first <= a.last(); ++it) {
+        ++access_pins;
+      }
     }
     FUZZ_CHECK(
         mi.iova == a.iova && mi.length == a.len && mi.prot == a.prot && mi.kind == a.src.kind() &&
@@ -172,6 +182,9 @@ void check_all() {
     FUZZ_CHECK(acc->access->pin_count() == acc->pins.size() && acc->access->pinned_bytes() == bytes,
                "access pins %lu / %#lx bytes, model %zu / %#lx", acc->access->pin_count(),
                acc->access->pinned_bytes(), acc->pins.size(), bytes);
+    FUZZ_CHECK(acc->access->page_pinned_count() == acc->page_pins.size(),
+               "access page pins %lu, model %zu", acc->access->page_pinned_count(),
+               acc->page_pins.size());
   }
   for (DomainModel* d : w->live_domains()) {
     uint64_t bytes = 0;
