@@ -11,13 +11,17 @@ import os
 
 # Opcodes (enum Op in ioas_sequence_fuzzer.cpp).
 MAP, UNMAP, COPY, ATTACH, DETACH, DOMAIN, ACCESS, ACCESS_DESTROY, PIN, UNPIN, RW, DMA, \
-    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS, DIRTY, PIN_PAGES, UNPIN_PAGES = \
-    range(21)
+    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS, DIRTY, PIN_PAGES, UNPIN_PAGES, \
+    LIVE = range(22)
 # PIN_PAGES' and UNPIN_PAGES' flag byte: bit 0 aligns the IOVA down; 6 (both
 # bits) passes no host array to PIN_PAGES. UNPIN_PAGES with a flag byte
 # below 0x80 unpins from the (byte % n)-th held page, 1 + next byte % 4 pages.
 PAGES_ALIGN, PAGES_NULL_HOST = 1, 6
 TOO_MANY_PAGES = 0xFF
+# LIVE's mode byte: INVALIDATE (then an IOVA and a length), or replace_host of
+# the mapping at an IOVA with the same source, a same-length slice of the
+# read-write memfd (then an offset pick) or any source.
+INVALIDATE, REPLACE_SAME, REPLACE_FILE_SLICE, REPLACE_SOURCE = 0, 1, 3, 5
 # DIRTY's mode byte: action (low 2 bits) and flags for the reads.
 DIRTY_ON, DIRTY_OFF, DIRTY_READ, DIRTY_PEEK = range(4)
 ALIGN_IOVA, ROUND_LEN, SHORT_BITMAP = 4, 8, 16
@@ -166,6 +170,24 @@ SEEDS = {
         op(DIRTY, 0, DIRTY_ON) + op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_32K) +
         op(UNMAP, 0, 0, area(0, 0), to_end()) + op(UNPIN_PAGES, 1, 0x80, IOVA_1M, 1) +
         op(ACCESS_DESTROY, 0),
+    # live update: invalidate, pins and rw fail with EBUSY while DMA goes on,
+    # replace with other pages, EINVAL/ENOENT/EBUSY/EPERM of replace_host.
+    "seed-live-update": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_32K), RW_ | FIXED, IOVA_1M) +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) + op(ACCESS, 0, 0, 0) +
+        op(LIVE, 0, INVALIDATE, area(0, 0), to_end()) +
+        op(LIVE, 0, INVALIDATE, area(0, 0), to_end()) +
+        op(LIVE, 0, INVALIDATE, area(0, 1), LEN_4K) +
+        op(RW, 0, 1, area(0, 0), LEN_4K) + op(PIN, 0, area(0, 0), LEN_4K, R) +
+        op(PIN_PAGES, 0, 0, area(0, 0), 1, R) + op(DMA, 0, 1, area(0, 0), LEN_4K) +
+        op(LIVE, 0, REPLACE_FILE_SLICE, area(0, 0), LEN_64K) +
+        op(DMA, 0, 0, area(0, 0), LEN_4K) + op(TRANSLATE, 0, 1, area(0, 0)) +
+        op(LIVE, 0, REPLACE_SAME, area(0, 0)) +
+        op(PIN, 0, area(0, 0), LEN_4K, R) + op(LIVE, 0, INVALIDATE, area(0, 0), to_end()) +
+        op(LIVE, 0, REPLACE_SAME, area(0, 0)) + op(UNPIN, 0, 0) +
+        op(LIVE, 0, REPLACE_SOURCE, area(0, 0), file_ro(LEN0, LEN_32K)) +
+        op(LIVE, 0, REPLACE_SOURCE, area(0, 0), user_rw(LEN0, LEN_32K)) +
+        op(RW, 0, 0, area(0, 1), LEN_4K) + op(LIVE, 0, REPLACE_SAME, IOVA_4K),
     # wrap-around and UINT64_MAX arguments.
     "seed-edges": hdr() +
         op(MAP, 0, file_rw(LEN0, LEN_4K), R | FIXED, IOVA_MAX) +

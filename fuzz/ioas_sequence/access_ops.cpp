@@ -122,11 +122,13 @@ uint64_t pick_npages(uint8_t b) { return b == 0xff ? kTooManyPages : b % 24; }
 
 // pin_pages' verdict on the pages of [iova, iova + npages pages), in its
 // order: page by page, the first page not mapped (ENOENT), whose mapping
-// lacks prot (EPERM) or is simulated (ENXIO).
+// has an invalid host address (EBUSY), lacks prot (EPERM) or is simulated
+// (ENXIO).
 int page_walk(const IoasModel& m, uint64_t iova, uint64_t npages, uint32_t prot) {
   for (uint64_t i = 0; i < npages; ++i) {
     const AreaModel* a = m.find(iova + i * kPageSize);
     if (a == nullptr) return ENOENT;
+    if (a->host_invalid) return EBUSY;
     if ((a->prot & prot) != prot) return EPERM;
     if (a->src.kind() == SourceKind::simulated) return ENXIO;
   }

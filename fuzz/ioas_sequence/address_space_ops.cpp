@@ -1,5 +1,5 @@
 // Operations on address spaces and domains: map, copy, unmap, attach and
-// detach, domain creation, allowed and reserved ranges, limits.
+// detach, domain creation, allowed and reserved ranges, limits, live update.
 #include "ioas_sequence/generators.hpp"
 #include "ioas_sequence/operations.hpp"
 #include "ioas_sequence/oracle.hpp"
@@ -518,6 +518,115 @@ void op_set_limit(Reader& in) {
   FUZZ_CHECK(s.ok(), "set_memlock_limit failed: %s", s.ok() ? "" : s.error().describe().c_str());
   w->limit[which] = limit;
   // Lowering a limit below the current charge is allowed; only growth is bound.
+}
+
+namespace {
+
+void invalidate_host(IoasModel& m, Reader& in) {
+  const uint64_t iova = pick_iova_rel(in, &m);
+  const uint64_t len = pick_len_rel(in, &m, iova);
+  w->probe_iova = iova;
+  const auto range = range_of(iova, len);
+  int want = 0;
+  uint64_t want_bytes = 0;
+  if (len == 0) {
+    want = EINVAL;
+  } else if (!range) {
+    want = EOVERFLOW;
+  } else {
+    // In IOVA order, the first mapping that is cut or already invalid decides.
+    for (const AreaModel* a : m.overlapping(*range)) {
+      if (!range->contains(a->range())) {
+        want = ENOENT;
+      } else if (a->host_invalid) {
+        want = EINVAL;
+      }
+      if (want != 0) break;
+      want_bytes += a->len;
+    }
+  }
+  const auto& r = note(m.ioas->invalidate_host(iova, len));
+  FUZZ_CHECK(r.code() == want && (!r.ok() || *r == want_bytes),
+             "invalidate_host(%#lx, %#lx) gave %s / %#lx, model %s / %#lx", iova, len,
+             errno_name(r.code()), r.ok() ? *r : 0, errno_name(want), want_bytes);
+  if (!r) return;
+  for (auto& [start, a] : m.areas) {
+    if (range->contains(a.range())) a.host_invalid = true;
+  }
+}
+
+void replace_host(IoasModel& m, uint8_t how, Reader& in) {
+  const uint64_t iova = pick_iova_rel(in, &m);
+  w->probe_iova = iova;
+  auto it = m.areas.find(iova);
+  // The new source: the mapping's own (same pages), a same-length slice of
+  // the read-write memfd, or any source from the input.
+  std::optional<MemorySource> src;
+  switch (how % 3) {
+    case 0:
+      if (it != m.areas.end()) src = it->second.src;
+      break;
+    case 1: {
+      const uint64_t off = pick_len(in) & ~(kPageSize - 1);
+      if (it != m.areas.end() && it->second.len <= fx->file_rw_size) {
+        const uint64_t len = it->second.len;
+        auto s =
+            MemorySource::from_file(fx->file_rw_fd, off <= fx->file_rw_size - len ? off : 0, len);
+        FUZZ_CHECK(s.ok(), "from_file of a fitting slice failed");
+        src = *s;
+      }
+      break;
+    }
+    default:
+      if (!make_source(in, &src)) return;
+      break;
+  }
+  if (!src) src = fx->file_rw_whole->slice(0, kPageSize);
+  int want = 0;
+  bool pinning = false;  // pins (and charges) new pages: may still fail with EFAULT/ENOMEM
+  if (it == m.areas.end()) {
+    want = ENOENT;
+  } else {
+    const AreaModel& a = it->second;
+    bool access_pins = false;
+    for (AccessModel* acc : w->accesses_of(&m)) {
+      for (const auto& [piova, plen] : acc->pins) {
+        access_pins = access_pins || IovaRange{piova, piova + plen - 1}.overlaps(a.range());
+      }
+      for (const auto& [page, count] : acc->page_pins) {
+        access_pins = access_pins || page_range(page).overlaps(a.range());
+      }
+    }
+    if (!a.host_invalid || a.len != src->length()) {
+      want = EINVAL;
+    } else if (access_pins) {
+      want = EBUSY;
+    } else if ((a.prot & kProtWrite) != 0 && !src->writable()) {
+      want = EPERM;
+    } else {
+      const bool same_pages = src->object() == a.src.object() && src->offset() == a.src.offset();
+      pinning = !m.domains.empty() && !same_pages;
+    }
+  }
+  const Status& s = note(m.ioas->replace_host(iova, *src, OwnerSpec{}));
+  FUZZ_CHECK(s.code() == want || (pinning && (s.code() == EFAULT || s.code() == ENOMEM)),
+             "replace_host(%#lx) gave %s, model %s%s", iova, errno_name(s.code()), errno_name(want),
+             pinning ? " (or a pinning error)" : "");
+  if (!s) return;
+  AreaModel& a = it->second;
+  a.src = *src;
+  a.owner = m.owner();
+  a.host_invalid = false;
+}
+
+}  // namespace
+
+// Live update: invalidate_host over a range, or replace_host of one mapping.
+void op_live(Reader& in) {
+  IoasModel* m = ioas_slot(in);
+  const uint8_t b = in.u8();
+  if ((b & 1) == 0) return invalidate_host(*m, in);
+  replace_host(*m, static_cast<uint8_t>(b >> 1), in);
 }
 
 }  // namespace iomm::fuzz::ioas_sequence

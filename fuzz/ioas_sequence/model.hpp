@@ -72,6 +72,7 @@ struct AreaModel {
   uint32_t prot;
   MemorySource src;
   int owner;
+  bool host_invalid = false;  // Ioas::invalidate_host until replace_host
   [[nodiscard]] uint64_t last() const { return iova + len - 1; }
   [[nodiscard]] IovaRange range() const { return {iova, last()}; }
 };

@@ -47,6 +47,8 @@ void run_op(Op op, Reader& in) {
       return op_pin_pages(in);
     case kUnpinPages:
       return op_unpin_pages(in);
+    case kLive:
+      return op_live(in);
     case kOpCount:
       break;
   }

@@ -33,6 +33,7 @@ enum Op : uint8_t {
   kDirty,
   kPinPages,
   kUnpinPages,
+  kLive,
   kOpCount,
 };
 
@@ -47,7 +48,7 @@ const char* const kOpNames[] = {
     "reserved",      "recreate_ioas",
     "set_limit",     "take_faults",
     "dirty",         "pin_pages",
-    "unpin_pages",
+    "unpin_pages",   "live_update",
 };
 
 static_assert(std::size(kOpNames) == kOpCount);
@@ -63,6 +64,7 @@ void op_reserved(Reader& in);
 std::shared_ptr<IoasModel> create_ioas(uint8_t b);
 void op_recreate_ioas(Reader& in);
 void op_set_limit(Reader& in);
+void op_live(Reader& in);
 
 // Accesses and devices (access_ops.cpp).
 void op_access_create(Reader& in);

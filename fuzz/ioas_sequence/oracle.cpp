@@ -167,6 +167,10 @@ void check_ioas(IoasModel& m) {
              "{%zu, %#lx, %zu, %lu, %#lx}",
              c.mappings, c.mapped_bytes, c.domains, c.accesses, c.iova_alignment, m.areas.size(),
              bytes, m.domains.size(), m.accesses, m.alignment());
+  const auto invalid = static_cast<uint64_t>(std::count_if(
+      m.areas.begin(), m.areas.end(), [](const auto& e) { return e.second.host_invalid; }));
+  FUZZ_CHECK(m.ioas->invalid_host_count() == invalid, "invalid_host_count() %lu, model %lu",
+             m.ioas->invalid_host_count(), invalid);
   FUZZ_CHECK(m.ioas->iova_ranges() == holes_of(m.reserved()),
              "iova_ranges() disagrees with the reserved ranges");
 }
@@ -284,6 +288,7 @@ int walk(const IoasModel& m, const IovaRange& r, uint32_t need, bool rw) {
   uint64_t pos = r.start;
   for (const AreaModel* a : m.overlapping(r)) {
     if (a->iova > pos) return ENOENT;
+    if (a->host_invalid) return EBUSY;
     if ((a->prot & need) != need) return EPERM;
     if (rw && a->src.kind() == SourceKind::simulated) return ENXIO;
     if (a->last() >= r.last) return 0;

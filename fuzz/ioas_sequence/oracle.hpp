@@ -31,7 +31,8 @@ void check_placement(const IoasModel& m, uint64_t iova, const std::vector<AreaMo
                      std::optional<uint64_t> fixed);
 
 // Which errno the coverage walk of an access pin/rw gives (0 = covered).
-// Mirrors the contract: a hole is ENOENT, a mapping without the prot is EPERM,
+// Mirrors the contract: a hole is ENOENT, a mapping whose host address is
+// invalid (live update) EBUSY, a mapping without the prot is EPERM,
 // simulated memory is ENXIO for rw.
 int walk(const IoasModel& m, const IovaRange& r, uint32_t need, bool rw);
 
