@@ -327,6 +327,42 @@ std::optional<std::vector<HostPiece>> host_pieces(const IoasModel& m, uint64_t i
 
 }  // namespace
 
+namespace {
+
+// Whether pinning all of src (for write: made resident writable) faults:
+// user memory outside the read-write part (or, for read, the read-only part).
+bool source_faults(const MemorySource& src, bool write) {
+  if (src.kind() != SourceKind::user) return false;
+  const uint64_t user = reinterpret_cast<uint64_t>(fx->user);
+  const uint64_t good_last = user + fx->user_rw + (write ? 0 : fx->user_ro) - 1;
+  const uint64_t first = dma_address(src);
+  return first < user || first + (src.length() - 1) > good_last;
+}
+
+uint64_t owner_charge(const std::vector<PageRun>& runs, int owner) {
+  const auto [real, sim] =
+      distinct_pages(runs, [owner](const PageRun& x) { return x.owner == owner; });
+  return (real + sim) * kPageSize;
+}
+
+}  // namespace
+
+int predict_pins(const std::vector<AreaModel>& areas) {
+  std::vector<PageRun> runs = expected_runs();
+  for (const AreaModel& a : areas) {
+    if (a.owner != kNoOwner) {
+      const uint64_t before = owner_charge(runs, a.owner);
+      std::vector<PageRun> with = runs;
+      add_run(with, a.src, 0, a.len, a.owner);
+      const uint64_t after = owner_charge(with, a.owner);
+      if (after > before && after > w->limit[a.owner].value_or(fx->rlimit)) return ENOMEM;
+    }
+    if (source_faults(a.src, (a.prot & kProtWrite) != 0)) return EFAULT;
+    add_run(runs, a.src, 0, a.len, a.owner);
+  }
+  return 0;
+}
+
 bool user_memory_faults(const IoasModel& m, const IovaRange& r, bool write) {
   const uint64_t user = reinterpret_cast<uint64_t>(fx->user);
   const uint64_t good_last = user + fx->user_rw + (write ? 0 : fx->user_ro) - 1;
