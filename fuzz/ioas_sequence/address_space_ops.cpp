@@ -146,6 +146,14 @@ void op_map(Reader& in) {
     FUZZ_CHECK(r.code() == want, "map of [%#lx, +%#lx) prot %u gave %s, model %s",
                fixed.value_or(0), src->length(), prot, errno_name(r.code()), errno_name(want));
   }
+  if (want < 0 && (r.ok() || r.code() == EFAULT || r.code() == ENOMEM)) {
+    // An allocated IOVA: where the allocation did not fail (ENOSPC, EOVERFLOW),
+    // the pin decides.
+    const int pin =
+        m->domains.empty() ? 0 : predict_pins({{0, src->length(), prot, *src, m->owner()}});
+    FUZZ_CHECK(r.code() == pin, "map (allocated IOVA) of %#lx bytes prot %u gave %s, model %s",
+               src->length(), prot, errno_name(r.code()), errno_name(pin));
+  }
   if (!r) return;
   FUZZ_CHECK(prot == kProtRead || prot == kProtWrite || prot == (kProtRead | kProtWrite),
              "map with prot %#x succeeded", prot);
@@ -191,6 +199,11 @@ void op_copy(Reader& in) {
   if (want >= 0) {
     FUZZ_CHECK(r.code() == want, "copy_from(%#lx, %#lx) prot %u gave %s, model %s", src_iova, len,
                prot, errno_name(r.code()), errno_name(want));
+  }
+  if (want < 0 && (r.ok() || r.code() == EFAULT || r.code() == ENOMEM)) {
+    const int pin = dst->domains.empty() ? 0 : predict_pins(slices);
+    FUZZ_CHECK(r.code() == pin, "copy_from (allocated IOVA) of %#lx bytes gave %s, model %s", len,
+               errno_name(r.code()), errno_name(pin));
   }
   if (!r) return;
   FUZZ_CHECK(covered, "copy of [%#lx, +%#lx), not fully mapped, succeeded", src_iova, len);
