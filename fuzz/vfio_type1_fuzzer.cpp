@@ -19,9 +19,12 @@
 // - a failed call changed nothing: the pinned and charged bytes and VmLck
 //   are what they were before it;
 // - VmLck always equals the pinned bytes;
-// - in a type1v2 container, a successful MAP_DMA overlaps no mapping of the
-//   shadow (Type1Shadow) and a successful UNMAP_DMA reports exactly the
-//   bytes of the shadow's mappings it removes.
+// - a successful MAP_DMA overlaps no mapping of the shadow (Type1Shadow) and
+//   a successful UNMAP_DMA reports exactly the bytes of the shadow's mappings
+//   it removes, by the type1v2 or the type1 (v1) rule;
+// - a failed call left the caller's struct byte for byte as it was; a
+//   successful one wrote only what it may (UNMAP_DMA: size; GET_INFO: its
+//   first min(argsz, sizeof) bytes, zero-filled, and the capability chain).
 // At the end the container is closed: every counter and VmLck must be zero.
 #include <linux/vfio.h>
 #include <sys/mman.h>
@@ -183,10 +186,10 @@ void on_dma_unmap(void* opaque, uint64_t iova, uint64_t size) {
 // type, and the mappings (iova -> size) that successful calls made. It
 // predicts the outputs of successful calls: MAP_DMA never overlaps a mapping
 // (VADDR: matches one exactly), UNMAP_DMA reports exactly the bytes of the
-// mappings it removes. Only type1v2 is predicted: v1's unmap of an
-// overlapping range depends on the kernel's tree search order. Failed calls
-// are not read (their output fields are the type1 layer's own tests'
-// business).
+// mappings it removes, by the v2 rule (no bisection: whole mappings inside
+// the range) or the v1 rule (a request starting inside a mapping unmaps
+// nothing; otherwise every mapping starting in the range goes, whole). A
+// failed call must leave the caller's struct as it was (check_written_back).
 struct Type1Shadow {
   int groups = 0;
   bool v2 = false;
@@ -203,7 +206,6 @@ struct Type1Shadow {
   void iommu_set(unsigned long type) { v2 = type != VFIO_TYPE1_IOMMU; }
 
   void mapped(const vfio_iommu_type1_dma_map& m) {
-    if (!v2) return;
     const uint64_t last = m.iova + m.size - 1;
     if ((m.flags & VFIO_DMA_MAP_FLAG_VADDR) != 0) {
       auto it = maps.find(m.iova);
@@ -222,14 +224,20 @@ struct Type1Shadow {
   }
 
   void unmapped(const vfio_iommu_type1_dma_unmap& u, uint64_t iova, uint64_t size) {
-    if (!v2) return;
     const bool all = (u.flags & VFIO_DMA_UNMAP_FLAG_ALL) != 0;
     const uint64_t last = iova + size - 1;
     uint64_t want = 0;
     std::vector<uint64_t> gone;
+    // v1: a request starting inside a mapping unmaps nothing (size 0); else
+    // it removes every mapping starting in [iova, last], whole, even past last.
+    const bool v1_inside = !v2 && !all && std::any_of(maps.begin(), maps.end(), [&](const auto& e) {
+      return e.first < iova && e.first + e.second - 1 >= iova;
+    });
     for (const auto& [start, len] : maps) {
+      if (v1_inside) break;
+      if (!v2 && !all && (start < iova || start > last)) continue;
       if (!all && (start + len - 1 < iova || start > last)) continue;
-      FUZZ_CHECK(all || (start >= iova && start + len - 1 <= last),
+      FUZZ_CHECK(all || !v2 || (start >= iova && start + len - 1 <= last),
                  "v2 UNMAP_DMA of [%#lx, +%#lx) succeeded bisecting [%#lx, +%#lx)", iova, size,
                  start, len);
       want += len;
@@ -339,6 +347,55 @@ void fill_bitmap(Reader& in, vfio_bitmap* bm, uint64_t size) {
   bm->data = (b & 8) != 0 ? nullptr : reinterpret_cast<__u64*>(g_bitmap);
 }
 
+// What a call may write into the caller's struct (the kernel's rules): a
+// failed call nothing; MAP_DMA and DIRTY_PAGES nothing (DIRTY_PAGES writes
+// only the bitmap, outside the struct); a successful UNMAP_DMA only `size`;
+// a successful GET_INFO only its first min(argsz, sizeof(info)) bytes (Linux
+// 6.6+: a zero-filled struct, so the padding reads 0), and with the capability
+// chain, which only fits when argsz covers it, bytes up to argsz; argsz
+// itself changes only to ask for more room for the capabilities.
+void check_written_back(unsigned long request, long r, const uint8_t* passed, uint32_t argsz_in) {
+  const uint8_t* now = g_arg->buf;
+  auto same = [&](size_t from, size_t to) {
+    return to <= from || std::memcmp(passed + from, now + from, to - from) == 0;
+  };
+  if (r < 0) {
+    FUZZ_CHECK(same(0, kArgBuf), "failed ioctl %#lx wrote into the caller's struct", request);
+    return;
+  }
+  switch (request) {
+    case VFIO_IOMMU_MAP_DMA:
+    case VFIO_IOMMU_DIRTY_PAGES:
+      FUZZ_CHECK(same(0, kArgBuf), "ioctl %#lx wrote into the caller's struct", request);
+      return;
+    case VFIO_IOMMU_UNMAP_DMA: {
+      const size_t at = offsetof(vfio_iommu_type1_dma_unmap, size);
+      FUZZ_CHECK(same(0, at) && same(at + sizeof(__u64), kArgBuf),
+                 "UNMAP_DMA wrote outside `size` of the caller's struct");
+      return;
+    }
+    case VFIO_IOMMU_GET_INFO: {
+      const auto* info = reinterpret_cast<const vfio_iommu_type1_info*>(now);
+      const size_t n = std::min<size_t>(argsz_in, sizeof(*info));
+      const bool caps = (info->flags & VFIO_IOMMU_INFO_CAPS) != 0;
+      const size_t end = caps && argsz_in >= sizeof(*info) ? argsz_in : n;
+      FUZZ_CHECK(same(end, kArgBuf), "GET_INFO with argsz %u wrote past byte %zu", argsz_in, end);
+      FUZZ_CHECK(info->argsz == argsz_in || (caps && info->argsz > argsz_in),
+                 "GET_INFO changed argsz %u to %u (caps %d)", argsz_in, info->argsz, caps);
+      FUZZ_CHECK((info->flags & ~(VFIO_IOMMU_INFO_PGSIZES | VFIO_IOMMU_INFO_CAPS)) == 0,
+                 "GET_INFO flags %#x", info->flags);
+      // The tail padding after cap_offset (`pad` in newer headers).
+      const size_t pad = offsetof(vfio_iommu_type1_info, cap_offset) + sizeof(__u32);
+      static const uint8_t zeros[sizeof(*info)] = {};
+      FUZZ_CHECK(n < sizeof(*info) || std::memcmp(now + pad, zeros, sizeof(*info) - pad) == 0,
+                 "GET_INFO's padding is not zero-filled");
+      return;
+    }
+    default:
+      return;
+  }
+}
+
 long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   const uint8_t sel = in.u8();
   unsigned long request = 0;
@@ -412,9 +469,14 @@ long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   const auto* unmap = static_cast<const vfio_iommu_type1_dma_unmap*>(arg);
   const uint64_t unmap_iova = is_unmap ? unmap->iova : 0;
   const uint64_t unmap_size = is_unmap ? unmap->size : 0;
+  // The caller's struct as passed, to compare what the call wrote back.
+  static auto* const passed = new Arg;
+  std::memcpy(passed->buf, g_arg->buf, sizeof(passed->buf));
+  const uint32_t argsz_in = reinterpret_cast<const vfio_iommu_type1_info*>(g_arg->buf)->argsz;
   errno = 0;
   const long r = iomm_vfio_ioctl(c, request, arg);
   *err = errno;
+  if (arg == g_arg->buf) check_written_back(request, r, passed->buf, argsz_in);
   if (r >= 0) {
     if (request == VFIO_SET_IOMMU) shadow->iommu_set(reinterpret_cast<unsigned long>(arg));
     if (request == VFIO_IOMMU_MAP_DMA && arg != nullptr) {
