@@ -254,6 +254,13 @@ VFIO_SEEDS = {
         [IOCTL, Q_CHECK, 3, 0, IOCTL, Q_CHECK, 8, 0, IOCTL, Q_API, 0] +
         [IOCTL, 0xf0, 0x3b, 0x6b, 0, 0, 0] + [IOCTL, Q_GROUP_STATUS, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0] +
         vunmap(0, V_1M, S_8K),
+    # type1 (v1) unmap rules: a request starting inside a mapping unmaps
+    # nothing (not even a later mapping it covers); one covering a mapping's
+    # start removes it whole.
+    "seed-type1v1-unmap": [0, 0, 0, 3] +
+        vmap(MAP_R | MAP_W, V_64K, S_64K) + vmap(MAP_R, V_1M, S_4K) +
+        vunmap(0, 14 + 17, S_1M) + vunmap(0, V_8K, S_64K) + vunmap(0, V_8K, S_64K) +
+        vmap(MAP_R, V_64K, S_8K) + vunmap(UNMAP_ALL, V_0, S_0),
     "seed-groups": [0, 26, 1, 0] +
         [IOCTL, Q_INFO, ARGSZ, 0, 0] + [IOCTL, Q_SET, 3, 0] +
         vmap(MAP_R | MAP_W, V_16M, S_2M, SHARED, 0) +
