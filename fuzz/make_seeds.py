@@ -244,6 +244,14 @@ VFIO_SEEDS = {
         vmap(MAP_R | MAP_W, V_1M, S_64K, ANON) + vdirty(D_START) +
         vrw(V_1M, S_8K, 1, device=True) + vdirty(D_GET) +
         vunmap(UNMAP_DIRTY, V_1M, S_64K, [BITMAP_OK]) + vdirty(D_STOP),
+    # dirty bits: a device write, a mediated write of one byte, a pinned
+    # page; the second GET_BITMAP reports only the pinned page.
+    "seed-dirty-bits": [0, 0, 0, 1] +
+        vmap(MAP_R | MAP_W, V_64K, S_64K, ANON) + vdirty(D_START) +
+        vrw(V_64K, S_8K, 1, device=True) + vrw(14 + 0x14, S_1, 1) + vpin(14 + 0x18, 1) +
+        vdirty(D_GET, V_64K, S_64K) + vdirty(D_GET, V_64K, S_64K) +
+        vrw(14 + 0x1f, S_4K, 1) + vdirty(D_START) + vdirty(D_GET, V_64K, S_64K) +
+        vunmap(UNMAP_ALL, V_0, S_0) + vdirty(D_STOP),
     "seed-vaddr-update": [0, 0, 0, 1] +
         vmap(MAP_R | MAP_W, V_1M, S_64K, SHARED, 4) + vpin(V_1M, 1) +
         vunmap(UNMAP_VADDR, V_1M, S_64K) + vpin(V_1M, 1) + vrw(V_1M, S_4K, 0) +

@@ -36,6 +36,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "fuzz_common.hpp"
@@ -194,6 +195,41 @@ struct Type1Shadow {
   int groups = 0;
   bool v2 = false;
   std::map<uint64_t, uint64_t> maps;
+  // The dirty log: whether tracking is on, the 4 KiB pages written since it
+  // was switched on or the pages were read, and the pages of writes that
+  // failed (which may or may not have marked them: a GET_BITMAP over one is
+  // not predicted).
+  bool tracking = false;
+  std::set<uint64_t> dirty, unsure;
+
+  void forget_dirty(uint64_t first_page, uint64_t last_page) {
+    for (auto* set : {&dirty, &unsure}) {
+      set->erase(set->lower_bound(first_page), set->upper_bound(last_page));
+    }
+  }
+  void wrote(uint64_t iova, uint64_t len, bool ok) {
+    if (!tracking || len == 0 || iova + len - 1 < iova) return;
+    for (uint64_t p = iova / kPage; p <= (iova + len - 1) / kPage; ++p)
+      (ok ? dirty : unsure).insert(p);
+  }
+  void dirty_pages_call(const vfio_iommu_type1_dirty_bitmap& d) {
+    if ((d.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_START) != 0 && !tracking) {
+      tracking = true;  // switching on clears the log; already on, nothing changes
+      forget_dirty(0, UINT64_MAX);
+    }
+    if ((d.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP) != 0 && tracking) {
+      tracking = false;
+      forget_dirty(0, UINT64_MAX);
+    }
+    if ((d.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP) != 0) {
+      const auto* get = reinterpret_cast<const vfio_iommu_type1_dirty_bitmap_get*>(d.data);
+      check_bitmap(*get);
+    }
+  }
+  // A successful GET_BITMAP with 4 KiB bits: exactly the pages written plus
+  // the pages the mediated driver holds pinned, unless a failed write
+  // touched the range. The read clears the range.
+  void check_bitmap(const vfio_iommu_type1_dirty_bitmap_get& get);
 
   void group_created() { ++groups; }
   void group_destroyed() {
@@ -201,6 +237,8 @@ struct Type1Shadow {
     if (--groups == 0) {
       v2 = false;
       maps.clear();
+      tracking = false;
+      forget_dirty(0, UINT64_MAX);
     }
   }
   void iommu_set(unsigned long type) { v2 = type != VFIO_TYPE1_IOMMU; }
@@ -246,10 +284,34 @@ struct Type1Shadow {
     FUZZ_CHECK(u.size == want, "UNMAP_DMA of [%#lx, +%#lx) reported %#llx bytes, shadow %#lx", iova,
                size, static_cast<unsigned long long>(u.size), want);
     if ((u.flags & VFIO_DMA_UNMAP_FLAG_VADDR) != 0) return;  // the mappings stay
+    // The log is cleared over the span of the removed mappings.
+    if (!gone.empty()) {
+      forget_dirty(gone.front() / kPage, (gone.back() + maps[gone.back()] - 1) / kPage);
+    }
     for (uint64_t start : gone) maps.erase(start);
   }
 };
 Type1Shadow* shadow = nullptr;
+
+void Type1Shadow::check_bitmap(const vfio_iommu_type1_dirty_bitmap_get& get) {
+  const uint64_t first = get.iova / kPage;
+  const uint64_t npages = get.size / kPage;
+  const bool exact = get.bitmap.pgsize == kPage && get.size % kPage == 0 &&
+                     unsure.lower_bound(first) == unsure.upper_bound(first + npages - 1);
+  if (exact && npages <= get.bitmap.size * 8) {
+    const auto* bits = reinterpret_cast<const uint8_t*>(get.bitmap.data);
+    std::lock_guard lk(med->mu);
+    for (uint64_t i = 0; i < npages; ++i) {
+      const uint64_t page = first + i;
+      const bool want = dirty.count(page) != 0 || med->pins.count(page * kPage) != 0;
+      const bool got = ((bits[i / 8] >> (i % 8)) & 1) != 0;
+      FUZZ_CHECK(got == want, "GET_BITMAP page %#lx: dirty %d, shadow %d (written %d, pinned %d)",
+                 page * kPage, got, want, dirty.count(page) != 0,
+                 med->pins.count(page * kPage) != 0);
+    }
+  }
+  forget_dirty(first, first + npages - 1);
+}
 
 struct Snapshot {
   uint64_t pinned;
@@ -483,6 +545,9 @@ long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
       shadow->mapped(*static_cast<const vfio_iommu_type1_dma_map*>(arg));
     }
     if (is_unmap) shadow->unmapped(*unmap, unmap_iova, unmap_size);
+    if (request == VFIO_IOMMU_DIRTY_PAGES && arg != nullptr) {
+      shadow->dirty_pages_call(*static_cast<const vfio_iommu_type1_dirty_bitmap*>(arg));
+    }
     if (request == VFIO_GET_API_VERSION) {
       FUZZ_CHECK(r == VFIO_API_VERSION, "VFIO_GET_API_VERSION returned %ld", r);
     }
@@ -615,6 +680,7 @@ void group_op(uint8_t which, iomm_vfio_group* sw, Reader& in) {
       const int err = errno;
       // As the header lists them (vfio_dma_rw: EINVAL, EPERM, EBUSY, EFAULT;
       // device DMA: EFAULT, EPERM, EINVAL).
+      if (write != 0) shadow->wrote(iova, len, r >= 0);
       if (which % 4 == 2) {
         check_result(r, err, before, "iomm_vfio_dma_rw", {EINVAL, EPERM, EBUSY, EFAULT});
       } else {
