@@ -24,7 +24,11 @@
 //   it removes, by the type1v2 or the type1 (v1) rule;
 // - a failed call left the caller's struct byte for byte as it was; a
 //   successful one wrote only what it may (UNMAP_DMA: size; GET_INFO: its
-//   first min(argsz, sizeof) bytes, zero-filled, and the capability chain).
+//   first min(argsz, sizeof) bytes, zero-filled, and the capability chain);
+// - a successful GET_BITMAP with 4 KiB bits reports exactly the pages the
+//   shadow saw written since tracking started or the last read, plus the
+//   pages the mediated driver holds pinned (not checked where a failed
+//   write touched the range).
 // At the end the container is closed: every counter and VmLck must be zero.
 #include <linux/vfio.h>
 #include <sys/mman.h>
