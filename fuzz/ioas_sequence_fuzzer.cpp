@@ -10,9 +10,15 @@
 // A shadow model mirrors every object. After each step the library must agree
 // with it exactly:
 // - every error is one the call's contract lists, and where the model can
-//   tell (unmap, pin, rw, DMA, translate, attach conflicts, reservations) it is
-//   exactly the errno the model predicts; access rw gives EFAULT exactly
-//   where the model says the user memory is bad;
+//   tell it is exactly the errno the model predicts: every call except the
+//   IOVA allocation of map/copy_from and a pin or pin_pages that pins new
+//   pages (fuzz/README.md lists what is still loose); pinning with a domain
+//   gives ENOMEM exactly where a charge would pass its limit and EFAULT
+//   exactly where the memory is bad; access rw gives EFAULT exactly where
+//   the model says the user memory is bad;
+// - page pins keep per-page counts; the dirty log's bitmap equals the pages
+//   the model wrote since the last switch or read plus the pages accesses
+//   hold pinned;
 // - a failed call changed nothing (mappings, counters and pins still equal the
 //   model, which a failure does not touch);
 // - mappings() and counters() of each IOAS, pin counts of each access, the
@@ -29,9 +35,9 @@
 //
 // The parts (fuzz/ioas_sequence/): model.* (the fixtures and the shadow
 // model), generators.* (argument pickers), oracle.* (predictions and the check
-// after every step), operations.hpp with address_space_ops.cpp and
-// access_ops.cpp (one function per operation) and operations.cpp (the
-// dispatch). This file holds the input loop and the statistics.
+// after every step), operations.hpp with address_space_ops.cpp,
+// access_ops.cpp and dirty_ops.cpp (one function per operation) and
+// operations.cpp (the dispatch). This file holds the input loop and the statistics.
 #include <cstdio>
 #include <cstdlib>
 #include <map>

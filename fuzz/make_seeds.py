@@ -11,7 +11,20 @@ import os
 
 # Opcodes (enum Op in ioas_sequence_fuzzer.cpp).
 MAP, UNMAP, COPY, ATTACH, DETACH, DOMAIN, ACCESS, ACCESS_DESTROY, PIN, UNPIN, RW, DMA, \
-    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS = range(18)
+    TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS, DIRTY, PIN_PAGES, UNPIN_PAGES, \
+    LIVE = range(22)
+# PIN_PAGES' and UNPIN_PAGES' flag byte: bit 0 aligns the IOVA down; 6 (both
+# bits) passes no host array to PIN_PAGES. UNPIN_PAGES with a flag byte
+# below 0x80 unpins from the (byte % n)-th held page, 1 + next byte % 4 pages.
+PAGES_ALIGN, PAGES_NULL_HOST = 1, 6
+TOO_MANY_PAGES = 0xFF
+# LIVE's mode byte: INVALIDATE (then an IOVA and a length), or replace_host of
+# the mapping at an IOVA with the same source, a same-length slice of the
+# read-write memfd (then an offset pick) or any source.
+INVALIDATE, REPLACE_SAME, REPLACE_FILE_SLICE, REPLACE_SOURCE = 0, 1, 3, 5
+# DIRTY's mode byte: action (low 2 bits) and flags for the reads.
+DIRTY_ON, DIRTY_OFF, DIRTY_READ, DIRTY_PEEK = range(4)
+ALIGN_IOVA, ROUND_LEN, SHORT_BITMAP = 4, 8, 16
 
 # Value picks: an index into the length table, or 16 + a number of pages.
 def pages(n):
@@ -125,6 +138,56 @@ SEEDS = {
         op(PIN, 1, area(0, 0), LEN_8K, R) + op(RECREATE, 0, 5) +
         op(MAP, 0, file_rw(LEN0, LEN_8K), RW_) + op(MAP, 0, file_rw(LEN0, LEN_8K), RW_) +
         op(ACCESS_DESTROY, 1) + op(LIMIT, 6, 2) + op(LIMIT, 3, 0) + op(LIMIT, 1, 0),
+    # the dirty log: access and DMA writes, a pin, reads that clear or peek,
+    # an unmap that clears, a bitmap one word short, tracking off.
+    "seed-dirty": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_64K), RW_ | FIXED, IOVA_1M) +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) + op(ACCESS, 0, 0, 0) +
+        op(DIRTY, 0, DIRTY_ON) +
+        op(RW, 0, 1, area(0, 1), LEN_4K1) + op(DMA, 0, 1, area(0, 3), LEN_4K) +
+        op(PIN, 0, area(0, 2), LEN_4K, R) +
+        op(DIRTY, 0, DIRTY_PEEK, IOVA_1M, LEN_64K) +
+        op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_64K) +
+        op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_1M) +
+        op(DIRTY, 0, DIRTY_READ | SHORT_BITMAP, IOVA_1M, LEN_64K) +
+        op(DIRTY, 0, DIRTY_READ | ALIGN_IOVA | ROUND_LEN, area(0, 6), LEN_4K1) +
+        op(RW, 0, 1, area(0, 0), LEN_4K) + op(UNMAP, 0, 0, area(0, 0), to_end()) +
+        op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_64K) +
+        op(DIRTY, 0, DIRTY_OFF) + op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_64K),
+    # per-page pins: counts, host addresses, unpin of unpinned pages, a
+    # dirty read that reports them, an unmap whose callback unpins them.
+    "seed-page-pins": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_32K), RW_ | FIXED, IOVA_1M) +
+        op(MAP, 0, simulated(0, LEN0, LEN_8K), RW_ | FIXED, IOVA_2M) +
+        op(ACCESS, 0, 0, 0) + op(ACCESS, 1, 0, 1) +
+        op(PIN_PAGES, 0, 0, area(0, 1), 3, RW_) + op(PIN_PAGES, 0, 0, area(0, 2), 2, R) +
+        op(PIN_PAGES, 1, 0, area(0, 0), 8, W) + op(PIN_PAGES, 1, 0, area(0, 0), 9, R) +
+        op(PIN_PAGES, 0, PAGES_NULL_HOST, area(0, 0), 1, R) +
+        op(PIN_PAGES, 0, 0, area(1, 0), 1, R) +
+        op(PIN_PAGES, 0, PAGES_ALIGN, IOVA_MAX, 2, R) +
+        op(PIN_PAGES, 0, 0, IOVA_1M, TOO_MANY_PAGES, R) +
+        op(UNPIN_PAGES, 0, 0, 1) + op(UNPIN_PAGES, 0, 1, 3) + op(UNPIN_PAGES, 0, 0x80, area(0, 6), 1) +
+        op(DIRTY, 0, DIRTY_ON) + op(DIRTY, 0, DIRTY_READ, IOVA_1M, LEN_32K) +
+        op(UNMAP, 0, 0, area(0, 0), to_end()) + op(UNPIN_PAGES, 1, 0x80, IOVA_1M, 1) +
+        op(ACCESS_DESTROY, 0),
+    # live update: invalidate, pins and rw fail with EBUSY while DMA goes on,
+    # replace with other pages, EINVAL/ENOENT/EBUSY/EPERM of replace_host.
+    "seed-live-update": hdr() +
+        op(MAP, 0, file_rw(LEN0, LEN_32K), RW_ | FIXED, IOVA_1M) +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) + op(ACCESS, 0, 0, 0) +
+        op(LIVE, 0, INVALIDATE, area(0, 0), to_end()) +
+        op(LIVE, 0, INVALIDATE, area(0, 0), to_end()) +
+        op(LIVE, 0, INVALIDATE, area(0, 1), LEN_4K) +
+        op(RW, 0, 1, area(0, 0), LEN_4K) + op(PIN, 0, area(0, 0), LEN_4K, R) +
+        op(PIN_PAGES, 0, 0, area(0, 0), 1, R) + op(DMA, 0, 1, area(0, 0), LEN_4K) +
+        op(LIVE, 0, REPLACE_FILE_SLICE, area(0, 0), LEN_64K) +
+        op(DMA, 0, 0, area(0, 0), LEN_4K) + op(TRANSLATE, 0, 1, area(0, 0)) +
+        op(LIVE, 0, REPLACE_SAME, area(0, 0)) +
+        op(PIN, 0, area(0, 0), LEN_4K, R) + op(LIVE, 0, INVALIDATE, area(0, 0), to_end()) +
+        op(LIVE, 0, REPLACE_SAME, area(0, 0)) + op(UNPIN, 0, 0) +
+        op(LIVE, 0, REPLACE_SOURCE, area(0, 0), file_ro(LEN0, LEN_32K)) +
+        op(LIVE, 0, REPLACE_SOURCE, area(0, 0), user_rw(LEN0, LEN_32K)) +
+        op(RW, 0, 0, area(0, 1), LEN_4K) + op(LIVE, 0, REPLACE_SAME, IOVA_4K),
     # wrap-around and UINT64_MAX arguments.
     "seed-edges": hdr() +
         op(MAP, 0, file_rw(LEN0, LEN_4K), R | FIXED, IOVA_MAX) +
@@ -181,6 +244,14 @@ VFIO_SEEDS = {
         vmap(MAP_R | MAP_W, V_1M, S_64K, ANON) + vdirty(D_START) +
         vrw(V_1M, S_8K, 1, device=True) + vdirty(D_GET) +
         vunmap(UNMAP_DIRTY, V_1M, S_64K, [BITMAP_OK]) + vdirty(D_STOP),
+    # dirty bits: a device write, a mediated write of one byte, a pinned
+    # page; the second GET_BITMAP reports only the pinned page.
+    "seed-dirty-bits": [0, 0, 0, 1] +
+        vmap(MAP_R | MAP_W, V_64K, S_64K, ANON) + vdirty(D_START) +
+        vrw(V_64K, S_8K, 1, device=True) + vrw(14 + 0x14, S_1, 1) + vpin(14 + 0x18, 1) +
+        vdirty(D_GET, V_64K, S_64K) + vdirty(D_GET, V_64K, S_64K) +
+        vrw(14 + 0x1f, S_4K, 1) + vdirty(D_START) + vdirty(D_GET, V_64K, S_64K) +
+        vunmap(UNMAP_ALL, V_0, S_0) + vdirty(D_STOP),
     "seed-vaddr-update": [0, 0, 0, 1] +
         vmap(MAP_R | MAP_W, V_1M, S_64K, SHARED, 4) + vpin(V_1M, 1) +
         vunmap(UNMAP_VADDR, V_1M, S_64K) + vpin(V_1M, 1) + vrw(V_1M, S_4K, 0) +
@@ -191,6 +262,13 @@ VFIO_SEEDS = {
         [IOCTL, Q_CHECK, 3, 0, IOCTL, Q_CHECK, 8, 0, IOCTL, Q_API, 0] +
         [IOCTL, 0xf0, 0x3b, 0x6b, 0, 0, 0] + [IOCTL, Q_GROUP_STATUS, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0] +
         vunmap(0, V_1M, S_8K),
+    # type1 (v1) unmap rules: a request starting inside a mapping unmaps
+    # nothing (not even a later mapping it covers); one covering a mapping's
+    # start removes it whole.
+    "seed-type1v1-unmap": [0, 0, 0, 3] +
+        vmap(MAP_R | MAP_W, V_64K, S_64K) + vmap(MAP_R, V_1M, S_4K) +
+        vunmap(0, 14 + 17, S_1M) + vunmap(0, V_8K, S_64K) + vunmap(0, V_8K, S_64K) +
+        vmap(MAP_R, V_64K, S_8K) + vunmap(UNMAP_ALL, V_0, S_0),
     "seed-groups": [0, 26, 1, 0] +
         [IOCTL, Q_INFO, ARGSZ, 0, 0] + [IOCTL, Q_SET, 3, 0] +
         vmap(MAP_R | MAP_W, V_16M, S_2M, SHARED, 0) +

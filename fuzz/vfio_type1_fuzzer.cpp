@@ -19,9 +19,16 @@
 // - a failed call changed nothing: the pinned and charged bytes and VmLck
 //   are what they were before it;
 // - VmLck always equals the pinned bytes;
-// - in a type1v2 container, a successful MAP_DMA overlaps no mapping of the
-//   shadow (Type1Shadow) and a successful UNMAP_DMA reports exactly the
-//   bytes of the shadow's mappings it removes.
+// - a successful MAP_DMA overlaps no mapping of the shadow (Type1Shadow) and
+//   a successful UNMAP_DMA reports exactly the bytes of the shadow's mappings
+//   it removes, by the type1v2 or the type1 (v1) rule;
+// - a failed call left the caller's struct byte for byte as it was; a
+//   successful one wrote only what it may (UNMAP_DMA: size; GET_INFO: its
+//   first min(argsz, sizeof) bytes, zero-filled, and the capability chain);
+// - a successful GET_BITMAP with 4 KiB bits reports exactly the pages the
+//   shadow saw written since tracking started or the last read, plus the
+//   pages the mediated driver holds pinned (not checked where a failed
+//   write touched the range).
 // At the end the container is closed: every counter and VmLck must be zero.
 #include <linux/vfio.h>
 #include <sys/mman.h>
@@ -33,6 +40,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "fuzz_common.hpp"
@@ -183,14 +191,49 @@ void on_dma_unmap(void* opaque, uint64_t iova, uint64_t size) {
 // type, and the mappings (iova -> size) that successful calls made. It
 // predicts the outputs of successful calls: MAP_DMA never overlaps a mapping
 // (VADDR: matches one exactly), UNMAP_DMA reports exactly the bytes of the
-// mappings it removes. Only type1v2 is predicted: v1's unmap of an
-// overlapping range depends on the kernel's tree search order. Failed calls
-// are not read (their output fields are the type1 layer's own tests'
-// business).
+// mappings it removes, by the v2 rule (no bisection: whole mappings inside
+// the range) or the v1 rule (a request starting inside a mapping unmaps
+// nothing; otherwise every mapping starting in the range goes, whole). A
+// failed call must leave the caller's struct as it was (check_written_back).
 struct Type1Shadow {
   int groups = 0;
   bool v2 = false;
   std::map<uint64_t, uint64_t> maps;
+  // The dirty log: whether tracking is on, the 4 KiB pages written since it
+  // was switched on or the pages were read, and the pages of writes that
+  // failed (which may or may not have marked them: a GET_BITMAP over one is
+  // not predicted).
+  bool tracking = false;
+  std::set<uint64_t> dirty, unsure;
+
+  void forget_dirty(uint64_t first_page, uint64_t last_page) {
+    for (auto* set : {&dirty, &unsure}) {
+      set->erase(set->lower_bound(first_page), set->upper_bound(last_page));
+    }
+  }
+  void wrote(uint64_t iova, uint64_t len, bool ok) {
+    if (!tracking || len == 0 || iova + len - 1 < iova) return;
+    for (uint64_t p = iova / kPage; p <= (iova + len - 1) / kPage; ++p)
+      (ok ? dirty : unsure).insert(p);
+  }
+  void dirty_pages_call(const vfio_iommu_type1_dirty_bitmap& d) {
+    if ((d.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_START) != 0 && !tracking) {
+      tracking = true;  // switching on clears the log; already on, nothing changes
+      forget_dirty(0, UINT64_MAX);
+    }
+    if ((d.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP) != 0 && tracking) {
+      tracking = false;
+      forget_dirty(0, UINT64_MAX);
+    }
+    if ((d.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP) != 0) {
+      const auto* get = reinterpret_cast<const vfio_iommu_type1_dirty_bitmap_get*>(d.data);
+      check_bitmap(*get);
+    }
+  }
+  // A successful GET_BITMAP with 4 KiB bits: exactly the pages written plus
+  // the pages the mediated driver holds pinned, unless a failed write
+  // touched the range. The read clears the range.
+  void check_bitmap(const vfio_iommu_type1_dirty_bitmap_get& get);
 
   void group_created() { ++groups; }
   void group_destroyed() {
@@ -198,12 +241,13 @@ struct Type1Shadow {
     if (--groups == 0) {
       v2 = false;
       maps.clear();
+      tracking = false;
+      forget_dirty(0, UINT64_MAX);
     }
   }
   void iommu_set(unsigned long type) { v2 = type != VFIO_TYPE1_IOMMU; }
 
   void mapped(const vfio_iommu_type1_dma_map& m) {
-    if (!v2) return;
     const uint64_t last = m.iova + m.size - 1;
     if ((m.flags & VFIO_DMA_MAP_FLAG_VADDR) != 0) {
       auto it = maps.find(m.iova);
@@ -222,14 +266,20 @@ struct Type1Shadow {
   }
 
   void unmapped(const vfio_iommu_type1_dma_unmap& u, uint64_t iova, uint64_t size) {
-    if (!v2) return;
     const bool all = (u.flags & VFIO_DMA_UNMAP_FLAG_ALL) != 0;
     const uint64_t last = iova + size - 1;
     uint64_t want = 0;
     std::vector<uint64_t> gone;
+    // v1: a request starting inside a mapping unmaps nothing (size 0); else
+    // it removes every mapping starting in [iova, last], whole, even past last.
+    const bool v1_inside = !v2 && !all && std::any_of(maps.begin(), maps.end(), [&](const auto& e) {
+      return e.first < iova && e.first + e.second - 1 >= iova;
+    });
     for (const auto& [start, len] : maps) {
+      if (v1_inside) break;
+      if (!v2 && !all && (start < iova || start > last)) continue;
       if (!all && (start + len - 1 < iova || start > last)) continue;
-      FUZZ_CHECK(all || (start >= iova && start + len - 1 <= last),
+      FUZZ_CHECK(all || !v2 || (start >= iova && start + len - 1 <= last),
                  "v2 UNMAP_DMA of [%#lx, +%#lx) succeeded bisecting [%#lx, +%#lx)", iova, size,
                  start, len);
       want += len;
@@ -238,10 +288,34 @@ struct Type1Shadow {
     FUZZ_CHECK(u.size == want, "UNMAP_DMA of [%#lx, +%#lx) reported %#llx bytes, shadow %#lx", iova,
                size, static_cast<unsigned long long>(u.size), want);
     if ((u.flags & VFIO_DMA_UNMAP_FLAG_VADDR) != 0) return;  // the mappings stay
+    // The log is cleared over the span of the removed mappings.
+    if (!gone.empty()) {
+      forget_dirty(gone.front() / kPage, (gone.back() + maps[gone.back()] - 1) / kPage);
+    }
     for (uint64_t start : gone) maps.erase(start);
   }
 };
 Type1Shadow* shadow = nullptr;
+
+void Type1Shadow::check_bitmap(const vfio_iommu_type1_dirty_bitmap_get& get) {
+  const uint64_t first = get.iova / kPage;
+  const uint64_t npages = get.size / kPage;
+  const bool exact = get.bitmap.pgsize == kPage && get.size % kPage == 0 &&
+                     unsure.lower_bound(first) == unsure.upper_bound(first + npages - 1);
+  if (exact && npages <= get.bitmap.size * 8) {
+    const auto* bits = reinterpret_cast<const uint8_t*>(get.bitmap.data);
+    std::lock_guard lk(med->mu);
+    for (uint64_t i = 0; i < npages; ++i) {
+      const uint64_t page = first + i;
+      const bool want = dirty.count(page) != 0 || med->pins.count(page * kPage) != 0;
+      const bool got = ((bits[i / 8] >> (i % 8)) & 1) != 0;
+      FUZZ_CHECK(got == want, "GET_BITMAP page %#lx: dirty %d, shadow %d (written %d, pinned %d)",
+                 page * kPage, got, want, dirty.count(page) != 0,
+                 med->pins.count(page * kPage) != 0);
+    }
+  }
+  forget_dirty(first, first + npages - 1);
+}
 
 struct Snapshot {
   uint64_t pinned;
@@ -339,6 +413,55 @@ void fill_bitmap(Reader& in, vfio_bitmap* bm, uint64_t size) {
   bm->data = (b & 8) != 0 ? nullptr : reinterpret_cast<__u64*>(g_bitmap);
 }
 
+// What a call may write into the caller's struct (the kernel's rules): a
+// failed call nothing; MAP_DMA and DIRTY_PAGES nothing (DIRTY_PAGES writes
+// only the bitmap, outside the struct); a successful UNMAP_DMA only `size`;
+// a successful GET_INFO only its first min(argsz, sizeof(info)) bytes (Linux
+// 6.6+: a zero-filled struct, so the padding reads 0), and with the capability
+// chain, which only fits when argsz covers it, bytes up to argsz; argsz
+// itself changes only to ask for more room for the capabilities.
+void check_written_back(unsigned long request, long r, const uint8_t* passed, uint32_t argsz_in) {
+  const uint8_t* now = g_arg->buf;
+  auto same = [&](size_t from, size_t to) {
+    return to <= from || std::memcmp(passed + from, now + from, to - from) == 0;
+  };
+  if (r < 0) {
+    FUZZ_CHECK(same(0, kArgBuf), "failed ioctl %#lx wrote into the caller's struct", request);
+    return;
+  }
+  switch (request) {
+    case VFIO_IOMMU_MAP_DMA:
+    case VFIO_IOMMU_DIRTY_PAGES:
+      FUZZ_CHECK(same(0, kArgBuf), "ioctl %#lx wrote into the caller's struct", request);
+      return;
+    case VFIO_IOMMU_UNMAP_DMA: {
+      const size_t at = offsetof(vfio_iommu_type1_dma_unmap, size);
+      FUZZ_CHECK(same(0, at) && same(at + sizeof(__u64), kArgBuf),
+                 "UNMAP_DMA wrote outside `size` of the caller's struct");
+      return;
+    }
+    case VFIO_IOMMU_GET_INFO: {
+      const auto* info = reinterpret_cast<const vfio_iommu_type1_info*>(now);
+      const size_t n = std::min<size_t>(argsz_in, sizeof(*info));
+      const bool caps = (info->flags & VFIO_IOMMU_INFO_CAPS) != 0;
+      const size_t end = caps && argsz_in >= sizeof(*info) ? argsz_in : n;
+      FUZZ_CHECK(same(end, kArgBuf), "GET_INFO with argsz %u wrote past byte %zu", argsz_in, end);
+      FUZZ_CHECK(info->argsz == argsz_in || (caps && info->argsz > argsz_in),
+                 "GET_INFO changed argsz %u to %u (caps %d)", argsz_in, info->argsz, caps);
+      FUZZ_CHECK((info->flags & ~(VFIO_IOMMU_INFO_PGSIZES | VFIO_IOMMU_INFO_CAPS)) == 0,
+                 "GET_INFO flags %#x", info->flags);
+      // The tail padding after cap_offset (`pad` in newer headers).
+      const size_t pad = offsetof(vfio_iommu_type1_info, cap_offset) + sizeof(__u32);
+      static const uint8_t zeros[sizeof(*info)] = {};
+      FUZZ_CHECK(n < sizeof(*info) || std::memcmp(now + pad, zeros, sizeof(*info) - pad) == 0,
+                 "GET_INFO's padding is not zero-filled");
+      return;
+    }
+    default:
+      return;
+  }
+}
+
 long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   const uint8_t sel = in.u8();
   unsigned long request = 0;
@@ -412,15 +535,23 @@ long do_ioctl(iomm_vfio_container* c, Reader& in, int* err) {
   const auto* unmap = static_cast<const vfio_iommu_type1_dma_unmap*>(arg);
   const uint64_t unmap_iova = is_unmap ? unmap->iova : 0;
   const uint64_t unmap_size = is_unmap ? unmap->size : 0;
+  // The caller's struct as passed, to compare what the call wrote back.
+  static auto* const passed = new Arg;
+  std::memcpy(passed->buf, g_arg->buf, sizeof(passed->buf));
+  const uint32_t argsz_in = reinterpret_cast<const vfio_iommu_type1_info*>(g_arg->buf)->argsz;
   errno = 0;
   const long r = iomm_vfio_ioctl(c, request, arg);
   *err = errno;
+  if (arg == g_arg->buf) check_written_back(request, r, passed->buf, argsz_in);
   if (r >= 0) {
     if (request == VFIO_SET_IOMMU) shadow->iommu_set(reinterpret_cast<unsigned long>(arg));
     if (request == VFIO_IOMMU_MAP_DMA && arg != nullptr) {
       shadow->mapped(*static_cast<const vfio_iommu_type1_dma_map*>(arg));
     }
     if (is_unmap) shadow->unmapped(*unmap, unmap_iova, unmap_size);
+    if (request == VFIO_IOMMU_DIRTY_PAGES && arg != nullptr) {
+      shadow->dirty_pages_call(*static_cast<const vfio_iommu_type1_dirty_bitmap*>(arg));
+    }
     if (request == VFIO_GET_API_VERSION) {
       FUZZ_CHECK(r == VFIO_API_VERSION, "VFIO_GET_API_VERSION returned %ld", r);
     }
@@ -553,6 +684,7 @@ void group_op(uint8_t which, iomm_vfio_group* sw, Reader& in) {
       const int err = errno;
       // As the header lists them (vfio_dma_rw: EINVAL, EPERM, EBUSY, EFAULT;
       // device DMA: EFAULT, EPERM, EINVAL).
+      if (write != 0) shadow->wrote(iova, len, r >= 0);
       if (which % 4 == 2) {
         check_result(r, err, before, "iomm_vfio_dma_rw", {EINVAL, EPERM, EBUSY, EFAULT});
       } else {

@@ -115,6 +115,111 @@ void op_unpin(Reader& in) {
 
 namespace {
 
+constexpr uint64_t kTooManyPages = (kMax >> kPageShift) + 1;  // npages << 12 overflows
+
+// A page count: mostly small, sometimes one whose byte length overflows.
+uint64_t pick_npages(uint8_t b) { return b == 0xff ? kTooManyPages : b % 24; }
+
+// pin_pages' verdict on the pages of [iova, iova + npages pages), in its
+// order: page by page, the first page not mapped (ENOENT), whose mapping
+// has an invalid host address (EBUSY), lacks prot (EPERM) or is simulated
+// (ENXIO).
+int page_walk(const IoasModel& m, uint64_t iova, uint64_t npages, uint32_t prot) {
+  for (uint64_t i = 0; i < npages; ++i) {
+    const AreaModel* a = m.find(iova + i * kPageSize);
+    if (a == nullptr) return ENOENT;
+    if (a->host_invalid) return EBUSY;
+    if ((a->prot & prot) != prot) return EPERM;
+    if (a->src.kind() == SourceKind::simulated) return ENXIO;
+  }
+  return 0;
+}
+
+}  // namespace
+
+void op_pin_pages(Reader& in) {
+  AccessModel* acc = w->access[in.u8() & 1].get();
+  if (acc == nullptr) return;
+  const IoasModel& m = *acc->io;
+  const uint8_t b = in.u8();
+  uint64_t iova = pick_iova_rel(in, &m);
+  if ((b & 1) != 0) iova &= ~(kPageSize - 1);
+  const uint64_t npages = pick_npages(in.u8());
+  const uint32_t prot = pick_prot(in.u8());
+  const bool null_host = (b & 6) == 6;
+  w->probe_iova = iova;
+  int want = 0;
+  if (npages == 0 || null_host || !is_aligned(iova, kPageSize) || prot == 0 || (prot & ~3U) != 0) {
+    want = EINVAL;
+  } else if (npages == kTooManyPages || !range_of(iova, npages * kPageSize)) {
+    want = EOVERFLOW;
+  } else {
+    want = page_walk(m, iova, npages, prot);
+  }
+  std::vector<void*> host(npages < kTooManyPages ? std::max<uint64_t>(npages, 1) : 1,
+                          reinterpret_cast<void*>(0x1));
+  std::lock_guard lk(acc->mu);
+  const Status& s =
+      note(acc->access->pin_pages(iova, npages, prot, null_host ? nullptr : host.data()));
+  if (want != 0) {
+    FUZZ_CHECK(s.code() == want, "pin_pages(%#lx, %lu, %u) gave %s, model %s", iova, npages, prot,
+               errno_name(s.code()), errno_name(want));
+    return;
+  }
+  // Pages already held only gain a count: no new pin, so no pinning error.
+  uint64_t fresh = 0;
+  for (uint64_t i = 0; i < npages; ++i) fresh += acc->page_pins.count(iova + i * kPageSize) == 0;
+  FUZZ_CHECK(s.ok() || (fresh > 0 && (s.code() == EFAULT || s.code() == ENOMEM)),
+             "pin_pages(%#lx, %lu, %u) of mapped pages (%lu not yet pinned) gave %s", iova, npages,
+             prot, fresh, errno_name(s.code()));
+  if (!s) return;
+  for (uint64_t i = 0; i < npages; ++i) {
+    const uint64_t at = iova + i * kPageSize;
+    const AreaModel& a = *m.find(at);
+    void* expect = reinterpret_cast<void*>(dma_address(a.src, at - a.iova));
+    FUZZ_CHECK(host[i] == expect, "pin_pages host[%lu] = %p, model %p", i, host[i], expect);
+    ++acc->page_pins[at];
+  }
+}
+
+void op_unpin_pages(Reader& in) {
+  AccessModel* acc = w->access[in.u8() & 1].get();
+  if (acc == nullptr) return;
+  const uint8_t b = in.u8();
+  std::lock_guard lk(acc->mu);
+  uint64_t iova = 0;
+  uint64_t npages = 0;
+  if (b < 0x80 && !acc->page_pins.empty()) {
+    // From a held page, a run that may go on past the held ones.
+    iova = std::next(acc->page_pins.begin(), static_cast<long>(b % acc->page_pins.size()))->first;
+    npages = 1 + in.u8() % 4;
+  } else {
+    iova = pick_iova_rel(in, acc->io.get());
+    if ((b & 1) != 0) iova &= ~(kPageSize - 1);
+    npages = pick_npages(in.u8());
+  }
+  int want = 0;
+  if (npages == 0 || !is_aligned(iova, kPageSize)) {
+    want = EINVAL;
+  } else if (npages == kTooManyPages || !range_of(iova, npages * kPageSize)) {
+    want = EOVERFLOW;
+  } else {
+    for (uint64_t i = 0; i < npages && want == 0; ++i) {
+      if (acc->page_pins.count(iova + i * kPageSize) == 0) want = EINVAL;  // not pinned
+    }
+  }
+  const Status& s = note(acc->access->unpin_pages(iova, npages));
+  FUZZ_CHECK(s.code() == want, "unpin_pages(%#lx, %lu) gave %s, model %s", iova, npages,
+             errno_name(s.code()), errno_name(want));
+  if (!s) return;
+  for (uint64_t i = 0; i < npages; ++i) {
+    auto it = acc->page_pins.find(iova + i * kPageSize);
+    if (--it->second == 0) acc->page_pins.erase(it);
+  }
+}
+
+namespace {
+
 std::vector<uint8_t>& scratch() {
   static auto* buf = new std::vector<uint8_t>(kRwMax);
   return *buf;
@@ -152,6 +257,9 @@ void op_access_rw(Reader& in) {
       note(write ? acc->access->write(iova, buf, len) : acc->access->read(iova, buf, len));
   FUZZ_CHECK(s.code() == want, "%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read", iova,
              len, errno_name(s.code()), errno_name(want));
+  // A write marks its pages once the coverage walk passed, before the first
+  // byte moves: also when the copy then faults.
+  if (write && len > 0 && (want == 0 || want == EFAULT)) acc->io->mark_dirty(iova, len);
   if (s && len > 0) check_host_bytes(m, iova, buf, len, write ? "access write" : "access read");
 }
 
@@ -203,6 +311,7 @@ void op_dma(Reader& in) {
   FUZZ_CHECK(s.code() == want, "dma_%s(%#lx, %#lx) gave %s, model %s", write ? "write" : "read",
              iova, len, errno_name(s.code()), errno_name(want));
   if (fault) ++d->expected_faults;
+  if (s && write && len > 0) d->attached->mark_dirty(iova, len);
   if (s && len > 0) check_host_bytes(*m, iova, buf, len, write ? "dma_write" : "dma_read");
 }
 

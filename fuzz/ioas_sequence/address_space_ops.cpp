@@ -1,5 +1,5 @@
 // Operations on address spaces and domains: map, copy, unmap, attach and
-// detach, domain creation, allowed and reserved ranges, limits.
+// detach, domain creation, allowed and reserved ranges, limits, live update.
 #include "ioas_sequence/generators.hpp"
 #include "ioas_sequence/operations.hpp"
 #include "ioas_sequence/oracle.hpp"
@@ -81,9 +81,9 @@ IoasModel* ioas_slot(Reader& in) { return w->ioas[in.u8() & 1].get(); }
 namespace {
 
 // The errno map() gives, checked in the library's order: arguments, then
-// alignment, then (for a fixed IOVA) placement, then the mapping limit. -1
-// where the model cannot tell: the allocation of a free IOVA, and pinning
-// and charging when a domain is attached.
+// alignment, then (for a fixed IOVA) placement, the mapping limit, and with
+// a domain attached pinning and charging (predict_pins). -1 where the model
+// cannot tell: the allocation of a free IOVA.
 int predict_map_errno(const IoasModel& m, const MemorySource& src, uint32_t prot,
                       std::optional<uint64_t> fixed) {
   if ((fixed && *fixed == kMax) || src.length() == kMax) return EOVERFLOW;
@@ -98,7 +98,8 @@ int predict_map_errno(const IoasModel& m, const MemorySource& src, uint32_t prot
   if (any_overlap(m.reserved(), *range)) return EINVAL;
   if (!m.overlapping(*range).empty()) return EEXIST;
   if (m.areas.size() + 1 > m.max_mappings) return ENOSPC;
-  return m.domains.empty() ? 0 : -1;
+  if (m.domains.empty()) return 0;
+  return predict_pins({{*fixed, src.length(), prot, src, m.owner()}});
 }
 
 // The same for copy_from into dst of the slices the model cut from the
@@ -124,7 +125,7 @@ int predict_copy_errno(const IoasModel& dst, uint64_t src_iova, uint64_t len, ui
   if (any_overlap(dst.reserved(), *range)) return EINVAL;
   if (!dst.overlapping(*range).empty()) return EEXIST;
   if (dst.areas.size() + slices.size() > dst.max_mappings) return ENOSPC;
-  return dst.domains.empty() ? 0 : -1;
+  return dst.domains.empty() ? 0 : predict_pins(slices);
 }
 
 }  // namespace
@@ -144,6 +145,14 @@ void op_map(Reader& in) {
   if (want >= 0) {
     FUZZ_CHECK(r.code() == want, "map of [%#lx, +%#lx) prot %u gave %s, model %s",
                fixed.value_or(0), src->length(), prot, errno_name(r.code()), errno_name(want));
+  }
+  if (want < 0 && (r.ok() || r.code() == EFAULT || r.code() == ENOMEM)) {
+    // An allocated IOVA: where the allocation did not fail (ENOSPC, EOVERFLOW),
+    // the pin decides.
+    const int pin =
+        m->domains.empty() ? 0 : predict_pins({{0, src->length(), prot, *src, m->owner()}});
+    FUZZ_CHECK(r.code() == pin, "map (allocated IOVA) of %#lx bytes prot %u gave %s, model %s",
+               src->length(), prot, errno_name(r.code()), errno_name(pin));
   }
   if (!r) return;
   FUZZ_CHECK(prot == kProtRead || prot == kProtWrite || prot == (kProtRead | kProtWrite),
@@ -191,6 +200,11 @@ void op_copy(Reader& in) {
     FUZZ_CHECK(r.code() == want, "copy_from(%#lx, %#lx) prot %u gave %s, model %s", src_iova, len,
                prot, errno_name(r.code()), errno_name(want));
   }
+  if (want < 0 && (r.ok() || r.code() == EFAULT || r.code() == ENOMEM)) {
+    const int pin = dst->domains.empty() ? 0 : predict_pins(slices);
+    FUZZ_CHECK(r.code() == pin, "copy_from (allocated IOVA) of %#lx bytes gave %s, model %s", len,
+               errno_name(r.code()), errno_name(pin));
+  }
   if (!r) return;
   FUZZ_CHECK(covered, "copy of [%#lx, +%#lx), not fully mapped, succeeded", src_iova, len);
   FUZZ_CHECK(!((prot & kProtWrite) != 0 && read_only), "writable copy of read-only pages");
@@ -217,6 +231,21 @@ void unmap_model(IoasModel& m, const IovaRange& r) {
                  "access pin [%#lx, +%#lx) survived an unmap of [%#lx, %#lx]", iova, len, r.start,
                  r.last);
     }
+    for (const auto& [page, count] : acc->page_pins) {
+      FUZZ_CHECK(!page_range(page).overlaps(r),
+                 "page pin at %#lx survived an unmap of [%#lx, %#lx]", page, r.start, r.last);
+    }
+  }
+  // The log is cleared over the pages of the span of the removed mappings,
+  // from the first one's first page to the last one's last page.
+  std::optional<uint64_t> first, last;
+  for (const auto& [start, a] : m.areas) {
+    if (!r.contains(a.range())) continue;
+    if (!first) first = a.iova >> kPageShift;
+    last = a.last() >> kPageShift;
+  }
+  if (first) {
+    m.dirty_pages.erase(m.dirty_pages.lower_bound(*first), m.dirty_pages.upper_bound(*last));
   }
   std::erase_if(m.areas, [&](const auto& e) { return r.contains(e.second.range()); });
 }
@@ -310,13 +339,15 @@ void op_attach(Reader& in, bool attach) {
     FUZZ_CHECK(s.code() == EADDRINUSE, "conflicting attach gave %s", errno_name(s.code()));
     return;
   }
-  FUZZ_CHECK(s.code() != EADDRINUSE && s.code() != EBUSY && s.code() != EINVAL,
-             "attach without conflict gave %s: %s", errno_name(s.code()),
-             s.ok() ? "" : s.error().message().c_str());
-  if (s.code() == EFAULT) {
-    FUZZ_CHECK(m->domains.empty(), "attach of a second domain failed to pin: %s",
-               s.error().describe().c_str());
+  // The first domain pins every mapping, in IOVA order; later ones pin nothing.
+  int want = 0;
+  if (m->domains.empty()) {
+    std::vector<AreaModel> areas;
+    for (const auto& [start, a] : m->areas) areas.push_back(a);
+    want = predict_pins(areas);
   }
+  FUZZ_CHECK(s.code() == want, "attach without conflict gave %s, model %s: %s",
+             errno_name(s.code()), errno_name(want), s.ok() ? "" : s.error().message().c_str());
   if (!s) return;
   m->domains.push_back(d);
   d->attached = m;
@@ -503,6 +534,120 @@ void op_set_limit(Reader& in) {
   FUZZ_CHECK(s.ok(), "set_memlock_limit failed: %s", s.ok() ? "" : s.error().describe().c_str());
   w->limit[which] = limit;
   // Lowering a limit below the current charge is allowed; only growth is bound.
+}
+
+namespace {
+
+void invalidate_host(IoasModel& m, Reader& in) {
+  const uint64_t iova = pick_iova_rel(in, &m);
+  const uint64_t len = pick_len_rel(in, &m, iova);
+  w->probe_iova = iova;
+  const auto range = range_of(iova, len);
+  int want = 0;
+  uint64_t want_bytes = 0;
+  if (len == 0) {
+    want = EINVAL;
+  } else if (!range) {
+    want = EOVERFLOW;
+  } else {
+    // In IOVA order, the first mapping that is cut or already invalid decides.
+    for (const AreaModel* a : m.overlapping(*range)) {
+      if (!range->contains(a->range())) {
+        want = ENOENT;
+      } else if (a->host_invalid) {
+        want = EINVAL;
+      }
+      if (want != 0) break;
+      want_bytes += a->len;
+    }
+  }
+  const auto& r = note(m.ioas->invalidate_host(iova, len));
+  FUZZ_CHECK(r.code() == want && (!r.ok() || *r == want_bytes),
+             "invalidate_host(%#lx, %#lx) gave %s / %#lx, model %s / %#lx", iova, len,
+             errno_name(r.code()), r.ok() ? *r : 0, errno_name(want), want_bytes);
+  if (!r) return;
+  for (auto& [start, a] : m.areas) {
+    if (range->contains(a.range())) a.host_invalid = true;
+  }
+}
+
+void replace_host(IoasModel& m, uint8_t how, Reader& in) {
+  const uint64_t iova = pick_iova_rel(in, &m);
+  w->probe_iova = iova;
+  auto it = m.areas.find(iova);
+  // The new source: the mapping's own (same pages), a same-length slice of
+  // the read-write memfd, or any source from the input.
+  std::optional<MemorySource> src;
+  switch (how % 3) {
+    case 0:
+      if (it != m.areas.end()) src = it->second.src;
+      break;
+    case 1: {
+      const uint64_t off = pick_len(in) & ~(kPageSize - 1);
+      if (it != m.areas.end() && it->second.len <= fx->file_rw_size) {
+        const uint64_t len = it->second.len;
+        auto s =
+            MemorySource::from_file(fx->file_rw_fd, off <= fx->file_rw_size - len ? off : 0, len);
+        FUZZ_CHECK(s.ok(), "from_file of a fitting slice failed");
+        src = *s;
+      }
+      break;
+    }
+    default:
+      if (!make_source(in, &src)) return;
+      // A source that breaks the IOAS's alignment is not tried: replace_host
+      // does not check it (without a domain it succeeds, with one the page
+      // table refuses it with EINVAL after the pin; see fuzz/README.md).
+      if (!is_aligned(dma_address(*src), m.alignment()) ||
+          !is_aligned(src->length(), m.alignment())) {
+        return;
+      }
+      break;
+  }
+  if (!src) src = fx->file_rw_whole->slice(0, kPageSize);
+  int want = 0;
+  if (it == m.areas.end()) {
+    want = ENOENT;
+  } else {
+    const AreaModel& a = it->second;
+    bool access_pins = false;
+    for (AccessModel* acc : w->accesses_of(&m)) {
+      for (const auto& [piova, plen] : acc->pins) {
+        access_pins = access_pins || IovaRange{piova, piova + plen - 1}.overlaps(a.range());
+      }
+      for (const auto& [page, count] : acc->page_pins) {
+        access_pins = access_pins || page_range(page).overlaps(a.range());
+      }
+    }
+    if (!a.host_invalid || a.len != src->length()) {
+      want = EINVAL;
+    } else if (access_pins) {
+      want = EBUSY;
+    } else if ((a.prot & kProtWrite) != 0 && !src->writable()) {
+      want = EPERM;
+    } else {
+      // The new source is pinned and charged while the old one still is.
+      if (!m.domains.empty()) want = predict_pins({{a.iova, a.len, a.prot, *src, m.owner()}});
+    }
+  }
+  const Status& s = note(m.ioas->replace_host(iova, *src, OwnerSpec{}));
+  FUZZ_CHECK(s.code() == want, "replace_host(%#lx) gave %s, model %s: %s", iova,
+             errno_name(s.code()), errno_name(want), s.ok() ? "" : s.error().message().c_str());
+  if (!s) return;
+  AreaModel& a = it->second;
+  a.src = *src;
+  a.owner = m.owner();
+  a.host_invalid = false;
+}
+
+}  // namespace
+
+// Live update: invalidate_host over a range, or replace_host of one mapping.
+void op_live(Reader& in) {
+  IoasModel* m = ioas_slot(in);
+  const uint8_t b = in.u8();
+  if ((b & 1) == 0) return invalidate_host(*m, in);
+  replace_host(*m, static_cast<uint8_t>(b >> 1), in);
 }
 
 }  // namespace iomm::fuzz::ioas_sequence

@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "fuzz_common.hpp"
@@ -71,6 +72,7 @@ struct AreaModel {
   uint32_t prot;
   MemorySource src;
   int owner;
+  bool host_invalid = false;  // Ioas::invalidate_host until replace_host
   [[nodiscard]] uint64_t last() const { return iova + len - 1; }
   [[nodiscard]] IovaRange range() const { return {iova, last()}; }
 };
@@ -90,8 +92,20 @@ struct IoasModel {
   std::vector<IovaRange> user_reserved;
   std::vector<IovaRange> allowed;  // sorted
   uint64_t accesses = 0;
+  // The dirty log: whether tracking is on, and the 4 KiB IOVA pages written
+  // (access writes that reached the copy, successful domain DMA writes)
+  // since tracking was switched or the pages were last read and cleared.
+  bool dirty_tracking = false;
+  std::set<uint64_t> dirty_pages;
 
   ~IoasModel();
+  // Records a write of [iova, iova + len) in the dirty log (len > 0, no wrap).
+  void mark_dirty(uint64_t iova, uint64_t len) {
+    if (!dirty_tracking) return;
+    for (uint64_t p = iova >> kPageShift; p <= (iova + len - 1) >> kPageShift; ++p) {
+      dirty_pages.insert(p);
+    }
+  }
   [[nodiscard]] int owner() const {
     if (!fx->charged) return kNoOwner;
     switch (mode) {
@@ -141,12 +155,15 @@ struct DomainModel {
 
 struct AccessModel;
 
+inline IovaRange page_range(uint64_t page_iova) { return {page_iova, page_iova + kPageSize - 1}; }
+
 inline std::optional<IovaRange> g_unmap_request;  // the range of the unmap in progress
 
 struct AccessModel {
   std::shared_ptr<IoasModel> io;  // declared first: destroyed after the access
   std::mutex mu;
   std::vector<std::pair<uint64_t, uint64_t>> pins;  // iova, length; guarded by mu
+  std::map<uint64_t, uint32_t> page_pins;           // page iova -> pin_pages count; guarded by mu
   bool refuse_alternate = false;                    // ignore every other notification (retry path)
   bool probe_in_callback = false;                   // try pin/read of the range being unmapped
   uint64_t notifications = 0;
@@ -162,9 +179,13 @@ struct AccessModel {
     FUZZ_CHECK(access != nullptr, "unmap callback before create returned");
     FUZZ_CHECK(g_unmap_request.has_value() && g_unmap_request->contains(r),
                "callback range [%#lx, %#lx] is not inside the unmap in progress", r.start, r.last);
-    const bool overlaps = std::any_of(pins.begin(), pins.end(), [&](const auto& p) {
-      return IovaRange{p.first, p.first + p.second - 1}.overlaps(r);
-    });
+    const bool overlaps =
+        std::any_of(pins.begin(), pins.end(),
+                    [&](const auto& p) {
+                      return IovaRange{p.first, p.first + p.second - 1}.overlaps(r);
+                    }) ||
+        std::any_of(page_pins.begin(), page_pins.end(),
+                    [&](const auto& p) { return page_range(p.first).overlaps(r); });
     FUZZ_CHECK(overlaps, "callback for [%#lx, %#lx] on an access with no pin there", r.start,
                r.last);
     if (refuse_alternate && (notifications++ % 2) == 0) return;
@@ -183,6 +204,16 @@ struct AccessModel {
       Status s = access->unpin(p.first, p.second);
       FUZZ_CHECK(s.ok(), "unpin of a held pin failed in the callback: %s",
                  s.error().describe().c_str());
+      return true;
+    });
+    // Page pins are unpinned one page at a time, as often as they were pinned.
+    std::erase_if(page_pins, [&](const auto& p) {
+      if (!page_range(p.first).overlaps(r)) return false;
+      for (uint32_t i = 0; i < p.second; ++i) {
+        Status s = access->unpin_pages(p.first, 1);
+        FUZZ_CHECK(s.ok(), "unpin_pages of a held page failed in the callback: %s",
+                   s.error().describe().c_str());
+      }
       return true;
     });
   }

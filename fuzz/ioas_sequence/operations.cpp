@@ -41,6 +41,14 @@ void run_op(Op op, Reader& in) {
       return op_set_limit(in);
     case kTakeFaults:
       return op_take_faults(in);
+    case kDirty:
+      return op_dirty(in);
+    case kPinPages:
+      return op_pin_pages(in);
+    case kUnpinPages:
+      return op_unpin_pages(in);
+    case kLive:
+      return op_live(in);
     case kOpCount:
       break;
   }

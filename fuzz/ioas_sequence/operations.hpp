@@ -30,6 +30,10 @@ enum Op : uint8_t {
   kRecreateIoas,
   kSetLimit,
   kTakeFaults,
+  kDirty,
+  kPinPages,
+  kUnpinPages,
+  kLive,
   kOpCount,
 };
 
@@ -43,6 +47,8 @@ const char* const kOpNames[] = {
     "translate",     "set_allowed_ranges",
     "reserved",      "recreate_ioas",
     "set_limit",     "take_faults",
+    "dirty",         "pin_pages",
+    "unpin_pages",   "live_update",
 };
 
 static_assert(std::size(kOpNames) == kOpCount);
@@ -58,6 +64,7 @@ void op_reserved(Reader& in);
 std::shared_ptr<IoasModel> create_ioas(uint8_t b);
 void op_recreate_ioas(Reader& in);
 void op_set_limit(Reader& in);
+void op_live(Reader& in);
 
 // Accesses and devices (access_ops.cpp).
 void op_access_create(Reader& in);
@@ -67,6 +74,11 @@ void op_access_rw(Reader& in);
 void op_dma(Reader& in);
 void op_translate(Reader& in);
 void op_take_faults(Reader& in);
+void op_pin_pages(Reader& in);
+void op_unpin_pages(Reader& in);
+
+// The dirty log (dirty_ops.cpp).
+void op_dirty(Reader& in);
 
 void run_op(Op op, Reader& in);
 

@@ -59,6 +59,11 @@ std::vector<PageRun> expected_runs() {
           add_run(runs, a->src, s - a->iova, l - s + 1, a->owner);
         }
       }
+      for (const auto& [page, count] : acc->page_pins) {
+        const AreaModel* a = m->find(page);
+        FUZZ_CHECK(a != nullptr, "model: page pin at %#lx outside every mapping", page);
+        add_run(runs, a->src, page - a->iova, kPageSize, a->owner);
+      }
     }
   }
   return runs;
@@ -139,6 +144,11 @@ void check_ioas(IoasModel& m) {
       for (const auto& [iova, len] : acc->pins) {
         if (IovaRange{iova, iova + len - 1}.overlaps(a.range())) ++access_pins;
       }
+      // One per page held by pin_pages (not per count).
+      for (auto it = acc->page_pins.lower_bound(a.iova);
+           it != acc->page_pins.end() && it->first <= a.last(); ++it) {
+        ++access_pins;
+      }
     }
     FUZZ_CHECK(
         mi.iova == a.iova && mi.length == a.len && mi.prot == a.prot && mi.kind == a.src.kind() &&
@@ -157,6 +167,10 @@ void check_ioas(IoasModel& m) {
              "{%zu, %#lx, %zu, %lu, %#lx}",
              c.mappings, c.mapped_bytes, c.domains, c.accesses, c.iova_alignment, m.areas.size(),
              bytes, m.domains.size(), m.accesses, m.alignment());
+  const auto invalid = static_cast<uint64_t>(std::count_if(
+      m.areas.begin(), m.areas.end(), [](const auto& e) { return e.second.host_invalid; }));
+  FUZZ_CHECK(m.ioas->invalid_host_count() == invalid, "invalid_host_count() %lu, model %lu",
+             m.ioas->invalid_host_count(), invalid);
   FUZZ_CHECK(m.ioas->iova_ranges() == holes_of(m.reserved()),
              "iova_ranges() disagrees with the reserved ranges");
 }
@@ -172,6 +186,9 @@ void check_all() {
     FUZZ_CHECK(acc->access->pin_count() == acc->pins.size() && acc->access->pinned_bytes() == bytes,
                "access pins %lu / %#lx bytes, model %zu / %#lx", acc->access->pin_count(),
                acc->access->pinned_bytes(), acc->pins.size(), bytes);
+    FUZZ_CHECK(acc->access->page_pinned_count() == acc->page_pins.size(),
+               "access page pins %lu, model %zu", acc->access->page_pinned_count(),
+               acc->page_pins.size());
   }
   for (DomainModel* d : w->live_domains()) {
     uint64_t bytes = 0;
@@ -271,6 +288,7 @@ int walk(const IoasModel& m, const IovaRange& r, uint32_t need, bool rw) {
   uint64_t pos = r.start;
   for (const AreaModel* a : m.overlapping(r)) {
     if (a->iova > pos) return ENOENT;
+    if (a->host_invalid) return EBUSY;
     if ((a->prot & need) != need) return EPERM;
     if (rw && a->src.kind() == SourceKind::simulated) return ENXIO;
     if (a->last() >= r.last) return 0;
@@ -308,6 +326,42 @@ std::optional<std::vector<HostPiece>> host_pieces(const IoasModel& m, uint64_t i
 }
 
 }  // namespace
+
+namespace {
+
+// Whether pinning all of src (for write: made resident writable) faults:
+// user memory outside the read-write part (or, for read, the read-only part).
+bool source_faults(const MemorySource& src, bool write) {
+  if (src.kind() != SourceKind::user) return false;
+  const uint64_t user = reinterpret_cast<uint64_t>(fx->user);
+  const uint64_t good_last = user + fx->user_rw + (write ? 0 : fx->user_ro) - 1;
+  const uint64_t first = dma_address(src);
+  return first < user || first + (src.length() - 1) > good_last;
+}
+
+uint64_t owner_charge(const std::vector<PageRun>& runs, int owner) {
+  const auto [real, sim] =
+      distinct_pages(runs, [owner](const PageRun& x) { return x.owner == owner; });
+  return (real + sim) * kPageSize;
+}
+
+}  // namespace
+
+int predict_pins(const std::vector<AreaModel>& areas) {
+  std::vector<PageRun> runs = expected_runs();
+  for (const AreaModel& a : areas) {
+    if (a.owner != kNoOwner) {
+      const uint64_t before = owner_charge(runs, a.owner);
+      std::vector<PageRun> with = runs;
+      add_run(with, a.src, 0, a.len, a.owner);
+      const uint64_t after = owner_charge(with, a.owner);
+      if (after > before && after > w->limit[a.owner].value_or(fx->rlimit)) return ENOMEM;
+    }
+    if (source_faults(a.src, (a.prot & kProtWrite) != 0)) return EFAULT;
+    add_run(runs, a.src, 0, a.len, a.owner);
+  }
+  return 0;
+}
 
 bool user_memory_faults(const IoasModel& m, const IovaRange& r, bool write) {
   const uint64_t user = reinterpret_cast<uint64_t>(fx->user);

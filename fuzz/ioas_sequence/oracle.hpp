@@ -31,9 +31,17 @@ void check_placement(const IoasModel& m, uint64_t iova, const std::vector<AreaMo
                      std::optional<uint64_t> fixed);
 
 // Which errno the coverage walk of an access pin/rw gives (0 = covered).
-// Mirrors the contract: a hole is ENOENT, a mapping without the prot is EPERM,
+// Mirrors the contract: a hole is ENOENT, a mapping whose host address is
+// invalid (live update) EBUSY, a mapping without the prot is EPERM,
 // simulated memory is ENXIO for rw.
 int walk(const IoasModel& m, const IovaRange& r, uint32_t need, bool rw);
+
+// The errno pinning `areas` for a domain gives, in order, each charged to
+// its owner and then made resident, given the pins the model holds now:
+// ENOMEM where an owner's charge would grow past its limit, EFAULT where the
+// memory cannot be made resident (user memory PROT_NONE, or read-only for a
+// writable mapping); 0 if every pin succeeds.
+int predict_pins(const std::vector<AreaModel>& areas);
 
 // Whether an access read (or write) of r in m touches user memory that
 // cannot be read (PROT_NONE) or written (read-only or PROT_NONE): the only
