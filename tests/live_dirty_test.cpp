@@ -133,6 +133,31 @@ TEST(LiveUpdate, InvalidateKeepsDmaAndBlocksAccesses) {
   ASSERT_OK(ioas->detach(domain));
 }
 
+// The new backing must fit the IOAS's alignment as map() requires: with an
+// access attached (4 KiB) and no domain, a source at an unaligned address
+// would otherwise be installed, breaking what accesses rely on.
+TEST(LiveUpdate, MisalignedNewBackingIsRefusedAndChangesNothing) {
+  test::Memfd mfd(2 * kMiB);
+  auto ioas = Ioas::create({}).value();
+  auto source = MemorySource::from_file(mfd.fd(), 0, 2 * kMiB).value();
+  ASSERT_OK(ioas->map(source, kRW, 0x200000));
+  auto access = Access::create(ioas, [](const IovaRange&) {}).value();
+  ASSERT_EQ(ioas->counters().iova_alignment, kPageSize);
+  ASSERT_OK(ioas->invalidate_host(0x200000, 2 * kMiB));
+  std::vector<char> user(2 * kMiB + kPageSize);
+  const uint64_t base =
+      (reinterpret_cast<uint64_t>(user.data()) + kPageSize - 1) & ~(kPageSize - 1);
+  auto misaligned = MemorySource::from_user(reinterpret_cast<void*>(base + 16), 2 * kMiB).value();
+  EXPECT_ERRNO(ioas->replace_host(0x200000, misaligned, {}), EINVAL);
+  EXPECT_EQ(ioas->invalid_host_count(), 1U);
+  EXPECT_EQ(counters().pinned_bytes, 0U);
+  EXPECT_EQ(counters().charged_bytes, 0U);
+  ASSERT_OK(ioas->replace_host(0x200000, source, {}));  // the aligned one still works
+  EXPECT_EQ(ioas->invalid_host_count(), 0U);
+  access.reset();
+  ASSERT_OK(ioas->unmap_all());
+}
+
 TEST(LiveUpdate, NewPagesArePinnedBeforeTheOldAreReleased) {
   auto* a = static_cast<char*>(
       mmap(nullptr, kMiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));

@@ -595,13 +595,6 @@ void replace_host(IoasModel& m, uint8_t how, Reader& in) {
     }
     default:
       if (!make_source(in, &src)) return;
-      // A source that breaks the IOAS's alignment is not tried: replace_host
-      // does not check it (without a domain it succeeds, with one the page
-      // table refuses it with EINVAL after the pin; see fuzz/README.md).
-      if (!is_aligned(dma_address(*src), m.alignment()) ||
-          !is_aligned(src->length(), m.alignment())) {
-        return;
-      }
       break;
   }
   if (!src) src = fx->file_rw_whole->slice(0, kPageSize);
@@ -619,7 +612,9 @@ void replace_host(IoasModel& m, uint8_t how, Reader& in) {
         access_pins = access_pins || page_range(page).overlaps(a.range());
       }
     }
-    if (!a.host_invalid || a.len != src->length()) {
+    // The new backing must fit the alignment, as for map().
+    if (!a.host_invalid || a.len != src->length() ||
+        !is_aligned(dma_address(*src), m.alignment())) {
       want = EINVAL;
     } else if (access_pins) {
       want = EBUSY;

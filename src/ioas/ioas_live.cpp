@@ -112,6 +112,11 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
     if (old->state != AreaState::live) return Error(EBUSY, "the mapping is being removed");
     if (!old->host_invalid) return Error(EINVAL, "the mapping's host address is valid");
     if (old->length() != source.length()) return Error(EINVAL, "length differs from the mapping");
+    // As map() requires: domains and accesses rely on every area's backing
+    // address fitting the IOAS's alignment.
+    if (!is_aligned(source.object()->dma_address(source.offset()), st.iova_alignment())) {
+      return Error(EINVAL, "the new backing address is not aligned to the IOAS's IOVA alignment");
+    }
     if (old->access_pins.load(std::memory_order_acquire) != 0) {
       return Error(EBUSY, "accesses hold pins in the mapping");
     }
