@@ -18,6 +18,7 @@
 #include "iomm/source.hpp"
 #include "iomm/vfio_compat.h"
 #include "test_support.hpp"
+#include "vfio_test_support.hpp"
 
 namespace {
 
@@ -25,39 +26,10 @@ constexpr uint64_t kPage = 4096;
 constexpr uint64_t kHuge = 2 << 20;
 constexpr uint64_t kIova = 0x40000000;
 
-int map(iomm_vfio_container* c, uint64_t iova, const void* vaddr, uint64_t size,
-        uint32_t flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE) {
-  vfio_iommu_type1_dma_map m{.argsz = sizeof(m),
-                             .flags = flags,
-                             .vaddr = reinterpret_cast<uint64_t>(vaddr),
-                             .iova = iova,
-                             .size = size};
-  errno = 0;
-  return iomm_vfio_ioctl(c, VFIO_IOMMU_MAP_DMA, &m) == 0 ? 0 : errno;
-}
-
-int unmap(iomm_vfio_container* c, uint64_t iova, uint64_t size, uint32_t flags = 0) {
-  vfio_iommu_type1_dma_unmap u{.argsz = sizeof(u), .flags = flags, .iova = iova, .size = size};
-  errno = 0;
-  return iomm_vfio_ioctl(c, VFIO_IOMMU_UNMAP_DMA, &u) == 0 ? 0 : errno;
-}
-
-int dma(iomm_vfio_group* g, uint64_t iova, char* byte, int write) {
-  errno = 0;
-  return iomm_vfio_group_dma_rw(g, iova, byte, 1, write) == 0 ? 0 : errno;
-}
-
-struct Container {
-  iomm_vfio_container* c = iomm_vfio_open();
-  iomm_vfio_group* sw = iomm_vfio_group_create_software(c, nullptr);
-  Container() {
-    EXPECT_EQ(iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(VFIO_TYPE1v2_IOMMU)), 0);
-  }
-  ~Container() {
-    iomm_vfio_group_destroy(sw);
-    iomm_vfio_close(c);
-  }
-};
+using iomm::test::vfio::dma;
+using iomm::test::vfio::map;
+using iomm::test::vfio::unmap;
+using Container = iomm::test::vfio::SoftwareContainer;
 
 // How the library reaches the file behind the vaddrs.
 enum class Way {

@@ -14,28 +14,18 @@
 #include <vector>
 
 #include "iomm/vfio_compat.h"
+#include "vfio_test_support.hpp"
 
 namespace {
 
 constexpr uint64_t kPage = 4096;
 
-long call(iomm_vfio_container* c, unsigned long req, void* arg) {
-  errno = 0;
-  return iomm_vfio_ioctl(c, req, arg) == 0 ? 0 : errno;
-}
-
-int map(iomm_vfio_container* c, uint64_t iova, const void* va, uint64_t size) {
-  vfio_iommu_type1_dma_map m{.argsz = sizeof(m),
-                             .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-                             .vaddr = reinterpret_cast<uint64_t>(va),
-                             .iova = iova,
-                             .size = size};
-  return static_cast<int>(call(c, VFIO_IOMMU_MAP_DMA, &m));
-}
+using iomm::test::vfio::call;
+using iomm::test::vfio::map;
 
 int dirty_flag(iomm_vfio_container* c, uint32_t flag) {
   vfio_iommu_type1_dirty_bitmap d{.argsz = sizeof(d), .flags = flag};
-  return static_cast<int>(call(c, VFIO_IOMMU_DIRTY_PAGES, &d));
+  return call(c, VFIO_IOMMU_DIRTY_PAGES, &d);
 }
 
 // UNMAP [iova, iova + size) with GET_DIRTY_BITMAP at 4 KiB into bits.
@@ -49,7 +39,7 @@ int unmap_bitmap(iomm_vfio_container* c, uint64_t iova, uint64_t size, std::vect
   u->size = size;
   const vfio_bitmap bm{.pgsize = kPage, .size = bits.size() * 8, .data = bits.data()};
   std::memcpy(u->data, &bm, sizeof(bm));
-  const int e = static_cast<int>(call(c, VFIO_IOMMU_UNMAP_DMA, u));
+  const int e = call(c, VFIO_IOMMU_UNMAP_DMA, u);
   if (unmapped != nullptr) *unmapped = u->size;
   return e;
 }
@@ -65,7 +55,7 @@ int get_bitmap(iomm_vfio_container* c, uint64_t iova, uint64_t size, std::vector
       .size = size,
       .bitmap = {.pgsize = kPage, .size = bits.size() * 8, .data = bits.data()}};
   std::memcpy(hdr->data, &get, sizeof(get));
-  return static_cast<int>(call(c, VFIO_IOMMU_DIRTY_PAGES, hdr));
+  return call(c, VFIO_IOMMU_DIRTY_PAGES, hdr);
 }
 
 struct Anon {

@@ -16,30 +16,17 @@
 
 #include "iomm/accounting.hpp"
 #include "iomm/vfio_compat.h"
+#include "vfio_test_support.hpp"
 
 namespace {
 
 constexpr uint64_t kPage = 4096;
 
-int call(iomm_vfio_container* c, unsigned long req, void* arg) {
-  errno = 0;
-  return iomm_vfio_ioctl(c, req, arg) == 0 ? 0 : errno;
-}
-
-int map(iomm_vfio_container* c, uint64_t iova, const void* va, uint64_t size) {
-  vfio_iommu_type1_dma_map m{.argsz = sizeof(m),
-                             .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-                             .vaddr = reinterpret_cast<uint64_t>(va),
-                             .iova = iova,
-                             .size = size};
-  return call(c, VFIO_IOMMU_MAP_DMA, &m);
-}
+using iomm::test::vfio::call;
+using iomm::test::vfio::map;
 
 int unmap(iomm_vfio_container* c, uint64_t iova, uint64_t size, uint64_t* unmapped = nullptr) {
-  vfio_iommu_type1_dma_unmap u{.argsz = sizeof(u), .iova = iova, .size = size};
-  const int e = call(c, VFIO_IOMMU_UNMAP_DMA, &u);
-  if (unmapped != nullptr) *unmapped = u.size;
-  return e;
+  return iomm::test::vfio::unmap(c, iova, size, 0, unmapped);
 }
 
 // DMA_AVAIL from GET_INFO, or -errno.
