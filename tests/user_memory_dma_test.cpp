@@ -23,6 +23,14 @@ constexpr uint32_t kRW = kProtRead | kProtWrite;
 constexpr size_t kBytes = 4 * kPageSize;
 constexpr uint64_t kIova = 0x100000;
 
+// The test's premise: nothing was mapped at the old addresses since
+// (mincore fails with ENOMEM only where nothing is mapped).
+void expect_unmapped(void* address) {
+  unsigned char residency[kBytes / kPageSize];
+  ASSERT_EQ(mincore(address, kBytes, residency), -1) << "the addresses were reused";
+  ASSERT_EQ(errno, ENOMEM);
+}
+
 // Anonymous memory mapped into an IOAS with a software domain attached.
 class MappedUserMemory {
  public:
@@ -45,8 +53,11 @@ class MappedUserMemory {
   MappedUserMemory(const MappedUserMemory&) = delete;
   MappedUserMemory& operator=(const MappedUserMemory&) = delete;
 
+  // Allocate what the test needs before this: a later allocation may reuse
+  // the addresses, which no user-space check can tell from the old memory.
   void unmap_memory() {
     ASSERT_EQ(munmap(memory_, kBytes), 0);
+    expect_unmapped(memory_);
     memory_ = nullptr;
   }
   void protect(int prot) { ASSERT_EQ(mprotect(memory_, kBytes, prot), 0); }
@@ -80,8 +91,8 @@ TEST(UserMemoryDma, CopiesWhileTheMemoryIsThere) {
 
 TEST(UserMemoryDma, UnmappedMemoryFailsWithEfaultAndAFault) {
   MappedUserMemory mapped;
-  mapped.unmap_memory();
   std::vector<char> buf(kBytes, 'w');
+  mapped.unmap_memory();
   EXPECT_ERRNO(mapped.domain().dma_write(kIova, buf.data(), kBytes), EFAULT);
   expect_one_fault(mapped.domain(), kIova, kProtWrite);
   EXPECT_ERRNO(mapped.domain().dma_read(kIova + kPageSize, buf.data(), 16), EFAULT);
@@ -128,12 +139,13 @@ TEST(UserMemoryDma, FaultNamesTheFirstVanishedSegment) {
   ASSERT_OK(ioas->attach(domain));
   ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, kBytes), kRW, kIova));
   ASSERT_OK(ioas->map(*MemorySource::from_user(user, kBytes), kRW, kIova + kBytes));
-  ASSERT_EQ(munmap(user, kBytes), 0);
-
   std::vector<char> buf(2 * kBytes, 'w');
+  std::vector<char> read(kBytes);
+  ASSERT_EQ(munmap(user, kBytes), 0);
+  expect_unmapped(user);
+
   EXPECT_ERRNO(domain->dma_write(kIova, buf.data(), buf.size()), EFAULT);
   expect_one_fault(*domain, kIova + kBytes, kProtWrite);
-  std::vector<char> read(kBytes);
   ASSERT_OK(domain->dma_read(kIova, read.data(), kBytes));
   EXPECT_EQ(read, std::vector<char>(kBytes, 'w'));
 
