@@ -121,9 +121,10 @@ class SoftDomain {
 
   // Translate one IOVA for the given access (kProtRead or kProtWrite).
   // Lock-free (not wait-free: a fault is recorded under the fault log's
-  // lock). The walk runs in its own RCU read-side section, because unmaps
-  // free the page-table pages they empty after a grace period, so it is safe
-  // without a guard. The returned host pointer is only guaranteed valid
+  // lock). The walk runs inside an RCU read-side section, because unmaps
+  // free the page-table pages they empty after a grace period: the caller's
+  // guard if it holds one (then the walk costs no RCU call), else its own,
+  // so it is safe without a guard. The returned host pointer is only guaranteed valid
   // while the caller holds an iomm::RcuReadGuard (see rcu.hpp) taken before
   // the call.
   // Errors: EFAULT not mapped, EPERM wrong permission (both recorded as faults).

@@ -13,6 +13,7 @@
 #include "mem/checked_copy.hpp"
 #include "mem/host_access.hpp"
 #include "mem/safe_copy.hpp"
+#include "sync/rcu.hpp"
 
 namespace iomm {
 
@@ -253,12 +254,14 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
   if (!inside_aperture(impl_->config, iova)) {
     return record_fault(impl_->faults, iova, access, FaultReason::outside_aperture);
   }
-  // The walk needs its own read-side section: an unmap frees the tables it
-  // empties after a grace period. The leaf is copied out; the memory behind
-  // it stays valid only under the caller's guard.
+  // The walk needs a read-side section (an unmap frees the tables it empties
+  // after a grace period); the caller's, when it holds one, is enough. The leaf is copied out; the
+  // memory behind it stays valid only under the caller's guard.
   domain::Leaf leaf;
   bool present = false;
-  {
+  if (sync::in_read_section()) {
+    present = impl_->page_table->lookup(iova, &leaf);
+  } else {
     const RcuReadGuard walk;
     present = impl_->page_table->lookup(iova, &leaf);
   }

@@ -37,14 +37,20 @@ void note_grace_period_end() {}
 
 namespace iomm {
 
-RcuReadGuard::RcuReadGuard() noexcept { urcu_bp_read_lock(); }
+RcuReadGuard::RcuReadGuard() noexcept {
+  urcu_bp_read_lock();
+  ++sync::t_read_depth;
+}
 
 RcuReadGuard::~RcuReadGuard() {
+  --sync::t_read_depth;
   note_read_section_end();
   urcu_bp_read_unlock();
 }
 
 namespace sync {
+
+constinit thread_local unsigned t_read_depth = 0;
 
 void rcu_synchronize() noexcept {
   urcu_bp_synchronize_rcu();

@@ -8,4 +8,12 @@ namespace iomm::sync {
 // ended. Must not be called inside a read-side section.
 void rcu_synchronize() noexcept;
 
+// How many RcuReadGuards this thread holds. constinit: no TLS wrapper call.
+extern constinit thread_local unsigned t_read_depth;
+
+// Whether the calling thread is inside a read-side section already, so a
+// lock-free walk on the hot path (translate) can skip entering its own:
+// liburcu-bp's read lock is an out-of-line call with a full barrier.
+inline bool in_read_section() noexcept { return t_read_depth != 0; }
+
 }  // namespace iomm::sync
