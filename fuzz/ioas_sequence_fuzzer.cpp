@@ -42,6 +42,7 @@
 #include <cstdlib>
 #include <map>
 
+#include "ioas_sequence/concurrent.hpp"
 #include "ioas_sequence/model.hpp"
 #include "ioas_sequence/operations.hpp"
 #include "ioas_sequence/oracle.hpp"
@@ -70,6 +71,7 @@ void print_stats() {
       std::fprintf(stderr, " %s:%lu", errno_name(code), n);
     std::fprintf(stderr, "\n");
   }
+  print_conflict_stats();
 }
 
 void check_clean(const char* when) {
@@ -99,6 +101,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   check_clean("before the input");
 
   w = new World();
+  g_raced = false;
   const uint8_t h0 = in.u8();
   const uint8_t h1 = in.u8();
   w->limit[kProcessOwner] = kLimits[in.u8() % std::size(kLimits)];
@@ -114,15 +117,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     iomm::fuzz::g_step_index = static_cast<int>(step);
     iomm::fuzz::g_step_name = kOpNames[op];
     g_last_code = -1;
+    g_step_detail.clear();
+    const bool raced_before = g_raced;
     run_op(op, in);
     ++g_stats[op].runs;
     if (g_last_code == 0) ++g_stats[op].ok;
     if (g_last_code > 0) ++g_stats[op].errors[g_last_code];
-    if (g_trace) {
-      std::fprintf(stderr, "step %2zu %-18s -> %s\n", step, kOpNames[op],
+    if (g_trace && !raced_before) {
+      std::fprintf(stderr, "step %2zu %-18s -> %s%s%s\n", step, kOpNames[op],
                    g_last_code < 0    ? "(no call)"
                    : g_last_code == 0 ? "ok"
-                                      : errno_name(g_last_code));
+                                      : errno_name(g_last_code),
+                   g_step_detail.empty() ? "" : " ", g_step_detail.c_str());
+      if (g_raced) {
+        std::fprintf(stderr,
+                     "step -- the rest follows a tight round, whose results may differ from run "
+                     "to run: checked, not traced\n");
+      }
     }
     check_all();
   }

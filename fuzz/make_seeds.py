@@ -9,10 +9,10 @@ an entry to SEEDS.
 """
 import os
 
-# Opcodes (enum Op in ioas_sequence_fuzzer.cpp).
+# Opcodes (enum Op in ioas_sequence/operations.hpp).
 MAP, UNMAP, COPY, ATTACH, DETACH, DOMAIN, ACCESS, ACCESS_DESTROY, PIN, UNPIN, RW, DMA, \
     TRANSLATE, ALLOWED, RESERVED, RECREATE, LIMIT, FAULTS, DIRTY, PIN_PAGES, UNPIN_PAGES, \
-    LIVE = range(22)
+    LIVE, ROUND = range(23)
 # PIN_PAGES' and UNPIN_PAGES' flag byte: bit 0 aligns the IOVA down; 6 (both
 # bits) passes no host array to PIN_PAGES. UNPIN_PAGES with a flag byte
 # below 0x80 unpins from the (byte % n)-th held page, 1 + next byte % 4 pages.
@@ -69,6 +69,55 @@ def op(code, *args):
     out = [code]
     for a in args:
         out += a if isinstance(a, list) else [a]
+    return out
+
+# A raw 64-bit IOVA (pick byte 0xff, then the value, little-endian).
+def raw(v):
+    return [0xFF] + list(v.to_bytes(8, "little"))
+
+# Concurrent rounds (ioas_sequence/concurrent.hpp). Lane t works in the IOVA
+# window WINDOW + t * 2 MiB; the conflicting pairs in SHARED.
+WINDOW, SHARED = 0x1200000, 0x1800000
+# ROUND flags: IOAS slot 1, three lanes (else two), an access per lane, its
+# callback refusing every other notification, probing the unmapped range.
+R_IOAS1, R_THREE, R_ACCESS, R_REFUSE, R_PROBE = 1, 2, 4, 8, 16
+# Conflicting pairs (lanes 0 and 1, at one slot).
+K_NONE, K_UNMAP_PIN, K_MAP_UNMAP, K_MAP_MAP, K_WRITE_DIRTY, K_UNMAP_RW = range(6)
+# Lane operations, 5 bytes each. Lane IOVA byte: below 0xc0 an 8 KiB step
+# into the window, AREA + k the k-th area of the window. Page counts index
+# (1, 2, 3, 4, 8, 16, 32, 64); TO_END (unmap) to the end of the area.
+L_MAP, L_UNMAP, L_PIN, L_UNPIN, L_RW, L_DMA, L_DIRTY = range(7)
+AREA, TO_END = 0xC0, 0xE0
+NP1, NP2, NP3, NP4, NP8, NP16, NP32, NP64 = range(8)
+# Lane map memory: its memfd slice, simulated slice, user rw slice (from a
+# page), read-only user memory (writable source), PROT_NONE user memory.
+LS_FILE, LS_SIM, LS_USER, LS_USER_RO, LS_USER_NONE = range(5)
+def lsrc(kind, page=0):
+    return kind | (page << 3)
+# Lane rw/DMA lengths: 1, 0xfff, 4K, 4K+1, 12K, 64K, 8K, 0x7ff; TO_END.
+LL1, LL_FFF, LL4K, LL4K1, LL12K, LL64K, LL8K, LL7FF = range(8)
+def lmap(iova, np, src, prot):
+    return [L_MAP, iova, np, src, prot]
+def lunmap(iova, np, allow_empty=0):
+    return [L_UNMAP, iova, np, allow_empty, 0]
+def lpin(iova, np, prot):
+    return [L_PIN, iova, np, prot, 0]
+def lunpin(index=0):
+    return [L_UNPIN, index, 0, 0, 0]
+def lrw(write, iova, length):
+    return [L_RW, write, iova, length, 0]
+def ldma(write, iova, length):
+    return [L_DMA, write, iova, length, 0]
+def ldirty(peek, iova, np):
+    return [L_DIRTY, peek, iova, np, 0]
+def round_(flags, slots, lanes, conflict=K_NONE, conflict_slot=0, args=(0, 0, 0)):
+    """lanes: per lane, a list of per-slot ops (lanes 0 and 1 skip the conflict slot)."""
+    out = [ROUND, flags, slots - 1, conflict | (conflict_slot << 3)]
+    if conflict != K_NONE:
+        out += list(args)
+    for ops in lanes:
+        for o in ops:
+            out += o
     return out
 
 SEEDS = {
@@ -198,6 +247,64 @@ SEEDS = {
         op(ACCESS, 0, 0, 0) + op(PIN, 0, IOVA_MAX_1FFF, LEN_8K, R) +
         op(RW, 0, 0, IOVA_MAX_1, LEN_4K) + op(DOMAIN, 0, 1, 0) + op(ATTACH, 0, 0) +
         op(TRANSLATE, 0, 1, IOVA_MAX) + op(DMA, 0, 0, IOVA_MAX_1FFF, LEN_8K),
+    # three lanes map, pin, DMA, read/write, read the dirty log and unmap,
+    # each in its own window, at once, with a domain attached.
+    "seed-round-lanes": hdr() +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) + op(DIRTY, 0, DIRTY_ON) +
+        round_(R_THREE | R_ACCESS, 4, [
+            [lmap(0, NP16, lsrc(LS_FILE), RW_), lpin(AREA, NP2, R), ldma(1, AREA, LL64K),
+             lunmap(AREA, TO_END)],
+            [lmap(4, NP8, lsrc(LS_USER), RW_), lrw(1, AREA, LL4K1), ldirty(0, AREA, NP8),
+             lunmap(AREA, TO_END)],
+            [lmap(0, NP32, lsrc(LS_SIM), RW_), lmap(40, NP1, lsrc(LS_USER_NONE), R),
+             ldma(0, AREA, LL4K), lpin(AREA, NP4, W)]]) +
+        round_(R_THREE | R_ACCESS | R_REFUSE, 3, [
+            [lmap(8, NP4, lsrc(LS_FILE, 3), RW_), lrw(1, AREA, LL12K), lunmap(AREA, TO_END)],
+            [lmap(8, NP3, lsrc(LS_USER_RO), RW_), lmap(8, NP3, lsrc(LS_USER_RO), R),
+             ldirty(1, 8, NP4)],
+            [lunmap(AREA, TO_END), lmap(0, NP2, lsrc(LS_FILE), W), ldma(1, AREA, LL8K)]]) +
+        op(UNMAP, 0, 2, IOVA_0, LEN0),
+    # an unmap races with a pin of the same area (and a read of it), while a
+    # third lane works on its own; callbacks refuse every other round.
+    "seed-round-unmap-pin": hdr() +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) +
+        op(MAP, 0, file_rw(pages(224), LEN_32K), RW_ | FIXED, raw(SHARED)) +
+        round_(R_THREE | R_ACCESS | R_REFUSE, 2, [
+            [lmap(0, NP4, lsrc(LS_FILE), RW_)], [lpin(0, NP1, R)],
+            [lmap(0, NP4, lsrc(LS_FILE), RW_), lunmap(AREA, TO_END)]],
+            K_UNMAP_PIN, 0, (1, R, 0)) +
+        op(MAP, 0, file_rw(pages(224), LEN_32K), RW_ | FIXED, raw(SHARED)) +
+        round_(R_ACCESS | R_PROBE, 2, [[lunmap(AREA, TO_END)], [lrw(0, 0, LL4K)]],
+               K_UNMAP_RW, 0, (3, 0, 0)),
+    # a fixed map races with an unmap of the same range (EBUSY while it fills),
+    # then two maps race for one range.
+    "seed-round-map-unmap": hdr() +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) +
+        round_(R_THREE, 1, [[], [], [lmap(0, NP16, lsrc(LS_FILE), RW_)]],
+               K_MAP_UNMAP, 0, (0, NP16, 2)) +
+        round_(R_THREE, 1, [[], [], [lunmap(AREA, TO_END)]], K_MAP_UNMAP, 0, (1, NP4, 2 | 8)) +
+        op(MAP, 0, file_rw(pages(224), LEN_64K), RW_ | FIXED, raw(SHARED)) +
+        round_(0, 1, [[], []], K_MAP_UNMAP, 0, (0, NP16, 2)) +
+        round_(R_THREE, 1, [[], [], [lmap(0, NP1, lsrc(LS_SIM), R)]], K_MAP_MAP, 0,
+               (2, NP8, 2 | (1 << 4))) +
+        round_(0, 1, [[], []], K_MAP_MAP, 0, (3, NP2, 2 | 8)),
+    # a DMA (then an access) write races with reads of the dirty log.
+    "seed-round-write-dirty": hdr() +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) + op(DIRTY, 0, DIRTY_ON) +
+        op(MAP, 0, file_rw(pages(224), LEN_64K), RW_ | FIXED, raw(SHARED)) +
+        op(DMA, 0, 1, raw(SHARED + 0x3000), LEN_4K) +
+        round_(0, 1, [[], []], K_WRITE_DIRTY, 0, (1, NP16, 0)) +
+        round_(0, 1, [[], []], K_WRITE_DIRTY, 0, (1, NP8, 1)) +
+        round_(R_ACCESS, 2, [[ldma(1, 0, LL4K)], [ldirty(0, 0, NP1)]],
+               K_WRITE_DIRTY, 1, (0, NP4, 0)),
+    # a small memlock limit: the lanes' pinning maps compete for it.
+    "seed-round-tight": hdr(0, 0, 3) +
+        op(DOMAIN, 0, 0, 0) + op(ATTACH, 0, 0) +
+        round_(R_THREE, 2, [
+            [lmap(0, NP32, lsrc(LS_FILE), RW_), lmap(40, NP32, lsrc(LS_SIM), RW_)],
+            [lmap(0, NP32, lsrc(LS_USER), RW_), lmap(40, NP64, lsrc(LS_SIM), RW_)],
+            [lmap(0, NP32, lsrc(LS_FILE), R), lmap(40, NP32, lsrc(LS_SIM), R)]]) +
+        op(UNMAP, 0, 2, IOVA_0, LEN0),
 }
 
 

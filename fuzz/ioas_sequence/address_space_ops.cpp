@@ -78,12 +78,6 @@ IoasModel* ioas_slot(Reader& in) { return w->ioas[in.u8() & 1].get(); }
 
 }  // namespace
 
-namespace {
-
-// The errno map() gives, checked in the library's order: arguments, then
-// alignment, then (for a fixed IOVA) placement, the mapping limit, and with
-// a domain attached pinning and charging (predict_pins). -1 where the model
-// cannot tell: the allocation of a free IOVA.
 int predict_map_errno(const IoasModel& m, const MemorySource& src, uint32_t prot,
                       std::optional<uint64_t> fixed) {
   if ((fixed && *fixed == kMax) || src.length() == kMax) return EOVERFLOW;
@@ -101,6 +95,8 @@ int predict_map_errno(const IoasModel& m, const MemorySource& src, uint32_t prot
   if (m.domains.empty()) return 0;
   return predict_pins({{*fixed, src.length(), prot, src, m.owner()}});
 }
+
+namespace {
 
 // The same for copy_from into dst of the slices the model cut from the
 // source range: arguments, the source walk (a read-only page before any
@@ -220,10 +216,6 @@ void op_copy(Reader& in) {
   w->probe_iova = *r;
 }
 
-namespace {
-
-// Removes the model's areas inside r after a successful unmap, checking that
-// every access let go of its pins there.
 void unmap_model(IoasModel& m, const IovaRange& r) {
   for (AccessModel* acc : w->accesses_of(&m)) {
     for (const auto& [iova, len] : acc->pins) {
@@ -249,8 +241,6 @@ void unmap_model(IoasModel& m, const IovaRange& r) {
   }
   std::erase_if(m.areas, [&](const auto& e) { return r.contains(e.second.range()); });
 }
-
-}  // namespace
 
 void op_unmap(Reader& in) {
   IoasModel* m = ioas_slot(in);

@@ -77,6 +77,25 @@ struct AreaModel {
   [[nodiscard]] IovaRange range() const { return {iova, last()}; }
 };
 
+using AreaMap = std::map<uint64_t, AreaModel>;
+
+// The areas of `areas` overlapping r, in IOVA order.
+inline std::vector<const AreaModel*> overlapping(const AreaMap& areas, const IovaRange& r) {
+  std::vector<const AreaModel*> out;
+  for (const auto& [start, a] : areas) {
+    if (a.range().overlaps(r)) out.push_back(&a);
+  }
+  return out;
+}
+
+// The area of `areas` containing iova, if any.
+inline const AreaModel* area_at(const AreaMap& areas, uint64_t iova) {
+  auto it = areas.upper_bound(iova);
+  if (it == areas.begin()) return nullptr;
+  --it;
+  return it->second.last() >= iova ? &it->second : nullptr;
+}
+
 inline uint64_t dma_address(const MemorySource& s, uint64_t skip = 0) {
   return s.object()->dma_address(s.offset() + skip);
 }
@@ -87,7 +106,7 @@ struct IoasModel {
   std::shared_ptr<Ioas> ioas;
   AccountMode mode = AccountMode::per_process;
   uint32_t max_mappings = kDefaultMaxMappings;
-  std::map<uint64_t, AreaModel> areas;
+  AreaMap areas;
   std::vector<std::shared_ptr<DomainModel>> domains;
   std::vector<IovaRange> user_reserved;
   std::vector<IovaRange> allowed;  // sorted
@@ -122,18 +141,9 @@ struct IoasModel {
   [[nodiscard]] std::vector<IovaRange> reserved() const;
   // The areas overlapping r, in IOVA order.
   [[nodiscard]] std::vector<const AreaModel*> overlapping(const IovaRange& r) const {
-    std::vector<const AreaModel*> out;
-    for (const auto& [start, a] : areas) {
-      if (a.range().overlaps(r)) out.push_back(&a);
-    }
-    return out;
+    return ioas_sequence::overlapping(areas, r);
   }
-  [[nodiscard]] const AreaModel* find(uint64_t iova) const {
-    auto it = areas.upper_bound(iova);
-    if (it == areas.begin()) return nullptr;
-    --it;
-    return it->second.last() >= iova ? &it->second : nullptr;
-  }
+  [[nodiscard]] const AreaModel* find(uint64_t iova) const { return area_at(areas, iova); }
 };
 
 struct DomainModel {
@@ -157,7 +167,9 @@ struct AccessModel;
 
 inline IovaRange page_range(uint64_t page_iova) { return {page_iova, page_iova + kPageSize - 1}; }
 
-inline std::optional<IovaRange> g_unmap_request;  // the range of the unmap in progress
+// The range of the unmap this thread has in progress: callbacks run on the
+// unmapping thread (access.hpp), so each thread of a concurrent round has its own.
+inline thread_local std::optional<IovaRange> g_unmap_request;
 
 struct AccessModel {
   std::shared_ptr<IoasModel> io;  // declared first: destroyed after the access

@@ -49,6 +49,8 @@ void run_op(Op op, Reader& in) {
       return op_unpin_pages(in);
     case kLive:
       return op_live(in);
+    case kRound:
+      return op_round(in);
     case kOpCount:
       break;
   }

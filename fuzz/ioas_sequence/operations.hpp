@@ -34,6 +34,7 @@ enum Op : uint8_t {
   kPinPages,
   kUnpinPages,
   kLive,
+  kRound,
   kOpCount,
 };
 
@@ -49,6 +50,7 @@ const char* const kOpNames[] = {
     "set_limit",     "take_faults",
     "dirty",         "pin_pages",
     "unpin_pages",   "live_update",
+    "round",
 };
 
 static_assert(std::size(kOpNames) == kOpCount);
@@ -66,6 +68,17 @@ void op_recreate_ioas(Reader& in);
 void op_set_limit(Reader& in);
 void op_live(Reader& in);
 
+// The errno map() gives, checked in the library's order: arguments, then
+// alignment, then (for a fixed IOVA) placement, the mapping limit, and with
+// a domain attached pinning and charging (predict_pins). -1 where the model
+// cannot tell: the allocation of a free IOVA.
+int predict_map_errno(const IoasModel& m, const MemorySource& src, uint32_t prot,
+                      std::optional<uint64_t> fixed);
+
+// Removes the model's areas inside r after a successful unmap, checking that
+// every access let go of its pins there.
+void unmap_model(IoasModel& m, const IovaRange& r);
+
 // Accesses and devices (access_ops.cpp).
 void op_access_create(Reader& in);
 void op_pin(Reader& in);
@@ -79,6 +92,9 @@ void op_unpin_pages(Reader& in);
 
 // The dirty log (dirty_ops.cpp).
 void op_dirty(Reader& in);
+
+// A concurrent round: 2 or 3 threads at once (concurrent_ops.cpp).
+void op_round(Reader& in);
 
 void run_op(Op op, Reader& in);
 

@@ -284,9 +284,9 @@ void check_placement(const IoasModel& m, uint64_t iova, const std::vector<AreaMo
   }
 }
 
-int walk(const IoasModel& m, const IovaRange& r, uint32_t need, bool rw) {
+int walk(const AreaMap& areas, const IovaRange& r, uint32_t need, bool rw) {
   uint64_t pos = r.start;
-  for (const AreaModel* a : m.overlapping(r)) {
+  for (const AreaModel* a : overlapping(areas, r)) {
     if (a->iova > pos) return ENOENT;
     if (a->host_invalid) return EBUSY;
     if ((a->prot & need) != need) return EPERM;
@@ -306,11 +306,12 @@ struct HostPiece {
   uint64_t len;
 };
 
-std::optional<std::vector<HostPiece>> host_pieces(const IoasModel& m, uint64_t iova, uint64_t len) {
+std::optional<std::vector<HostPiece>> host_pieces(const AreaMap& areas, uint64_t iova,
+                                                  uint64_t len) {
   std::vector<HostPiece> out;
   std::vector<PageRun> runs;
   const IovaRange r{iova, iova + len - 1};
-  for (const AreaModel* a : m.overlapping(r)) {
+  for (const AreaModel* a : overlapping(areas, r)) {
     if (a->src.kind() == SourceKind::simulated) return std::nullopt;
     const uint64_t s = std::max(a->iova, r.start);
     const uint64_t l = std::min(a->last(), r.last);
@@ -327,10 +328,7 @@ std::optional<std::vector<HostPiece>> host_pieces(const IoasModel& m, uint64_t i
 
 }  // namespace
 
-namespace {
-
-// Whether pinning all of src (for write: made resident writable) faults:
-// user memory outside the read-write part (or, for read, the read-only part).
+// User memory outside the read-write part (or, for read, the read-only part).
 bool source_faults(const MemorySource& src, bool write) {
   if (src.kind() != SourceKind::user) return false;
   const uint64_t user = reinterpret_cast<uint64_t>(fx->user);
@@ -338,6 +336,8 @@ bool source_faults(const MemorySource& src, bool write) {
   const uint64_t first = dma_address(src);
   return first < user || first + (src.length() - 1) > good_last;
 }
+
+namespace {
 
 uint64_t owner_charge(const std::vector<PageRun>& runs, int owner) {
   const auto [real, sim] =
@@ -363,10 +363,10 @@ int predict_pins(const std::vector<AreaModel>& areas) {
   return 0;
 }
 
-bool user_memory_faults(const IoasModel& m, const IovaRange& r, bool write) {
+bool user_memory_faults(const AreaMap& areas, const IovaRange& r, bool write) {
   const uint64_t user = reinterpret_cast<uint64_t>(fx->user);
   const uint64_t good_last = user + fx->user_rw + (write ? 0 : fx->user_ro) - 1;
-  for (const AreaModel* a : m.overlapping(r)) {
+  for (const AreaModel* a : overlapping(areas, r)) {
     if (a->src.kind() != SourceKind::user) continue;
     const uint64_t s = std::max(a->iova, r.start);
     const uint64_t l = std::min(a->last(), r.last);
@@ -377,9 +377,9 @@ bool user_memory_faults(const IoasModel& m, const IovaRange& r, bool write) {
   return false;
 }
 
-void check_host_bytes(const IoasModel& m, uint64_t iova, const uint8_t* buf, uint64_t len,
+void check_host_bytes(const AreaMap& areas, uint64_t iova, const uint8_t* buf, uint64_t len,
                       const char* what) {
-  auto pieces = host_pieces(m, iova, len);
+  auto pieces = host_pieces(areas, iova, len);
   if (!pieces) return;
   uint64_t off = 0;
   for (const HostPiece& p : *pieces) {
