@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
+#include <cstring>
 #include <vector>
 
 #include "iomm/ioas.hpp"
@@ -271,6 +272,39 @@ TEST(IoasLazy, MapWithDomainIsAllOrNothing) {
   ASSERT_OK(ioas->unmap_all());
   ASSERT_OK(ioas->detach(d));
   munmap(buf, 4 * kPageSize);
+}
+
+// A page already pinned for a read-only mapping is not thereby writable: a
+// writable mapping of read-only memory fails to pin (EFAULT) whether or not
+// another mapping holds its pages, and leaves nothing behind. (Found by the
+// IOAS sequence fuzzer's concurrent rounds: two lanes mapping the same
+// read-only page, R and W.)
+TEST(IoasLazy, WritableMapOfReadOnlyMemoryHeldForReadFails) {
+  auto ioas = make_ioas();
+  auto d = make_domain();
+  ASSERT_OK(ioas->attach(d));
+  auto* buf = static_cast<char*>(
+      mmap(nullptr, 2 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(buf, MAP_FAILED);
+  std::memset(buf, 'r', 2 * kPageSize);
+  ASSERT_EQ(mprotect(buf, 2 * kPageSize, PROT_READ), 0);
+  auto src = MemorySource::from_user(buf, 2 * kPageSize, /*writable=*/true);
+  ASSERT_OK(src);
+  EXPECT_ERRNO(ioas->map(*src, kProtWrite, 0x100000), EFAULT);
+  ASSERT_OK(ioas->map(src->slice(0, kPageSize), kProtRead, 0x200000));
+  const uint64_t pinned = counters().pinned_bytes;
+  const uint64_t charged = counters().charged_bytes;
+  // One page held for read and one not, then the held page alone.
+  EXPECT_ERRNO(ioas->map(*src, kProtWrite, 0x300000), EFAULT);
+  EXPECT_ERRNO(ioas->map(src->slice(0, kPageSize), kRW, 0x300000), EFAULT);
+  EXPECT_EQ(ioas->counters().mappings, 1U);
+  EXPECT_EQ(counters().pinned_bytes, pinned);
+  EXPECT_EQ(counters().charged_bytes, charged);
+  EXPECT_EQ(process_vmlck_bytes(), pinned);
+  EXPECT_ERRNO(d->translate(0x300000, kProtWrite), EFAULT);
+  ASSERT_OK(ioas->unmap_all());
+  ASSERT_OK(ioas->detach(d));
+  munmap(buf, 2 * kPageSize);
 }
 
 }  // namespace

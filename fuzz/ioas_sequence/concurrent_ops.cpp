@@ -209,6 +209,10 @@ void lane_map(const Plan& plan, Lane& lane, const LaneOp& op) {
     if (plan.tight_charge && !m.domains.empty()) tight.push_back(ENOMEM);
   }
   const auto& r = note(m.ioas->map(src, prot, iova));
+  FUZZ_CHECK(r.code() == want || std::find(tight.begin(), tight.end(), r.code()) != tight.end(),
+             "lane %d map of [%#lx, +%#lx) prot %u from kind-%d memory at %#lx gave %s, model %s",
+             lane.id, iova, src.length(), prot, static_cast<int>(src.kind()), dma_address(src),
+             errno_name(r.code()), errno_name(want));
   lane_expect(lane, "map", r.code(), want, tight);
   if (!r) return;
   FUZZ_CHECK(*r == iova, "lane %d: fixed map at %#lx landed at %#lx", lane.id, iova, *r);
@@ -535,12 +539,14 @@ void op_round(Reader& in) {
   plan_budget(plan, lanes, k);
   plan_conflict(k, plan, lanes);
 
+  const int step = iomm::fuzz::g_step_index;
   std::barrier sync(plan.lanes);
   std::vector<std::thread> threads;
   for (int t = 0; t < plan.lanes; ++t) {
     threads.emplace_back([&, t] {
       Lane& lane = lanes[t];
       iomm::fuzz::g_step_name = "round lane";
+      iomm::fuzz::g_step_index = step;
       for (int s = 0; s < plan.slots; ++s) {
         sync.arrive_and_wait();
         if (k.kind != kNoConflict && t < 2 && s == k.slot) {

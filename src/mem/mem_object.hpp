@@ -68,6 +68,12 @@ class MemObject {
   // lock, at most once at a time for any given granule.
   virtual Status lock_granules(uint64_t first, uint64_t last, bool write) = 0;
   virtual void unlock_granules(uint64_t first, uint64_t last) noexcept = 0;
+  // A write pin of granules [first, last], all held (locked) already: fail
+  // (EFAULT) where they cannot be written, as lock_granules would for a
+  // first pin, since a pin for read does not say they can. Called without
+  // the pin lock. Memory whose writability is the source's (files) or
+  // nobody's concern (simulated) has nothing to check.
+  virtual Status confirm_writable(uint64_t /*first*/, uint64_t /*last*/) { return {}; }
 
  private:
   struct Range {

@@ -8,7 +8,8 @@
 //   never over, even transiently); raise the counts and mark the physical
 //   segments that went 0 -> 1 as pending under this call's op id.
 // - Without mu_: populate + mlock each pending run (syscalls may be slow; other
-//   ranges proceed meanwhile).
+//   ranges proceed meanwhile); a write pin also confirms that the granules
+//   other pins had locked can be written.
 // - Under mu_ again: clear pending and wake waiters; on failure undo exactly
 //   what this call did.
 // Unpin mirrors it, releasing memory before returning the charge, and needs
@@ -133,6 +134,13 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
     lk.lock();
     if (runs[n - 1].last == last) break;
     cursor = runs[n - 1].last + 1;
+  }
+  // Granules another pin had locked were made resident for its access, not
+  // necessarily for writing (a read-only mapping of the same pages).
+  if (result && write && newly_pinned < last - first + 1) {
+    lk.unlock();
+    result = confirm_writable(first, last);
+    lk.lock();
   }
 
   if (result) {

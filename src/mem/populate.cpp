@@ -24,13 +24,24 @@
 
 namespace iomm::mem {
 
-Status populate_and_lock(void* addr, uint64_t length, bool write) {
+namespace {
+
+Status populate(void* addr, uint64_t length, bool write) {
   if (sys::madvise(addr, length, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
     const int err = errno;
     return Error(pin_errno(err), "cannot fault in " + std::to_string(length) + " bytes at " +
-                                     std::to_string(reinterpret_cast<uintptr_t>(addr)) + ": " +
-                                     errno_text(err));
+                                     std::to_string(reinterpret_cast<uintptr_t>(addr)) +
+                                     (write ? " for writing: " : ": ") + errno_text(err));
   }
+  return {};
+}
+
+}  // namespace
+
+Status populate_writable(void* addr, uint64_t length) { return populate(addr, length, true); }
+
+Status populate_and_lock(void* addr, uint64_t length, bool write) {
+  if (Status st = populate(addr, length, write); !st) return st;
   if (sys::mlock(addr, length) != 0) {
     const int err = errno;
     // The range was just faulted in, so ENOMEM here is the kernel's own

@@ -14,6 +14,10 @@ namespace iomm::mem {
 // those, since munlock would also cancel the application's own mlock.
 Status populate_and_lock(void* addr, uint64_t length, bool write);
 
+// MADV_POPULATE_WRITE alone, for a range already resident and locked by a
+// pin for read: EFAULT where it cannot be written.
+Status populate_writable(void* addr, uint64_t length);
+
 // For a mapping the library made itself (a file mapped shared, read-write
 // when the fd allows it): mlock alone faults every page in, and mincore then
 // checks that all of them are resident. That walks the range once where

@@ -60,6 +60,10 @@ class UserObject final : public MemObject {
     forget_application_locks(first, last);
   }
 
+  Status confirm_writable(uint64_t first, uint64_t last) override {
+    return populate_writable(address_of(first), bytes_of(first, last));
+  }
+
  private:
   // Make [first, last] of application_locked_ equal to runs. The pin store
   // hands us each granule exclusively, so nobody else reads or writes this
