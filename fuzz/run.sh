@@ -6,6 +6,8 @@
 # Env:   FUZZ_SECONDS=60                 fuzzing time per target (0: only replay)
 #        FUZZ_UPDATE_TRACES=1            rewrite the reproducers' expected traces
 #        FUZZ_JOBS=$(nproc)              build parallelism
+#        FUZZ_TSAN=1                     build with ThreadSanitizer instead of ASan+UBSan
+#                                        (in build/fuzz-tsan), for the concurrent rounds
 # Exits non-zero if a build fails, a target with a corpus in fuzz/corpus/ was
 # not built, a reproducer in fuzz/regressions/ still crashes or departs from
 # its expected trace, or a target crashed (reports, artifacts: build/fuzz/artifacts/).
@@ -14,6 +16,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds=${FUZZ_SECONDS:-60}
 build=build/fuzz
+sanitizers=address,undefined
+if [[ ${FUZZ_TSAN:-0} == 1 ]]; then
+  build=build/fuzz-tsan
+  sanitizers=thread
+  # A race report must stop the run, so libFuzzer records the input.
+  export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1}
+fi
 
 # The project's packages, plus clang and its libFuzzer runtime.
 scripts/install-deps || exit 1
@@ -31,7 +40,8 @@ if ((${#missing[@]})); then
 fi
 
 cmake -S . -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
-  -DIOMM_BUILD_FUZZ=ON -DIOMM_BUILD_TESTS=OFF -DIOMM_BUILD_BENCH=OFF >/dev/null || {
+  -DIOMM_BUILD_FUZZ=ON -DIOMM_BUILD_TESTS=OFF -DIOMM_BUILD_BENCH=OFF \
+  -DIOMM_FUZZ_SANITIZERS="$sanitizers" >/dev/null || {
   echo "fuzz: configure failed"
   exit 1
 }

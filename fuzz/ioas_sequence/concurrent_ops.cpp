@@ -159,6 +159,16 @@ bool in_lane_memory(const AreaModel& a, int t) {
   return false;
 }
 
+// Whether the bytes behind [iova, +len) are the lane's alone: its own
+// memory, mapped nowhere else in the IOAS (another lane or the pair could
+// write memory that is visible in this window too).
+bool own_bytes(const Lane& lane, uint64_t iova, uint64_t len) {
+  if (!lane.bytes_checked) return false;
+  const auto areas = overlapping(lane.areas, {iova, iova + len - 1});
+  return std::all_of(areas.begin(), areas.end(),
+                     [&](const AreaModel* a) { return in_lane_memory(*a, lane.id); });
+}
+
 void lane_note(Lane& lane, const char* name, int code, bool tight_call) {
   if (!lane.trace.empty()) lane.trace += ", ";
   lane.trace += name;
@@ -328,7 +338,9 @@ void lane_rw(const Plan& plan, Lane& lane, const LaneOp& op) {
   if (write && plan.m->dirty_tracking && (want == 0 || want == EFAULT)) {
     for (uint64_t p = iova >> kPageShift; p <= range.last >> kPageShift; ++p) lane.dirty.insert(p);
   }
-  if (s && lane.bytes_checked) check_host_bytes(lane.areas, iova, lane.buf.data(), len, "lane rw");
+  if (s && own_bytes(lane, iova, len)) {
+    check_host_bytes(lane.areas, iova, lane.buf.data(), len, "lane rw");
+  }
 }
 
 void lane_dma(const Plan& plan, Lane& lane, const LaneOp& op) {
@@ -350,7 +362,9 @@ void lane_dma(const Plan& plan, Lane& lane, const LaneOp& op) {
       lane.dirty.insert(p);
     }
   }
-  if (s && lane.bytes_checked) check_host_bytes(lane.areas, iova, lane.buf.data(), len, "lane dma");
+  if (s && own_bytes(lane, iova, len)) {
+    check_host_bytes(lane.areas, iova, lane.buf.data(), len, "lane dma");
+  }
 }
 
 void lane_dirty(const Plan& plan, Lane& lane, const LaneOp& op) {
