@@ -29,5 +29,5 @@ else
   echo "IOMM_GUEST_FAIL edu.iommu_fault_logged no DMAR write fault at 0x101000 in dmesg"
   status=1
 fi
-
+/bin/iomm-guest-vfio conformance "$GROUP" "$(arg seed)" "$(arg seeds)" || status=1
 exit $status
