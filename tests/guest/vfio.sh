@@ -10,12 +10,14 @@ source "$here/lib.sh"
 guest_require || { guest_report fail vfio "missing:$GUEST_MISSING"; exit 1; }
 
 bin=$GUEST_BUILD/tests/guest/iomm-guest-vfio
-if [[ ! -x $bin ]]; then
+if [[ ! -x $bin || ! -x $GUEST_BUILD/tests/guest/iomm-guest-cli ]]; then
   guest_report fail vfio "$bin is not built (cmake --build $GUEST_BUILD --target iomm_guest)"
   exit 1
 fi
+# Without their debug info the binaries are a tenth of the size.
+strip -o "$GUEST_WORK/iomm-guest-vfio" "$bin" && strip -o "$GUEST_WORK/iomm" "$GUEST_BUILD/tests/guest/iomm-guest-cli" || exit 1
 initrd=$GUEST_WORK/vfio.cpio.gz
-if ! guest_initramfs "$initrd" "$here/inside/vfio.sh" "$bin:/bin/iomm-guest-vfio" \
+if ! guest_initramfs "$initrd" "$here/inside/vfio.sh" "$GUEST_WORK/iomm-guest-vfio:/bin/iomm-guest-vfio" "$GUEST_WORK/iomm:/bin/iomm" \
   -- vfio vfio_iommu_type1 vfio-pci; then
   guest_report fail vfio.initramfs "could not build the initramfs"
   exit 1

@@ -29,5 +29,25 @@ else
   echo "IOMM_GUEST_FAIL edu.iommu_fault_logged no DMAR write fault at 0x101000 in dmesg"
   status=1
 fi
+# The CLI on the real group: the demo's steps on the kernel's container,
+# and `iomm stat` showing the kernel's side of the demo while it holds.
+/bin/iomm demo --vfio-group "$GROUP" --size 8MiB --hold-seconds 3 >/tmp/demo.out 2>&1 &
+demo=$!
+sleep 1
+/bin/iomm stat --pid "$demo" >/tmp/stat.out 2>&1
+if wait $demo && grep -q "all steps checked on the kernel's container" /tmp/demo.out; then
+  echo "IOMM_GUEST_PASS cli.demo_vfio_group"
+else
+  echo "IOMM_GUEST_FAIL cli.demo_vfio_group $(tail -1 /tmp/demo.out)"
+  cat /tmp/demo.out
+  status=1
+fi
+if grep -q "kernel VFIO: 1 container(s), group(s) $GROUP;" /tmp/stat.out; then
+  echo "IOMM_GUEST_PASS cli.stat_kernel_view"
+else
+  echo "IOMM_GUEST_FAIL cli.stat_kernel_view $(tr '\n' ' ' </tmp/stat.out)"
+  status=1
+fi
+cat /tmp/demo.out /tmp/stat.out
 /bin/iomm-guest-vfio conformance "$GROUP" "$(arg seed)" "$(arg seeds)" || status=1
 exit $status
