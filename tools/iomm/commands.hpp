@@ -12,6 +12,9 @@ struct DemoOptions {
   uint64_t size = kGiB;  // bytes of guest memory
   // Pause before the final teardown, so `iomm stat` can watch a live process.
   unsigned hold_seconds = 0;
+  // Run the steps on this VFIO group (/dev/vfio/N) with the kernel's
+  // container as a domain (demo_vfio.cpp); -1: software domains only.
+  int vfio_group = -1;
 };
 
 struct StatOptions {
@@ -20,6 +23,7 @@ struct StatOptions {
 };
 
 int run_demo(const DemoOptions& options);
+int run_vfio_demo(const DemoOptions& options);
 int run_stat(const StatOptions& options);
 
 }  // namespace iomm::cli
