@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace iomm::cli {
 
@@ -12,6 +13,8 @@ struct DemoOptions {
   uint64_t size = kGiB;  // bytes of guest memory
   // Pause before the final teardown, so `iomm stat` can watch a live process.
   unsigned hold_seconds = 0;
+  // "guest" (demo.cpp) or "devmem" (demo_devmem.cpp).
+  std::string scenario = "guest";
 };
 
 struct StatOptions {
@@ -20,6 +23,7 @@ struct StatOptions {
 };
 
 int run_demo(const DemoOptions& options);
+int run_devmem_demo(const DemoOptions& options);
 int run_stat(const StatOptions& options);
 
 }  // namespace iomm::cli

@@ -23,6 +23,12 @@ int run(int argc, char** argv) {
   demo_cmd->add_option("--size", demo.size, "Guest memory size (e.g. 1GiB, 256MiB)")
       ->transform(CLI::AsSizeValue(false))
       ->default_str("1GiB");
+  demo_cmd
+      ->add_option("--scenario", demo.scenario,
+                   "guest: guest memory through map, pin and DMA; devmem: device memory faults, "
+                   "memory disable and P2P pool unbind")
+      ->check(CLI::IsMember({"guest", "devmem"}))
+      ->default_str("guest");
   // Hidden: lets `iomm stat` (and its tests) observe a live process.
   demo_cmd->add_option("--hold-seconds", demo.hold_seconds, "Pause before the final teardown")
       ->group("");
@@ -35,7 +41,7 @@ int run(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
 
-  if (demo_cmd->parsed()) return run_demo(demo);
+  if (demo_cmd->parsed()) return demo.scenario == "devmem" ? run_devmem_demo(demo) : run_demo(demo);
   return run_stat(stat);
 }
 
