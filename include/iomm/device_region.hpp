@@ -81,6 +81,8 @@ struct ExportedRegion {
   uint64_t size = 0;
 };
 
+// Updated by the fault service after it answers a fault: a counter may lag
+// the touch that caused it by the service's last few instructions.
 struct RegionCounters {
   uint64_t faults = 0;           // fault events read from consumers' userfaultfds
   uint64_t installed_bytes = 0;  // bytes installed with UFFDIO_CONTINUE

@@ -89,6 +89,17 @@ std::optional<std::string> touch(const std::byte* p, size_t n) {
   return out;
 }
 
+// The service counts an install just after the kernel woke the faulting
+// thread: wait (bounded) for the count to catch up.
+RegionCounters settled(const DeviceRegion& region, uint64_t installed_bytes) {
+  RegionCounters c = region.counters();
+  for (int i = 0; i < 5000 && c.installed_bytes < installed_bytes; ++i) {
+    usleep(1000);
+    c = region.counters();
+  }
+  return c;
+}
+
 struct Row {
   std::string name;
   RegionCounters region;
@@ -145,7 +156,7 @@ class DevmemDemo {
     mapping_ = must(DeviceMapping::map(region_, 0, kRegionSize), "DeviceMapping::map");
     const auto seen = touch(mapping_->data(), kSignature.size());
     expect(seen && *seen == kSignature, "consumer A does not see the device's signature");
-    const RegionCounters c = region_->counters();
+    const RegionCounters c = settled(*region_, 2ULL << 20);
     expect(c.faults == 1 && c.installed_bytes == (2ULL << 20),
            "one fault should install one 2 MiB chunk");
     return "read \"" + *seen + "\": 1 fault, 2 MiB installed with UFFDIO_CONTINUE";
@@ -175,7 +186,7 @@ class DevmemDemo {
     waitpid(child, &status, 0);
     expect(WIFEXITED(status) && WEXITSTATUS(status) == 0,
            "the child consumer failed (status " + std::to_string(status) + ")");
-    const RegionCounters c = region_->counters();
+    const RegionCounters c = settled(*region_, before + (2ULL << 20));
     expect(c.installed_bytes == before + (2ULL << 20),
            "the child's fault should install one more chunk");
     return "pid " + std::to_string(child) +
