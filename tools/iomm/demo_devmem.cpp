@@ -225,8 +225,10 @@ class DevmemDemo {
     const auto seen = touch(pool_mapping_->data(), msg.size());
     expect(seen && *seen == msg, "the consumer does not see the peer's DMA");
     expect(counters().charged_bytes == 0, "pool memory must not be charged to memlock");
-    return format_bytes(block_->length()) + " block mapped by a consumer and at IOVA " +
-           std::to_string(iova_) + "; a peer's DMA is visible in the mapping; 0 charged";
+    char iova[24];
+    std::snprintf(iova, sizeof iova, "0x%llx", static_cast<unsigned long long>(iova_));
+    return format_bytes(block_->length()) + " block mapped by a consumer and at IOVA " + iova +
+           "; a peer's DMA is visible in the mapping; 0 charged";
   }
 
   std::string unbind_pool() {
