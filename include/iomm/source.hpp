@@ -45,7 +45,8 @@ namespace mem {
 class MemObject;
 }
 
-enum class SourceKind { file, user, simulated };
+// device: P2P pool memory (iomm/p2p_pool.hpp), never charged to memlock.
+enum class SourceKind { file, user, simulated, device };
 
 // What from_file guarantees about the file's pages while they are pinned.
 enum class FileSeal {
@@ -106,6 +107,13 @@ class MemorySource {
   [[nodiscard]] MemorySource slice(uint64_t skip, uint64_t length) const;
 
   [[nodiscard]] const std::shared_ptr<mem::MemObject>& object() const noexcept { return object_; }
+
+  // Internal: a source over a backing kind implemented outside src/mem
+  // (device memory, src/devmem).
+  static MemorySource from_backing(std::shared_ptr<mem::MemObject> object, uint64_t offset,
+                                   uint64_t length, bool writable) {
+    return MemorySource(std::move(object), offset, length, writable);
+  }
 
  private:
   MemorySource(std::shared_ptr<mem::MemObject> object, uint64_t offset, uint64_t length,

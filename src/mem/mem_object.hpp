@@ -48,6 +48,9 @@ class MemObject {
   // How a domain's DMA reaches host(): see mem/host_access.hpp.
   [[nodiscard]] virtual HostAccess host_access() const noexcept { return HostAccess::direct; }
   [[nodiscard]] virtual bool shrink_sealed() const noexcept { return true; }
+  // Whether pins charge their owner. Device memory is not, as type1 never
+  // charges MMIO.
+  [[nodiscard]] virtual bool charged() const noexcept { return true; }
 
   // Copy between buf and [offset, offset + n) of the object, for accesses'
   // read and write (no pin needed). False if the memory is not there (a

@@ -89,6 +89,7 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
   const uint64_t first = offset >> page_shift_;
   const uint64_t last = (offset + length - 1) >> page_shift_;
   const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
+  if (!charged()) owner = nullptr;
 
   std::unique_lock lk(mu_);
   unpended_.wait(lk, [&] { return !physical_.any_pending(first, last); });
@@ -174,6 +175,7 @@ void MemObject::unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noex
   IOMM_CHECK(length > 0, "empty unpin range");
   const uint64_t first = offset >> page_shift_;
   const uint64_t last = (offset + length - 1) >> page_shift_;
+  if (!charged()) owner = nullptr;
 
   std::unique_lock lk(mu_);
   const uint64_t op = next_op_++;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace iomm::cli {
 
@@ -15,6 +16,8 @@ struct DemoOptions {
   // Run the steps on this VFIO group (/dev/vfio/N) with the kernel's
   // container as a domain (demo_vfio.cpp); -1: software domains only.
   int vfio_group = -1;
+  // "guest" (demo.cpp) or "devmem" (demo_devmem.cpp).
+  std::string scenario = "guest";
 };
 
 struct StatOptions {
@@ -24,6 +27,7 @@ struct StatOptions {
 
 int run_demo(const DemoOptions& options);
 int run_vfio_demo(const DemoOptions& options);
+int run_devmem_demo(const DemoOptions& options);
 int run_stat(const StatOptions& options);
 
 }  // namespace iomm::cli

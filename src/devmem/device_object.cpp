@@ -1,0 +1,45 @@
+#include "devmem/device_object.hpp"
+
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <new>
+
+#include "iomm/signals.hpp"
+#include "mem/safe_copy.hpp"
+
+namespace iomm::devmem {
+
+Result<std::shared_ptr<DeviceObject>> DeviceObject::create(int fd, uint64_t size, bool registered) {
+  // Copies into the mapping rely on the SIGBUS handler once it is revoked.
+  install_signal_handlers();
+  void* base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) return Error(errno, "mmap of pool memory");
+  try {
+    return std::make_shared<DeviceObject>(static_cast<std::byte*>(base), size, registered);
+  } catch (const std::bad_alloc&) {
+    munmap(base, size);
+    return Error(ENOMEM, "out of memory for a pool memory object");
+  }
+}
+
+DeviceObject::~DeviceObject() { munmap(base_, size_); }
+
+bool DeviceObject::copy_out(uint64_t offset, void* buf, size_t n) const noexcept {
+  return mem::safe_copy(buf, base_ + offset, n);
+}
+
+bool DeviceObject::copy_in(uint64_t offset, const void* buf, size_t n) const noexcept {
+  return mem::safe_copy(base_ + offset, buf, n);
+}
+
+Status DeviceObject::lock_granules(uint64_t, uint64_t, bool) {
+  if (!registered_) {
+    return Error(EPERM,
+                 "long-term pin of P2P pool memory refused: the pinner must register for "
+                 "revocation (P2pAllocation::map_into)");
+  }
+  return {};
+}
+
+}  // namespace iomm::devmem
