@@ -6,14 +6,23 @@
 // goes all the way down. The SoftDomain is attached before the maps, so each
 // map fills the page table. The IOAS allows exactly 1M mappings.
 //
-// Three lookups over the *same* pre-generated random IOVA sequence (random
-// mapping, random byte within the page), each iteration a batch of kBatch
-// lookups:
-// - iomm:        SoftDomain::translate under one iomm::RcuReadGuard per batch
-// - std_map:     std::map<iova, address>, upper_bound then step back
-// - flat_radix:  std::vector<uint64_t> indexed by (iova - kBase) >> 12 over
-//                the used IOVA span (2M slots, 16 MiB), 0 = not present
-// All three return the same address (checked over the whole sequence once in
+// Lookups over the *same* pre-generated IOVA sequence, each iteration a batch
+// of kBatch lookups:
+// - iomm:          SoftDomain::translate under one iomm::RcuReadGuard per
+//                  batch (IOTLB on, the default)
+// - iomm_no_iotlb: the same through a second domain attached to the same
+//                  IOAS (before the maps, like the first) with
+//                  DomainConfig::iotlb = false: every lookup walks (the
+//                  baseline of the IOTLB's cost on misses)
+// - std_map:       std::map<iova, address>, upper_bound then step back
+// - flat_radix:    std::vector<uint64_t> indexed by (iova - kBase) >> 12 over
+//                  the used IOVA span (2M slots, 16 MiB), 0 = not present
+// Two sequences of 1M IOVAs (random byte within the page):
+// - translate_1M:    random mappings of all 1M (nearly every lookup misses
+//                    the IOTLB)
+// - translate_hot64: random among 64 mappings picked at random from the 1M
+//                    (a hot working set: the IOTLB holds it)
+// All return the same address (checked over each whole sequence once in
 // setup, and every result feeds a checksum compared at the end of each run).
 #include <benchmark/benchmark.h>
 
@@ -24,10 +33,12 @@
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bench_util.hpp"
 #include "domain/page_table.hpp"  // internal: diagnostic variant only
+#include "domain/soft_domain_impl.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/ioas.hpp"
 #include "iomm/rcu.hpp"
@@ -45,13 +56,21 @@ constexpr uint64_t kSpan = kMappings * kStride;  // used IOVA span (8 GiB)
 constexpr size_t kSequence = 1U << 20;           // random IOVAs
 constexpr size_t kBatch = 4096;                  // lookups per iteration
 
+constexpr uint64_t kHotPages = 64;
+
+struct Sequence {
+  std::vector<uint64_t> iovas;
+  uint64_t expected_sum = 0;  // sum of correct addresses over the sequence
+};
+
 struct TranslateFixture {
   std::string error;
   std::shared_ptr<iomm::Ioas> ioas;
   std::shared_ptr<iomm::SoftDomain> domain;
-  uint64_t source_base = 0;     // address translate() returns for offset 0
-  std::vector<uint64_t> iovas;  // the random sequence
-  uint64_t expected_sum = 0;    // sum of correct addresses over the sequence
+  std::shared_ptr<iomm::SoftDomain> uncached;  // DomainConfig::iotlb = false
+  uint64_t source_base = 0;                    // address translate() returns for offset 0
+  Sequence all;                                // random over all 1M mappings
+  Sequence hot;                                // random over kHotPages of them
   std::map<uint64_t, uint64_t> tree;
   std::vector<uint64_t> flat;
   double setup_seconds = 0;
@@ -74,6 +93,23 @@ std::unique_ptr<TranslateFixture> build() {
   }
   f->ioas = setup.ioas;
   f->domain = setup.domain;
+  // Attached before the maps, as the first one is, so each map fills both
+  // tables and their pages are laid out alike: the two differ only in the
+  // IOTLB.
+  {
+    iomm::DomainConfig no_iotlb;
+    no_iotlb.iotlb = false;
+    auto d = iomm::SoftDomain::create(no_iotlb);
+    if (!d) {
+      f->error = describe("SoftDomain::create(iotlb = false)", d.error());
+      return f;
+    }
+    if (auto st = f->ioas->attach(*d); !st) {
+      f->error = describe("Ioas::attach(second domain)", st.error());
+      return f;
+    }
+    f->uncached = *d;
+  }
   auto src = iomm::MemorySource::simulated(kMappings * kPage);
   if (!src) {
     f->error = describe("MemorySource::simulated(4 GiB)", src.error());
@@ -112,32 +148,39 @@ std::unique_ptr<TranslateFixture> build() {
     f->flat[(iova - kBase) / kPage] = addr | 1;  // bit 0: present
   }
 
-  // The random sequence.
+  // The sequences.
   std::mt19937_64 rng(20261121);
-  f->iovas.resize(kSequence);
-  for (auto& v : f->iovas) {
+  f->all.iovas.resize(kSequence);
+  for (auto& v : f->all.iovas) {
     const uint64_t i = rng() % kMappings;
     v = kBase + i * kStride + (rng() % kPage);
   }
+  std::vector<uint64_t> hot(kHotPages);
+  for (auto& i : hot) i = rng() % kMappings;
+  f->hot.iovas.resize(kSequence);
+  for (auto& v : f->hot.iovas) v = kBase + hot[rng() % kHotPages] * kStride + (rng() % kPage);
 
-  // Full correctness check of iomm over the sequence, plus the checksum.
-  {
+  // Full correctness check of both domains over both sequences, plus the
+  // checksums.
+  for (Sequence* seq : {&f->all, &f->hot}) {
     iomm::RcuReadGuard guard;
-    for (uint64_t iova : f->iovas) {
-      auto t = f->domain->translate(iova, iomm::kProtRead);
+    for (uint64_t iova : seq->iovas) {
       const uint64_t want = expected_address(*f, iova);
-      if (!t || t->address != want || t->leaf_size != kPage) {
-        char buf[200];
-        std::snprintf(buf, sizeof buf, "translate(0x%llx) gave %s 0x%llx leaf %llu, want 0x%llx",
-                      static_cast<unsigned long long>(iova),
-                      t ? "ok" : t.error().describe().c_str(),
-                      t ? static_cast<unsigned long long>(t->address) : 0ULL,
-                      t ? static_cast<unsigned long long>(t->leaf_size) : 0ULL,
-                      static_cast<unsigned long long>(want));
-        f->error = buf;
-        return f;
+      for (iomm::SoftDomain* d : {f->domain.get(), f->uncached.get()}) {
+        auto t = d->translate(iova, iomm::kProtRead);
+        if (!t || t->address != want || t->leaf_size != kPage) {
+          char buf[200];
+          std::snprintf(buf, sizeof buf, "translate(0x%llx) gave %s 0x%llx leaf %llu, want 0x%llx",
+                        static_cast<unsigned long long>(iova),
+                        t ? "ok" : t.error().describe().c_str(),
+                        t ? static_cast<unsigned long long>(t->address) : 0ULL,
+                        t ? static_cast<unsigned long long>(t->leaf_size) : 0ULL,
+                        static_cast<unsigned long long>(want));
+          f->error = buf;
+          return f;
+        }
       }
-      f->expected_sum += want;
+      seq->expected_sum += want;
     }
   }
   const auto c = f->domain->counters();
@@ -168,18 +211,20 @@ TranslateFixture& fixture() {
 // latency, no overlap of cache misses across lookups. Independent mode
 // (Arg 0) is throughput: the CPU may overlap misses of consecutive lookups.
 template <typename Lookup>
-void run(benchmark::State& state, Lookup lookup) {
+void run(benchmark::State& state, Sequence TranslateFixture::*which, Lookup lookup) {
   TranslateFixture& f = fixture();
   if (!f.error.empty()) return fail(state, f.error);
+  const Sequence& seq = f.*which;
   size_t pos = 0;
   uint64_t sum = 0;
   for (auto _ : state) {
-    const bool ok = state.range(0) != 0 ? lookup(f, &f.iovas[pos], kBatch, &sum, std::true_type{})
-                                        : lookup(f, &f.iovas[pos], kBatch, &sum, std::false_type{});
+    const uint64_t* iovas = &seq.iovas[pos];
+    const bool ok = state.range(0) != 0 ? lookup(f, iovas, kBatch, &sum, std::true_type{})
+                                        : lookup(f, iovas, kBatch, &sum, std::false_type{});
     if (!ok) return fail(state, "lookup miss");
     pos += kBatch;
     if (pos == kSequence) {
-      if (sum != f.expected_sum) return fail(state, "checksum mismatch: wrong translations");
+      if (sum != seq.expected_sum) return fail(state, "checksum mismatch: wrong translations");
       pos = 0;
       sum = 0;
     }
@@ -192,10 +237,16 @@ void run(benchmark::State& state, Lookup lookup) {
                          benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
-void BM_iomm(benchmark::State& state) {
-  run(state,
-      [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
-        iomm::SoftDomain& d = *f.domain;
+// Sequence TranslateFixture::* and domain TranslateFixture::* chosen by the
+// registration below.
+using SequencePtr = Sequence TranslateFixture::*;
+using DomainPtr = std::shared_ptr<iomm::SoftDomain> TranslateFixture::*;
+
+void BM_iomm(benchmark::State& state, SequencePtr which, DomainPtr domain) {
+  run(state, which,
+      [domain](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum,
+               auto dependent) {
+        iomm::SoftDomain& d = *(f.*domain);
         iomm::RcuReadGuard guard;
         uint64_t s = 0;
         uint64_t dep = 0;
@@ -210,8 +261,8 @@ void BM_iomm(benchmark::State& state) {
       });
 }
 
-void BM_std_map(benchmark::State& state) {
-  run(state,
+void BM_std_map(benchmark::State& state, SequencePtr which) {
+  run(state, which,
       [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
         const auto& m = f.tree;
         uint64_t s = 0;
@@ -231,8 +282,8 @@ void BM_std_map(benchmark::State& state) {
       });
 }
 
-void BM_flat_radix(benchmark::State& state) {
-  run(state,
+void BM_flat_radix(benchmark::State& state, SequencePtr which) {
+  run(state, which,
       [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
         const uint64_t* table = f.flat.data();
         const uint64_t slots = f.flat.size();
@@ -255,10 +306,10 @@ void BM_flat_radix(benchmark::State& state) {
 // Diagnostic: the internal radix walk alone (PageTable::lookup), without the
 // public translate() wrapper (nested RCU guard calls into liburcu-bp, access
 // and aperture checks, Result<Translation> construction). Not a target.
-void BM_pagetable_lookup(benchmark::State& state) {
-  run(state,
+void BM_pagetable_lookup(benchmark::State& state, SequencePtr which) {
+  run(state, which,
       [](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum, auto dependent) {
-        const iomm::domain::PageTable& pt = f.domain->page_table();
+        const iomm::domain::PageTable& pt = iomm::domain::page_table_of(*f.domain);
         iomm::RcuReadGuard guard;
         uint64_t s = 0;
         uint64_t dep = 0;
@@ -273,34 +324,31 @@ void BM_pagetable_lookup(benchmark::State& state) {
       });
 }
 
+void register_all() {
+  const std::pair<const char*, SequencePtr> sequences[] = {
+      {"translate_1M/", &TranslateFixture::all}, {"translate_hot64/", &TranslateFixture::hot}};
+  for (const auto& entry : sequences) {
+    const SequencePtr which = entry.second;
+    auto reg = [prefix = std::string(entry.first)](const char* name, auto fn) {
+      benchmark::RegisterBenchmark((prefix + name).c_str(), fn)
+          ->ArgName("dep")
+          ->Arg(0)
+          ->Arg(1)
+          ->Unit(benchmark::kMicrosecond);
+    };
+    reg("iomm", [which](benchmark::State& s) { BM_iomm(s, which, &TranslateFixture::domain); });
+    reg("iomm_no_iotlb",
+        [which](benchmark::State& s) { BM_iomm(s, which, &TranslateFixture::uncached); });
+    reg("std_map", [which](benchmark::State& s) { BM_std_map(s, which); });
+    reg("flat_radix", [which](benchmark::State& s) { BM_flat_radix(s, which); });
+    reg("diag_pagetable_lookup", [which](benchmark::State& s) { BM_pagetable_lookup(s, which); });
+  }
+}
+
 }  // namespace
 
-BENCHMARK(BM_iomm)
-    ->Name("translate_1M/iomm")
-    ->ArgName("dep")
-    ->Arg(0)
-    ->Arg(1)
-    ->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_std_map)
-    ->Name("translate_1M/std_map")
-    ->ArgName("dep")
-    ->Arg(0)
-    ->Arg(1)
-    ->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_flat_radix)
-    ->Name("translate_1M/flat_radix")
-    ->ArgName("dep")
-    ->Arg(0)
-    ->Arg(1)
-    ->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_pagetable_lookup)
-    ->Name("translate_1M/diag_pagetable_lookup")
-    ->ArgName("dep")
-    ->Arg(0)
-    ->Arg(1)
-    ->Unit(benchmark::kMicrosecond);
-
 int main(int argc, char** argv) {
+  register_all();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

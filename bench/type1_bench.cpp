@@ -5,58 +5,102 @@
 #include <malloc.h>
 #include <sys/mman.h>
 
+#include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "iomm/vfio_compat.h"
+
+using iomm_bench::fail;
 
 namespace {
 
 constexpr uint64_t kPage = 4096;
 constexpr uint64_t kIova = 1ULL << 30;
 
+// "what: strerror(errno)" for a failed C call.
+std::string errno_text(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
+
+// A type1 container with one mediated group, the IOMMU set, and anonymous
+// memory to map. error is empty when every step worked.
 struct Setup {
   explicit Setup(size_t pages, iomm_vfio_dma_unmap_fn cb) : bytes(pages * kPage) {
     mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+      mem = nullptr;
+      error = errno_text("mmap");
+      return;
+    }
     c = iomm_vfio_open();
+    if (c == nullptr) {
+      error = errno_text("iomm_vfio_open");
+      return;
+    }
     g = iomm_vfio_group_create_mediated(c, cb, this);
-    iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(VFIO_TYPE1v2_IOMMU));
+    if (g == nullptr) {
+      error = errno_text("iomm_vfio_group_create_mediated");
+      return;
+    }
+    if (iomm_vfio_ioctl(c, VFIO_SET_IOMMU, reinterpret_cast<void*>(VFIO_TYPE1v2_IOMMU)) != 0) {
+      error = errno_text("VFIO_SET_IOMMU");
+    }
   }
-  int map() {
+  // MAP_DMA of the whole memory at kIova; an error message or "".
+  std::string map() {
     vfio_iommu_type1_dma_map m{.argsz = sizeof(m),
                                .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
                                .vaddr = reinterpret_cast<uint64_t>(mem),
                                .iova = kIova,
                                .size = bytes};
-    return static_cast<int>(iomm_vfio_ioctl(c, VFIO_IOMMU_MAP_DMA, &m));
+    return iomm_vfio_ioctl(c, VFIO_IOMMU_MAP_DMA, &m) == 0 ? "" : errno_text("VFIO_IOMMU_MAP_DMA");
   }
   ~Setup() {
-    iomm_vfio_group_destroy(g);
-    iomm_vfio_close(c);
-    munmap(mem, bytes);
+    if (g != nullptr) iomm_vfio_group_destroy(g);
+    if (c != nullptr) iomm_vfio_close(c);
+    if (mem != nullptr) munmap(mem, bytes);
   }
+  Setup(const Setup&) = delete;
+  Setup& operator=(const Setup&) = delete;
+
   size_t bytes;
-  void* mem;
-  iomm_vfio_container* c;
-  iomm_vfio_group* g;
+  void* mem = nullptr;
+  iomm_vfio_container* c = nullptr;
+  iomm_vfio_group* g = nullptr;
   std::vector<uint64_t> held;
+  std::string error;
+  std::string callback_error;  // set by a callback whose unpin failed
 };
+
+// pin_pages / unpin_pages return npage on success.
+std::string pin(Setup& s, uint64_t iova, int npage, void** host) {
+  return iomm_vfio_pin_pages(s.g, iova, npage, IOMM_VFIO_PROT_WRITE, host) == npage
+             ? ""
+             : errno_text("iomm_vfio_pin_pages");
+}
+std::string unpin(Setup& s, uint64_t iova, int npage) {
+  return iomm_vfio_unpin_pages(s.g, iova, npage) == npage ? ""
+                                                          : errno_text("iomm_vfio_unpin_pages");
+}
 
 void noop(void*, uint64_t, uint64_t) {}
 
 // Pin and unpin 512 pages whose count is already 1.
 void BM_repin_iomm(benchmark::State& state) {
   Setup s(512, noop);
-  s.map();
+  if (!s.error.empty()) return fail(state, s.error);
+  if (auto e = s.map(); !e.empty()) return fail(state, e);
   std::vector<void*> host(512);
-  iomm_vfio_pin_pages(s.g, kIova, 512, IOMM_VFIO_PROT_WRITE, host.data());
+  if (auto e = pin(s, kIova, 512, host.data()); !e.empty()) return fail(state, e);
   for (auto _ : state) {
-    iomm_vfio_pin_pages(s.g, kIova, 512, IOMM_VFIO_PROT_WRITE, host.data());
-    iomm_vfio_unpin_pages(s.g, kIova, 512);
+    if (auto e = pin(s, kIova, 512, host.data()); !e.empty()) return fail(state, e);
+    if (auto e = unpin(s, kIova, 512); !e.empty()) return fail(state, e);
   }
-  iomm_vfio_unpin_pages(s.g, kIova, 512);
+  if (auto e = unpin(s, kIova, 512); !e.empty()) return fail(state, e);
   state.SetItemsProcessed(state.iterations() * 512);
 }
 BENCHMARK(BM_repin_iomm)->Name("type1_repin/iomm");
@@ -86,22 +130,30 @@ BENCHMARK(BM_repin_map)->Name("type1_repin/std_map_mutex");
 
 void unpin_cb(void* opaque, uint64_t, uint64_t) {
   auto* s = static_cast<Setup*>(opaque);
-  for (uint64_t iova : s->held) iomm_vfio_unpin_pages(s->g, iova, 1);
+  for (uint64_t iova : s->held) {
+    if (auto e = unpin(*s, iova, 1); !e.empty()) s->callback_error = e;
+  }
   s->held.clear();
 }
 
 // One map + pin + unmap-with-callback round trip; the timed part is the unmap.
 void BM_unmap_with_pins(benchmark::State& state) {
   Setup s(16, unpin_cb);
+  if (!s.error.empty()) return fail(state, s.error);
   void* host = nullptr;
   for (auto _ : state) {
     state.PauseTiming();
-    s.map();
-    iomm_vfio_pin_pages(s.g, kIova, 1, IOMM_VFIO_PROT_WRITE, &host);
+    if (auto e = s.map(); !e.empty()) return fail(state, e);
+    if (auto e = pin(s, kIova, 1, &host); !e.empty()) return fail(state, e);
     s.held.push_back(kIova);
     state.ResumeTiming();
     vfio_iommu_type1_dma_unmap u{.argsz = sizeof(u), .iova = kIova, .size = s.bytes};
-    iomm_vfio_ioctl(s.c, VFIO_IOMMU_UNMAP_DMA, &u);
+    if (iomm_vfio_ioctl(s.c, VFIO_IOMMU_UNMAP_DMA, &u) != 0) {
+      return fail(state, errno_text("VFIO_IOMMU_UNMAP_DMA"));
+    }
+    if (u.size != s.bytes)
+      return fail(state, "VFIO_IOMMU_UNMAP_DMA unmapped " + std::to_string(u.size));
+    if (!s.callback_error.empty()) return fail(state, "dma_unmap callback: " + s.callback_error);
   }
 }
 BENCHMARK(BM_unmap_with_pins)->Name("type1_unmap/one_access_pinning")->UseRealTime();
@@ -112,24 +164,26 @@ void BM_metadata(benchmark::State& state) {
   const bool dense = state.range(0) == 1;
   const size_t pages = 65536;
   Setup s(pages, noop);
-  s.map();
+  if (!s.error.empty()) return fail(state, s.error);
+  if (auto e = s.map(); !e.empty()) return fail(state, e);
   double per_page = 0;
   for (auto _ : state) {
     const size_t before = mallinfo2().uordblks;
     void* host = nullptr;
     size_t n = 0;
     for (size_t i = 0; i < pages; i += dense ? 1 : 64, ++n) {
-      iomm_vfio_pin_pages(s.g, kIova + i * kPage, 1, IOMM_VFIO_PROT_WRITE, &host);
+      if (auto e = pin(s, kIova + i * kPage, 1, &host); !e.empty()) return fail(state, e);
     }
     per_page = static_cast<double>(mallinfo2().uordblks - before) / static_cast<double>(n);
     for (size_t i = 0; i < pages; i += dense ? 1 : 64) {
-      iomm_vfio_unpin_pages(s.g, kIova + i * kPage, 1);
+      if (auto e = unpin(s, kIova + i * kPage, 1); !e.empty()) return fail(state, e);
     }
   }
   state.counters["bytes_per_page"] = per_page;
 }
 BENCHMARK(BM_metadata)
     ->Name("type1_metadata")
+    ->ArgName("dense")
     ->Arg(1)
     ->Arg(0)
     ->Iterations(1)

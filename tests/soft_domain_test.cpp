@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "domain/page_table.hpp"
+#include "domain/soft_domain_impl.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/rcu.hpp"
 #include "sync/rcu.hpp"
@@ -101,7 +102,7 @@ TEST(SoftDomain, ConfigIsKept) {
   auto domain = make_domain(config);
   EXPECT_EQ(domain->config().aperture_start, 0x100000U);
   EXPECT_EQ(domain->config().reserved, config.reserved);
-  EXPECT_EQ(domain->page_table().levels(), 4U);
+  EXPECT_EQ(domain::page_table_of(*domain).levels(), 4U);
 }
 
 TEST(SoftDomain, FaultReasonNames) {
@@ -114,8 +115,8 @@ TEST(SoftDomain, FaultReasonNames) {
 TEST(SoftDomain, TranslateReportsTheLeaf) {
   auto domain = make_domain();
   HostPages host(2);
-  ASSERT_OK(domain->page_table().map(0x40000, host.address(), 2 * kPageSize, kProtRead,
-                                     mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x40000, host.address(), 2 * kPageSize, kProtRead,
+                                               mem::HostAccess::direct));
   auto translation = domain->translate(0x41010, kProtRead);
   ASSERT_OK(translation);
   EXPECT_EQ(translation->iova, 0x41010U);
@@ -132,8 +133,8 @@ TEST(SoftDomain, TranslateFaults) {
   config.aperture_last = 0x1fffff;
   auto domain = make_domain(config);
   HostPages host(1);
-  ASSERT_OK(domain->page_table().map(0x100000, host.address(), kPageSize, kProtRead,
-                                     mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x100000, host.address(), kPageSize, kProtRead,
+                                               mem::HostAccess::direct));
 
   EXPECT_ERRNO(domain->translate(0x100000, kProtWrite), EPERM);
   EXPECT_ERRNO(domain->translate(0x101000, kProtRead), EFAULT);
@@ -162,8 +163,8 @@ TEST(SoftDomain, DmaRoundTrip) {
   constexpr size_t kLength = 64 * 1024;
   HostPages host(kLength / kPageSize);
   const uint64_t iova = 0x100000;
-  ASSERT_OK(
-      domain->page_table().map(iova, host.address(), kLength, kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(iova, host.address(), kLength, kReadWrite,
+                                               mem::HostAccess::direct));
 
   const std::vector<std::byte> written = pattern(kLength, 7);
   ASSERT_OK(domain->dma_write(iova, written.data(), kLength));
@@ -191,8 +192,8 @@ TEST(SoftDomain, DmaAcrossScatteredHostPages) {
   const uint64_t iova = 0x800000;
   for (size_t i = 0; i < kPages; ++i) {
     const size_t host_page = 2 * (kPages - 1 - i);  // reversed, with gaps
-    ASSERT_OK(domain->page_table().map(iova + i * kPageSize, host.address(host_page), kPageSize,
-                                       kReadWrite, mem::HostAccess::direct));
+    ASSERT_OK(domain::page_table_of(*domain).map(iova + i * kPageSize, host.address(host_page),
+                                                 kPageSize, kReadWrite, mem::HostAccess::direct));
   }
   const size_t length = kPages * kPageSize - 100;
   const std::vector<std::byte> written = pattern(length, 3);
@@ -211,8 +212,8 @@ TEST(SoftDomain, DmaThroughLargeLeaves) {
   ASSERT_NE(raw, nullptr);
   const std::unique_ptr<void, FreeDeleter> memory(raw);
   const uint64_t iova = 4 * kPageSize2M;
-  ASSERT_OK(domain->page_table().map(iova, reinterpret_cast<uint64_t>(raw), 2 * kPageSize2M,
-                                     kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(
+      iova, reinterpret_cast<uint64_t>(raw), 2 * kPageSize2M, kReadWrite, mem::HostAccess::direct));
   ASSERT_EQ(domain->counters().leaves_2m, 2U);
   const std::vector<std::byte> written = pattern(8192, 11);
   ASSERT_OK(domain->dma_write(iova + kPageSize2M - 4096, written.data(), written.size()));
@@ -226,8 +227,8 @@ TEST(SoftDomain, DmaToUnmappedIovaFaultsAndTouchesNothing) {
   HostPages host(2);
   const uint64_t iova = 0x200000;
   // Only the first of two pages is mapped.
-  ASSERT_OK(domain->page_table().map(iova, host.address(), kPageSize, kReadWrite,
-                                     mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(iova, host.address(), kPageSize, kReadWrite,
+                                               mem::HostAccess::direct));
   std::memset(host.page(0), 0x5a, kPageSize);
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{0xa5});
@@ -250,12 +251,12 @@ TEST(SoftDomain, DmaToUnmappedIovaFaultsAndTouchesNothing) {
 TEST(SoftDomain, DmaPermissionMismatch) {
   auto domain = make_domain();
   HostPages host(2);
-  ASSERT_OK(domain->page_table().map(0x10000, host.address(0), kPageSize, kReadWrite,
-                                     mem::HostAccess::direct));
-  ASSERT_OK(domain->page_table().map(0x11000, host.address(1), kPageSize, kProtRead,
-                                     mem::HostAccess::direct));
-  ASSERT_OK(domain->page_table().map(0x12000, host.address(0), kPageSize, kProtWrite,
-                                     mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x10000, host.address(0), kPageSize, kReadWrite,
+                                               mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x11000, host.address(1), kPageSize, kProtRead,
+                                               mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x12000, host.address(0), kPageSize, kProtWrite,
+                                               mem::HostAccess::direct));
 
   const std::vector<std::byte> data = pattern(2 * kPageSize, 5);
   EXPECT_ERRNO(domain->dma_write(0x10000, data.data(), data.size()), EPERM);
@@ -282,8 +283,8 @@ TEST(SoftDomain, DmaOutsideTheAperture) {
   config.aperture_last = 0x1fffff;
   auto domain = make_domain(config);
   HostPages host(1);
-  ASSERT_OK(domain->page_table().map(0x1ff000, host.address(), kPageSize, kReadWrite,
-                                     mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x1ff000, host.address(), kPageSize, kReadWrite,
+                                               mem::HostAccess::direct));
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{1});
   EXPECT_ERRNO(domain->dma_read(0x1ff000, buf.data(), buf.size()), EFAULT);
@@ -301,10 +302,10 @@ TEST(SoftDomain, DmaOutsideTheAperture) {
 TEST(SoftDomain, DmaToSimulatedMemory) {
   auto domain = make_domain();
   HostPages host(1);
-  ASSERT_OK(domain->page_table().map(0x10000, host.address(), kPageSize, kReadWrite,
-                                     mem::HostAccess::direct));
-  ASSERT_OK(domain->page_table().map(0x11000, 0x7000000000, kPageSize, kReadWrite,
-                                     mem::HostAccess::none));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x10000, host.address(), kPageSize, kReadWrite,
+                                               mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x11000, 0x7000000000, kPageSize, kReadWrite,
+                                               mem::HostAccess::none));
 
   std::vector<std::byte> buf = filled(2 * kPageSize, std::byte{9});
   EXPECT_ERRNO(domain->dma_read(0x11000, buf.data(), kPageSize), ENXIO);
@@ -342,8 +343,8 @@ TEST(SoftDomain, DmaAtTheTopOfA64BitAperture) {
   auto domain = make_domain(config);
   HostPages host(1);
   const uint64_t top_page = 0xFFFFFFFFFFFFF000;
-  ASSERT_OK(domain->page_table().map(top_page, host.address(), kPageSize, kReadWrite,
-                                     mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(top_page, host.address(), kPageSize, kReadWrite,
+                                               mem::HostAccess::direct));
   const std::vector<std::byte> written = pattern(kPageSize, 1);
   ASSERT_OK(domain->dma_write(top_page, written.data(), kPageSize));
   std::byte last{};
@@ -387,16 +388,16 @@ TEST(SoftDomain, NoFaultLogDropsEverything) {
 
 TEST(SoftDomain, CountersFollowThePageTable) {
   auto domain = make_domain();
-  ASSERT_OK(domain->page_table().map(kPageSize1G, kPageSize1G,
-                                     kPageSize1G + kPageSize2M + kPageSize, kReadWrite,
-                                     mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(kPageSize1G, kPageSize1G,
+                                               kPageSize1G + kPageSize2M + kPageSize, kReadWrite,
+                                               mem::HostAccess::direct));
   DomainCounters counters = domain->counters();
   EXPECT_EQ(counters.mapped_bytes, kPageSize1G + kPageSize2M + kPageSize);
   EXPECT_EQ(counters.leaves_1g, 1U);
   EXPECT_EQ(counters.leaves_2m, 1U);
   EXPECT_EQ(counters.leaves_4k, 1U);
   EXPECT_GT(counters.table_pages, 1U);
-  domain->page_table().unmap(kPageSize1G, kPageSize1G + kPageSize2M + kPageSize);
+  domain::page_table_of(*domain).unmap(kPageSize1G, kPageSize1G + kPageSize2M + kPageSize);
   counters = domain->counters();
   EXPECT_EQ(counters.mapped_bytes, 0U);
   EXPECT_EQ(counters.leaves_1g + counters.leaves_2m + counters.leaves_4k, 0U);
@@ -409,8 +410,8 @@ TEST(SoftDomain, DmaIntoTruncatedFileReturnsEfault) {
   void* mapping = mmap(nullptr, 2 * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ASSERT_NE(mapping, MAP_FAILED);
   auto domain = make_domain();
-  ASSERT_OK(domain->page_table().map(0x10000, reinterpret_cast<uint64_t>(mapping), 2 * kPageSize,
-                                     kReadWrite, mem::HostAccess::direct));
+  ASSERT_OK(domain::page_table_of(*domain).map(0x10000, reinterpret_cast<uint64_t>(mapping),
+                                               2 * kPageSize, kReadWrite, mem::HostAccess::direct));
   std::vector<std::byte> buf(2 * kPageSize);
   ASSERT_OK(domain->dma_read(0x10000, buf.data(), buf.size()));
 
@@ -466,7 +467,7 @@ TEST(SoftDomain, ConcurrentDmaWithMapAndUnmapOfDisjointRanges) {
         std::vector<std::byte> read(kPageSize);
         for (int iteration = 0; iteration < kIterations; ++iteration) {
           for (size_t page = 0; page < kPagesPerWorker; ++page) {
-            if (!domain->page_table()
+            if (!domain::page_table_of(*domain)
                      .map(iova_of(worker, page), host.address(page), kPageSize, kReadWrite,
                           mem::HostAccess::direct)
                      .ok()) {
@@ -481,7 +482,8 @@ TEST(SoftDomain, ConcurrentDmaWithMapAndUnmapOfDisjointRanges) {
             }
           }
           for (size_t page = 0; page < kPagesPerWorker; ++page) {
-            if (domain->page_table().unmap(iova_of(worker, page), kPageSize) != kPageSize) {
+            if (domain::page_table_of(*domain).unmap(iova_of(worker, page), kPageSize) !=
+                kPageSize) {
               failures.fetch_add(1);
             }
           }
@@ -525,10 +527,10 @@ TEST(SoftDomain, GracePeriodOrdersReadersBeforeReuse) {
   }
   for (int i = 0; i < kIterations; ++i) {
     *plain = 2 * static_cast<uint64_t>(i);
-    ASSERT_OK(domain->page_table().map(iova, host.address(), kPageSize, kProtRead,
-                                       mem::HostAccess::direct));
+    ASSERT_OK(domain::page_table_of(*domain).map(iova, host.address(), kPageSize, kProtRead,
+                                                 mem::HostAccess::direct));
     std::this_thread::yield();
-    domain->page_table().unmap(iova, kPageSize);
+    domain::page_table_of(*domain).unmap(iova, kPageSize);
     sync::rcu_synchronize();
     *plain = 2 * static_cast<uint64_t>(i) + 1;  // reuse
   }

@@ -68,7 +68,7 @@ TEST(TableReclaim, DirtyLogTablesFollowTheMappings) {
   auto ioas = Ioas::create({}).value();
   ioas->set_dirty_tracking(true);
   auto access = Access::create(ioas, [](const IovaRange&) {}).value();
-  const dirty::DirtyLog& log = ioas->state().dirty;
+  const dirty::DirtyLog& log = ioas::state_of(*ioas).dirty;
   EXPECT_EQ(log.tables(), 0U);
   const char byte = 'd';
   for (uint64_t i = 0; i < 100; ++i) {

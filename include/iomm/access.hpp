@@ -44,6 +44,7 @@
 #include <memory>
 #include <vector>
 
+#include "iomm/export.hpp"
 #include "iomm/ioas.hpp"
 #include "iomm/result.hpp"
 
@@ -57,13 +58,13 @@ struct AccessState;
 // mappings being removed), so the whole 64-bit space is expressible.
 using UnmapCallback = std::function<void(const IovaRange& range)>;
 
-struct PinnedSegment {
+struct IOMM_API PinnedSegment {
   uint64_t iova;
   uint64_t length;
   void* host;  // nullptr for simulated memory
 };
 
-class Access {
+class IOMM_API Access {
  public:
   // Attaching raises the IOAS's IOVA alignment to 4 KiB (EADDRINUSE if a
   // mapping breaks it).
@@ -98,9 +99,6 @@ class Access {
 
   [[nodiscard]] uint64_t pinned_bytes() const;
   [[nodiscard]] uint64_t pin_count() const;
-
-  // Internal.
-  access::AccessState& state() noexcept { return *state_; }
 
  private:
   explicit Access(std::unique_ptr<access::AccessState> state);

@@ -31,16 +31,17 @@
 #include <optional>
 #include <vector>
 
+#include "iomm/export.hpp"
 #include "iomm/result.hpp"
 
 namespace iomm {
 
 enum class AccountMode { none, per_user, per_process };
 
-const char* to_string(AccountMode mode) noexcept;
+IOMM_API const char* to_string(AccountMode mode) noexcept;
 
 // Whose memlock budget pays for a mapping's pins.
-struct OwnerSpec {
+struct IOMM_API OwnerSpec {
   int pid = 0;   // 0 = this process; else a live process (ESRCH otherwise)
   int uid = -1;  // -1 = the uid of pid (this process's real uid)
 };
@@ -50,16 +51,16 @@ struct OwnerSpec {
 // in per_process mode (0 = this process / its uid): the process that has
 // that pid now. EINVAL for mode none or a negative id; ESRCH no such
 // process; ENOMEM no memory for a new owner.
-Status set_memlock_limit(AccountMode mode, int id, std::optional<uint64_t> bytes);
+IOMM_API Status set_memlock_limit(AccountMode mode, int id, std::optional<uint64_t> bytes);
 
-struct OwnerCounters {
+struct IOMM_API OwnerCounters {
   AccountMode mode;
   int id;  // uid or pid
   uint64_t charged_bytes;
   std::optional<uint64_t> limit_bytes;  // nullopt = unlimited
 };
 
-struct Counters {
+struct IOMM_API Counters {
   uint64_t pinned_bytes = 0;  // distinct pages held resident (4 KiB units)
   // Bytes locked in memory as the kernel counts them for this process
   // (VmLck in /proc/self/status), read at snapshot time.
@@ -70,9 +71,9 @@ struct Counters {
 };
 
 // A consistent-enough snapshot (each counter is read atomically).
-Counters counters();
+IOMM_API Counters counters();
 
 // VmLck of this process in bytes (what the kernel counts as mlocked).
-uint64_t process_vmlck_bytes();
+IOMM_API uint64_t process_vmlck_bytes();
 
 }  // namespace iomm

@@ -39,13 +39,14 @@
 #include <memory>
 #include <vector>
 
+#include "iomm/export.hpp"
 #include "iomm/range.hpp"
 #include "iomm/result.hpp"
 
 namespace iomm {
 
 namespace domain {
-class PageTable;
+struct Internals;
 }
 
 enum Prot : uint32_t { kProtRead = 1U << 0, kProtWrite = 1U << 1 };
@@ -53,7 +54,7 @@ enum Prot : uint32_t { kProtRead = 1U << 0, kProtWrite = 1U << 1 };
 inline constexpr uint64_t kPageSize2M = 1ULL << 21;
 inline constexpr uint64_t kPageSize1G = 1ULL << 30;
 
-struct DomainConfig {
+struct IOMM_API DomainConfig {
   uint64_t aperture_start = 0;
   uint64_t aperture_last = (1ULL << 48) - 1;
   // Smallest mapping granule; a power of two >= 4 KiB. Raises the IOAS's
@@ -64,9 +65,14 @@ struct DomainConfig {
   // IOVA ranges the device cannot use (e.g. an MSI window).
   std::vector<IovaRange> reserved;
   size_t fault_log_capacity = 256;
+  // translate() checks a cache of recent translations (an IOTLB: per thread,
+  // 512 4 KiB entries) before walking the table. Every unmap invalidates it
+  // before it returns, so a translation never outlives its mapping. false:
+  // always walk.
+  bool iotlb = true;
 };
 
-struct Translation {
+struct IOMM_API Translation {
   uint64_t iova = 0;  // the translated IOVA
   // Host address of that byte; nullptr for simulated memory. For user memory
   // it is the caller's address, valid only while the caller keeps it mapped:
@@ -87,15 +93,15 @@ enum class FaultReason {
   host_memory,
 };
 
-const char* to_string(FaultReason reason) noexcept;
+IOMM_API const char* to_string(FaultReason reason) noexcept;
 
-struct IommuFault {
+struct IOMM_API IommuFault {
   uint64_t iova = 0;
   uint32_t requested = 0;  // kProtRead or kProtWrite
   FaultReason reason = FaultReason::not_present;
 };
 
-struct DomainCounters {
+struct IOMM_API DomainCounters {
   uint64_t mapped_bytes = 0;
   uint64_t leaves_4k = 0;
   uint64_t leaves_2m = 0;
@@ -107,7 +113,7 @@ struct DomainCounters {
 
 class Ioas;
 
-class SoftDomain {
+class IOMM_API SoftDomain {
  public:
   // EINVAL: aperture_start > aperture_last, min_page_size not a power of two
   // >= 4 KiB, page_sizes without 4 KiB or with other sizes, a reserved range
@@ -120,7 +126,9 @@ class SoftDomain {
   [[nodiscard]] const DomainConfig& config() const noexcept;
 
   // Translate one IOVA for the given access (kProtRead or kProtWrite).
-  // Lock-free (not wait-free: a fault is recorded under the fault log's
+  // Checks the domain's IOTLB first (DomainConfig::iotlb): a translation
+  // removed by an unmap that returned before this call began is never
+  // returned. Lock-free (not wait-free: a fault is recorded under the fault log's
   // lock). The walk runs inside an RCU read-side section, because unmaps
   // free the page-table pages they empty after a grace period: the caller's
   // guard if it holds one (then the walk costs no RCU call), else its own,
@@ -138,11 +146,9 @@ class SoftDomain {
   std::vector<IommuFault> take_faults();
   [[nodiscard]] DomainCounters counters() const;
 
-  // Internal: the IOAS fills and clears the table through this.
-  domain::PageTable& page_table() noexcept;
-
  private:
   friend class Ioas;
+  friend struct domain::Internals;  // src/domain/soft_domain_impl.hpp
   struct Impl;
   explicit SoftDomain(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

@@ -51,6 +51,7 @@
 
 #include "iomm/accounting.hpp"
 #include "iomm/domain.hpp"
+#include "iomm/export.hpp"
 #include "iomm/external_domain.hpp"
 #include "iomm/range.hpp"
 #include "iomm/result.hpp"
@@ -60,12 +61,13 @@ namespace iomm {
 
 namespace ioas {
 struct IoasState;
-}
+struct Internals;
+}  // namespace ioas
 
 inline constexpr uint32_t kDefaultMaxMappings = 65535;
 inline constexpr int kUnmapNotifyRetries = 100;
 
-struct IoasOptions {
+struct IOMM_API IoasOptions {
   AccountMode account_mode = AccountMode::per_process;
   uint32_t max_mappings = kDefaultMaxMappings;
   // Whose budget pays for this IOAS's pins (default: this process / its uid).
@@ -76,7 +78,7 @@ struct IoasOptions {
   uint32_t unmap_pin_wait_ms = 10000;
 };
 
-struct MappingInfo {
+struct IOMM_API MappingInfo {
   uint64_t iova;
   uint64_t length;
   uint32_t prot;
@@ -85,7 +87,7 @@ struct MappingInfo {
   uint32_t access_pins;  // access pins overlapping it
 };
 
-struct IoasCounters {
+struct IOMM_API IoasCounters {
   uint64_t mappings = 0;
   uint64_t mapped_bytes = 0;
   uint64_t domains = 0;
@@ -95,7 +97,7 @@ struct IoasCounters {
 
 class Access;
 
-class Ioas : public std::enable_shared_from_this<Ioas> {
+class IOMM_API Ioas : public std::enable_shared_from_this<Ioas> {
  public:
   static Result<std::shared_ptr<Ioas>> create(const IoasOptions& options = {});
   ~Ioas();
@@ -214,10 +216,8 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   [[nodiscard]] IoasCounters counters() const;
   [[nodiscard]] const IoasOptions& options() const noexcept;
 
-  // Internal.
-  ioas::IoasState& state() noexcept { return *state_; }
-
  private:
+  friend struct ioas::Internals;  // src/ioas/ioas_state.hpp
   explicit Ioas(std::unique_ptr<ioas::IoasState> state);
   std::unique_ptr<ioas::IoasState> state_;
 };

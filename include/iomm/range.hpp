@@ -5,12 +5,14 @@
 #include <cstdint>
 #include <optional>
 
+#include "iomm/export.hpp"
+
 namespace iomm {
 
 inline constexpr uint64_t kPageSize = 4096;
 inline constexpr unsigned kPageShift = 12;
 
-struct IovaRange {
+struct IOMM_API IovaRange {
   uint64_t start = 0;
   uint64_t last = 0;  // inclusive
 

@@ -7,9 +7,11 @@
 // block, sleep or call back into iomm map/unmap while holding one.
 #pragma once
 
+#include "iomm/export.hpp"
+
 namespace iomm {
 
-class RcuReadGuard {
+class IOMM_API RcuReadGuard {
  public:
   RcuReadGuard() noexcept;
   ~RcuReadGuard();

@@ -20,9 +20,11 @@
 #include <utility>
 #include <variant>
 
+#include "iomm/export.hpp"
+
 namespace iomm {
 
-class Error {
+class IOMM_API Error {
  public:
   Error(int code, std::string message) : code_(code), message_(std::move(message)) {}
   // A fixed message: never throws (see above).
@@ -45,10 +47,10 @@ class Error {
 };
 
 // The symbolic name of an errno value ("EINVAL"), or its number as text.
-const char* errno_name(int code) noexcept;
+IOMM_API const char* errno_name(int code) noexcept;
 
 template <typename T>
-class [[nodiscard]] Result {
+class [[nodiscard]] IOMM_API Result {
  public:
   Result(T value) : v_(std::move(value)) {}      // NOLINT(google-explicit-constructor)
   Result(Error error) : v_(std::move(error)) {}  // NOLINT(google-explicit-constructor)
@@ -82,7 +84,7 @@ class [[nodiscard]] Result {
   std::variant<T, Error> v_;
 };
 
-class [[nodiscard]] Status {
+class [[nodiscard]] IOMM_API Status {
  public:
   Status() = default;
   Status(Error error)

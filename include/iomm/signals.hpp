@@ -30,8 +30,10 @@
 //   copy with EFAULT.
 #pragma once
 
+#include "iomm/export.hpp"
+
 namespace iomm {
 
-void install_signal_handlers() noexcept;
+IOMM_API void install_signal_handlers() noexcept;
 
 }  // namespace iomm

@@ -37,6 +37,7 @@
 #include <memory>
 #include <string>
 
+#include "iomm/export.hpp"
 #include "iomm/result.hpp"
 
 namespace iomm {
@@ -62,7 +63,7 @@ enum class FileSeal {
   apply,
 };
 
-class MemorySource {
+class IOMM_API MemorySource {
  public:
   // A range of a memfd, hugetlb memfd or tmpfs file. An fd opened read-only,
   // or a write-sealed file, gives a read-only source (mapping it for write

@@ -54,6 +54,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "iomm/export.hpp"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -62,21 +64,21 @@ typedef struct iomm_vfio_container iomm_vfio_container;
 typedef struct iomm_vfio_group iomm_vfio_group;
 
 /* A container, or NULL with errno (ENOMEM). */
-iomm_vfio_container* iomm_vfio_open(void);
+IOMM_API iomm_vfio_container* iomm_vfio_open(void);
 /* ioctl(2) on the container: 0 or a value, or -1 with errno. */
-long iomm_vfio_ioctl(iomm_vfio_container* c, unsigned long request, void* arg);
+IOMM_API long iomm_vfio_ioctl(iomm_vfio_container* c, unsigned long request, void* arg);
 /* Detaches the container's groups (as closing /dev/vfio/vfio does), waits
  * for the calls in flight on it, and frees the container. Not from inside
  * one of its dma_unmap callbacks. Each group must still be destroyed with
  * iomm_vfio_group_destroy(); its calls fail with EINVAL meanwhile.
  * Returns 0. */
-int iomm_vfio_close(iomm_vfio_container* c);
+IOMM_API int iomm_vfio_close(iomm_vfio_container* c);
 
 /* Type1's dma_entry_limit (default 65535); only before VFIO_SET_IOMMU
  * (EBUSY after). */
-int iomm_vfio_set_dma_entry_limit(iomm_vfio_container* c, uint32_t limit);
+IOMM_API int iomm_vfio_set_dma_entry_limit(iomm_vfio_container* c, uint32_t limit);
 /* The process the following MAP_DMA calls act for (0 = this process). */
-int iomm_vfio_set_owner_pid(iomm_vfio_container* c, int pid);
+IOMM_API int iomm_vfio_set_owner_pid(iomm_vfio_container* c, int pid);
 
 struct iomm_vfio_reserved_range {
   uint64_t start;
@@ -100,10 +102,10 @@ struct iomm_vfio_sw_group_config {
  * same file replaces the first; it affects MAP_DMA calls made afterwards.
  * Returns 0, or -1 with errno: EBADF container NULL or fd not open; EINVAL
  * not a regular file, or write-only; EMFILE, ENOMEM. */
-int iomm_vfio_register_fd(iomm_vfio_container* c, int fd);
+IOMM_API int iomm_vfio_register_fd(iomm_vfio_container* c, int fd);
 /* Forget the registered fd of fd's file (mappings made keep working).
  * Returns 0, or -1 with errno: EBADF; ENOENT none registered. */
-int iomm_vfio_unregister_fd(iomm_vfio_container* c, int fd);
+IOMM_API int iomm_vfio_unregister_fd(iomm_vfio_container* c, int fd);
 
 /* Create a group and add it to the container (VFIO_GROUP_SET_CONTAINER).
  * If the IOMMU is set, the software domain is attached at once: the
@@ -111,18 +113,19 @@ int iomm_vfio_unregister_fd(iomm_vfio_container* c, int fd);
  * Errors: EINVAL bad config, or a mapping outside the aperture / in a
  * reserved region / misaligned for the page size; EBUSY a vaddr is invalid;
  * ENOMEM, EFAULT from pinning. */
-iomm_vfio_group* iomm_vfio_group_create_software(iomm_vfio_container* c,
-                                                 const struct iomm_vfio_sw_group_config* cfg);
+IOMM_API iomm_vfio_group* iomm_vfio_group_create_software(
+    iomm_vfio_container* c, const struct iomm_vfio_sw_group_config* cfg);
 
 /* dma_unmap(opaque, iova, size): mandatory (EINVAL without it). */
 typedef void (*iomm_vfio_dma_unmap_fn)(void* opaque, uint64_t iova, uint64_t size);
-iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* c,
-                                                 iomm_vfio_dma_unmap_fn dma_unmap, void* opaque);
+IOMM_API iomm_vfio_group* iomm_vfio_group_create_mediated(iomm_vfio_container* c,
+                                                          iomm_vfio_dma_unmap_fn dma_unmap,
+                                                          void* opaque);
 /* Remove the group from its container and free it. A mediated group's pins
  * are released; a running dma_unmap callback of the group is waited for and
  * none starts after this returns (so not from that callback, nor holding a
  * lock it takes). Destroying the last group releases the IOMMU. Returns 0. */
-int iomm_vfio_group_destroy(iomm_vfio_group* g);
+IOMM_API int iomm_vfio_group_destroy(iomm_vfio_group* g);
 
 /* Prot for pin and rw: IOMMU_READ / IOMMU_WRITE as in the kernel. */
 #define IOMM_VFIO_PROT_READ 1
@@ -133,16 +136,18 @@ int iomm_vfio_group_destroy(iomm_vfio_group* g);
  * EINVAL npage 0, no host array, no IOMMU set, a page not mapped; EACCES
  * container not TYPE1v2; EBUSY a vaddr is invalid; EPERM prot mismatch;
  * ENOMEM memlock limit; EFAULT bad memory. All or nothing. */
-int iomm_vfio_pin_pages(iomm_vfio_group* g, uint64_t iova, int npage, int prot, void** host);
+IOMM_API int iomm_vfio_pin_pages(iomm_vfio_group* g, uint64_t iova, int npage, int prot,
+                                 void** host);
 /* vfio_unpin_pages: returns npage, or -1 with errno (EINVAL a page not
  * pinned; nothing is unpinned then). */
-int iomm_vfio_unpin_pages(iomm_vfio_group* g, uint64_t iova, int npage);
+IOMM_API int iomm_vfio_unpin_pages(iomm_vfio_group* g, uint64_t iova, int npage);
 /* vfio_dma_rw on a mediated group: EINVAL not mapped, EPERM prot, EBUSY
  * vaddr invalid, EFAULT copy failure. Returns 0. */
-int iomm_vfio_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, int write);
+IOMM_API int iomm_vfio_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, int write);
 /* Device DMA through a software group's domain: EFAULT IOMMU fault
  * (unmapped), EPERM permission, EINVAL not attached. Returns 0. */
-int iomm_vfio_group_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len, int write);
+IOMM_API int iomm_vfio_group_dma_rw(iomm_vfio_group* g, uint64_t iova, void* data, size_t len,
+                                    int write);
 
 #ifdef __cplusplus
 }

@@ -117,7 +117,7 @@ Result<std::shared_ptr<Access>> Access::create(const std::shared_ptr<Ioas>& ioas
   auto state =
       std::unique_ptr<AccessState>(new (std::nothrow) AccessState(ioas, std::move(on_unmap)));
   if (!state || IOMM_INJECT("access.alloc")) return Error(ENOMEM, "out of memory");
-  IoasState& st = ioas->state();
+  IoasState& st = ioas::state_of(*ioas);
   {
     std::unique_lock tree(st.tree_mu);
     if (!st.areas_aligned(std::max(st.iova_alignment(), kPageSize))) {
@@ -149,7 +149,7 @@ Access::Access(std::unique_ptr<AccessState> state) : state_(std::move(state)) {}
 
 Access::~Access() {
   if (!state_) return;
-  IoasState& st = state_->ioas->state();
+  IoasState& st = ioas::state_of(*state_->ioas);
   {
     std::lock_guard lk(st.accesses_mu);
     std::erase(st.accesses, state_.get());
@@ -172,7 +172,7 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
   }
   if ((prot & ~(kProtRead | kProtWrite)) != 0 || prot == 0) return Error(EINVAL, "bad prot");
   const IovaRange range = *make_range(iova, length);
-  IoasState& st = state_->ioas->state();
+  IoasState& st = ioas::state_of(*state_->ioas);
 
   // Counted in flight before the checks, so an unmap that starts after them
   // knows to call us.
@@ -250,7 +250,7 @@ Status copy_by_iova(AccessState& state, uint64_t iova, void* buf, size_t length,
   if (length == 0) return {};
   if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
   const IovaRange range = *make_range(iova, length);
-  IoasState& st = state.ioas->state();
+  IoasState& st = ioas::state_of(*state.ioas);
   std::shared_lock tree(st.tree_mu);
   // Check the whole range before moving a byte.
   if (Status s = check_covered(st, range, write ? kProtWrite : kProtRead, nullptr); !s) return s;

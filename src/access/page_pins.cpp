@@ -54,7 +54,7 @@ bool AccessState::page_pins_overlap(const IovaRange& r) const {
 void release_all_page_pins(AccessState& a) noexcept {
   std::lock_guard lk(a.page_mu);
   if (a.page_chunks.empty()) return;
-  IoasState& st = a.ioas->state();
+  IoasState& st = ioas::state_of(*a.ioas);
   std::shared_lock tree(st.tree_mu);
   for (const auto& [key, chunk] : a.page_chunks) {
     for (unsigned i = 0; i < AccessState::kChunkPages; ++i) {
@@ -113,7 +113,7 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
     return Error(EOVERFLOW, "iova + length wraps");
   }
   AccessState& as = *state_;
-  IoasState& st = as.ioas->state();
+  IoasState& st = ioas::state_of(*as.ioas);
   as.pins_in_flight.fetch_add(1, std::memory_order_acq_rel);
   struct InFlight {
     AccessState& s;
@@ -277,7 +277,7 @@ Status Access::unpin_pages(uint64_t iova, uint64_t npages) {
       }
     }
   }
-  IoasState& st = as.ioas->state();
+  IoasState& st = ioas::state_of(*as.ioas);
   std::shared_lock tree(st.tree_mu);
   auto chunk = as.page_chunks.end();
   const Area* a = nullptr;

@@ -191,7 +191,10 @@ uint64_t PageTable::unmap_keeping_tables(uint64_t iova, uint64_t length) noexcep
   uint64_t last = 0;
   if (!clip(iova, length, covered_last_, &last)) return 0;
   std::shared_lock lk(structure_mu_);
-  return clear_range(root_, levels_ - 1, iova, last);
+  const uint64_t cleared = clear_range(root_, levels_ - 1, iova, last);
+  // After the leaves are cleared, before the caller waits for readers.
+  iotlb_.invalidate();
+  return cleared;
 }
 
 uint64_t PageTable::unmap(uint64_t iova, uint64_t length) noexcept {

@@ -18,6 +18,10 @@
 // the owner calls after an RCU grace period that began after the horizon was
 // read (retire_horizon()). So the table count follows what is mapped, and an
 // emptied slot takes a large leaf again.
+//
+// Translation cache: translate() checks the domain's IOTLB (iotlb.hpp)
+// before it walks. Every path that clears or replaces a leaf ends in
+// unmap_keeping_tables(), which invalidates the IOTLB after clearing.
 #pragma once
 
 #include <atomic>
@@ -25,6 +29,7 @@
 #include <memory>
 #include <shared_mutex>
 
+#include "domain/iotlb.hpp"
 #include "iomm/result.hpp"
 #include "mem/host_access.hpp"
 
@@ -103,6 +108,9 @@ class PageTable {
   // covers max_bytes. Lets a DMA walk a contiguous range in one descent.
   bool lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const noexcept;
 
+  // The cache in front of lookup() (iotlb.hpp); invalidated by every unmap.
+  [[nodiscard]] const Iotlb& iotlb() const noexcept { return iotlb_; }
+
   [[nodiscard]] PageTableCounters counters() const noexcept;
   [[nodiscard]] unsigned levels() const noexcept { return levels_; }
 
@@ -144,6 +152,7 @@ class PageTable {
   // Neither value has kPresent set, so a reader still inside a retired table
   // sees nothing mapped. Guarded by structure_mu_ (exclusive).
   Table* retired_ = nullptr;
+  Iotlb iotlb_;
 };
 
 inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {

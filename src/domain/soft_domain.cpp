@@ -254,16 +254,26 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
   if (!inside_aperture(impl_->config, iova)) {
     return record_fault(impl_->faults, iova, access, FaultReason::outside_aperture);
   }
-  // The walk needs a read-side section (an unmap frees the tables it empties
-  // after a grace period); the caller's, when it holds one, is enough. The leaf is copied out; the
-  // memory behind it stays valid only under the caller's guard.
+  // The IOTLB first: a hit touches no table, so it needs no read-side
+  // section. The generation is read before the walk, so a walk racing with
+  // an unmap fills a slot that is already stale (domain/iotlb.hpp).
+  const domain::PageTable& table = *impl_->page_table;
+  const bool cached = impl_->config.iotlb;
+  const uint64_t generation = cached ? table.iotlb().generation() : 0;
   domain::Leaf leaf;
-  bool present = false;
-  if (sync::in_read_section()) {
-    present = impl_->page_table->lookup(iova, &leaf);
-  } else {
-    const RcuReadGuard walk;
-    present = impl_->page_table->lookup(iova, &leaf);
+  bool present = cached && domain::Iotlb::lookup(iova, generation, &leaf);
+  if (!present) {
+    // The walk needs a read-side section (an unmap frees the tables it
+    // empties after a grace period); the caller's, when it holds one, is
+    // enough. The leaf is copied out; the memory behind it stays valid only
+    // under the caller's guard.
+    if (sync::in_read_section()) {
+      present = table.lookup(iova, &leaf);
+    } else {
+      const RcuReadGuard walk;
+      present = table.lookup(iova, &leaf);
+    }
+    if (present && cached) domain::Iotlb::fill(iova, generation, leaf);
   }
   if (!present) {
     return record_fault(impl_->faults, iova, access, FaultReason::not_present);
@@ -316,7 +326,5 @@ DomainCounters SoftDomain::counters() const {
       .faults_dropped = impl_->faults.dropped(),
   };
 }
-
-domain::PageTable& SoftDomain::page_table() noexcept { return *impl_->page_table; }
 
 }  // namespace iomm

@@ -65,3 +65,16 @@ struct SoftDomain::Impl {
 };
 
 }  // namespace iomm
+
+namespace iomm::domain {
+
+// The IOAS fills and clears a domain's table through this; the public class
+// keeps it private, so it stays out of the installed API.
+struct Internals {
+  static PageTable& page_table(SoftDomain& domain) noexcept { return *domain.impl_->page_table; }
+};
+inline PageTable& page_table_of(SoftDomain& domain) noexcept {
+  return Internals::page_table(domain);
+}
+
+}  // namespace iomm::domain

@@ -124,7 +124,7 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
     size_t domains_done = 0;
     size_t areas_in_last = 0;
     for (; result && domains_done < st.domains.size(); ++domains_done) {
-      domain::PageTable& pt = st.domains[domains_done]->page_table();
+      domain::PageTable& pt = domain::page_table_of(*st.domains[domains_done]);
       for (areas_in_last = 0; areas_in_last < created.size() && result; ++areas_in_last) {
         const Area& a = *created[areas_in_last];
         result = pt.map(a.range.start, backing_address(a.source), a.length(), prot,
@@ -141,7 +141,8 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
         // the tables it allocated, which this unmap retires.
         const size_t n = d < domains_done ? created.size() : areas_in_last + 1;
         for (size_t i = 0; i < n; ++i) {
-          st.domains[d]->page_table().unmap(created[i]->range.start, created[i]->length());
+          domain::page_table_of(*st.domains[d])
+              .unmap(created[i]->range.start, created[i]->length());
         }
       }
       for (const auto& a : created) ioas::unmap_external(st, *a);
@@ -293,7 +294,7 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
   {
     std::shared_lock domains(st.domains_mu);
     for (const auto& d : st.domains) {
-      victims.each([&](Area& a) { d->page_table().unmap(a.range.start, a.length()); });
+      victims.each([&](Area& a) { domain::page_table_of(*d).unmap(a.range.start, a.length()); });
     }
     victims.each([&](Area& a) { ioas::unmap_external(st, a); });
     if (!st.domains.empty()) ioas::wait_for_readers(st.domains);

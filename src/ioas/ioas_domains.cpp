@@ -99,9 +99,9 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
   }
   for (; result && mapped < live.size(); ++mapped) {
     const Area& a = *live[mapped];
-    result =
-        domain->page_table().map(a.range.start, a.source.object()->dma_address(a.source.offset()),
-                                 a.length(), a.prot, a.source.object()->host_access());
+    result = domain::page_table_of(*domain).map(
+        a.range.start, a.source.object()->dma_address(a.source.offset()), a.length(), a.prot,
+        a.source.object()->host_access());
     if (!result) break;
   }
   if (result) {
@@ -116,7 +116,7 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     // Up to and including the area whose map failed (its map kept the
     // tables it allocated; this unmap retires them).
     for (size_t i = 0; i < std::min(mapped + 1, live.size()); ++i) {
-      domain->page_table().unmap(live[i]->range.start, live[i]->length());
+      domain::page_table_of(*domain).unmap(live[i]->range.start, live[i]->length());
     }
     ioas::wait_for_readers(std::span(&domain, 1));  // its DMA interface may have used them
     for (size_t i = 0; i < pinned; ++i) live[i]->unpin_all();
@@ -141,7 +141,8 @@ Status Ioas::detach(const std::shared_ptr<SoftDomain>& domain) {
   // No allocation from here on: detaching cannot fail.
   {
     std::shared_lock tree(st.tree_mu);
-    for (const auto& [start, a] : st.areas) domain->page_table().unmap(start, a->length());
+    for (const auto& [start, a] : st.areas)
+      domain::page_table_of(*domain).unmap(start, a->length());
   }
   domain->impl_->dirty_log.store(nullptr, std::memory_order_release);
   ioas::wait_for_readers(std::span(&domain, 1));

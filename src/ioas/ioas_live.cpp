@@ -160,7 +160,7 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
   }
   if (!same_pages && new_addr != old_addr) {
     for (size_t d = 0; d < st.domains.size(); ++d) {
-      domain::PageTable& pt = st.domains[d]->page_table();
+      domain::PageTable& pt = domain::page_table_of(*st.domains[d]);
       pt.unmap_keeping_tables(old->range.start, old->length());
       if (Status s = pt.map(old->range.start, new_addr, old->length(), old->prot,
                             source.object()->host_access());
@@ -170,7 +170,7 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
         // used is still there, and a slot the failed map turned into a
         // table takes the old pages as smaller leaves in it.
         for (size_t e = 0; e <= d; ++e) {
-          domain::PageTable& back = st.domains[e]->page_table();
+          domain::PageTable& back = domain::page_table_of(*st.domains[e]);
           back.unmap_keeping_tables(old->range.start, old->length());
           const Status restored = back.map(old->range.start, old_addr, old->length(), old->prot,
                                            old->source.object()->host_access());

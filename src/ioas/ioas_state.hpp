@@ -14,6 +14,7 @@
 
 #include "dirty/dirty_log.hpp"
 #include "domain/page_table.hpp"
+#include "domain/soft_domain_impl.hpp"
 #include "ioas/area.hpp"
 #include "iomm/ioas.hpp"
 #include "sync/rcu.hpp"
@@ -36,7 +37,7 @@ template <typename Domains>
 void wait_for_readers(const Domains& domains) noexcept {
   const uint64_t horizon = domain::PageTable::retire_horizon();
   sync::rcu_synchronize();
-  for (const auto& d : domains) d->page_table().free_retired(horizon);
+  for (const auto& d : domains) domain::page_table_of(*d).free_retired(horizon);
 }
 
 struct IoasState {
@@ -108,5 +109,12 @@ struct IoasState {
   [[nodiscard]] Result<uint64_t> allocate_iova(uint64_t length, uint64_t address) const;
   void insert_reservation(const Reservation& r);
 };
+
+// The library's and the tests' way to an Ioas's state (the public class
+// keeps it private, so it stays out of the installed API).
+struct Internals {
+  static IoasState& state(Ioas& ioas) noexcept { return *ioas.state_; }
+};
+inline IoasState& state_of(Ioas& ioas) noexcept { return Internals::state(ioas); }
 
 }  // namespace iomm::ioas
