@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "devmem/region_state.hpp"
 #include "devmem/uffd.hpp"
 #include "devmem/wire.hpp"
 #include "devmem_test_support.hpp"
@@ -255,6 +256,33 @@ TEST(DevmemRegion, ContentsSurviveDisableEnableUnlessReset) {
   ASSERT_OK(region->reset());
   ASSERT_TRUE(SigbusProbe::read(data + 64, &v));
   EXPECT_EQ(v, 0u);
+}
+
+TEST(DevmemRegion, RevokedRegionAnswersFaultsWithPoison) {
+  NEEDS_UFFD();
+  const auto features = devmem::kernel_features();
+  IOMM_NEEDS(features.ok() && (*features & UFFD_FEATURE_POISON) != 0,
+             "UFFDIO_POISON (Linux 6.6 or later)");
+  SigbusProbe::install();
+  auto region = make_region(64 * 1024, Granularity::page);
+  ASSERT_TRUE(region);
+  auto mapping = DeviceMapping::map(region, 0, 64 * 1024);
+  ASSERT_OK(mapping);
+  uint64_t v = 0;
+  ASSERT_TRUE(SigbusProbe::read((*mapping)->data(), &v));
+  // Between a pool unbind's stop and its zap the view still holds its
+  // pages: a first touch then is a minor fault the service must refuse.
+  region->state().stop();
+  EXPECT_FALSE(SigbusProbe::read((*mapping)->data() + kPage, &v));
+  EXPECT_EQ(region->counters().refused, 1u);
+  // The marker stays: the same page faults no more.
+  EXPECT_FALSE(SigbusProbe::read((*mapping)->data() + kPage, &v));
+  EXPECT_EQ(region->counters().refused, 1u);
+  // Installed before the stop: still mapped until the zap.
+  EXPECT_TRUE(SigbusProbe::read((*mapping)->data(), &v));
+  region->state().zap();
+  EXPECT_FALSE(SigbusProbe::read((*mapping)->data(), &v));
+  EXPECT_ERRNO(region->set_memory_enabled(true), ENODEV);
 }
 
 TEST(DevmemRegion, PrivateMappingIsRefused) {

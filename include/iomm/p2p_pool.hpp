@@ -21,8 +21,9 @@
 //   gets SIGBUS); unmap every registered IOAS mapping (Ioas::unmap notifies
 //   the accesses pinning it); wait, bounded, for the remaining references;
 //   free. A reference still held when the wait ends fails the call with
-//   ETIMEDOUT (or the IOAS's EDEADLOCK) naming every holder; calling
-//   unbind() again resumes. Destroying the pool unbinds it without waiting:
+//   ETIMEDOUT naming every holder (and the IOAS unmap errors, such as
+//   EDEADLOCK from an access that would not unpin, that kept a
+//   registration); calling unbind() again resumes. Destroying the pool unbinds it without waiting:
 //   blocks still referenced are freed at their last reference.
 // - Thread-safe. No pool lock is held while an IOAS is called.
 //
