@@ -2,9 +2,12 @@
 // (docs/specs/edu.rst) bound to vfio-pci does DMA through mappings made by
 // an iomm IOAS whose domain is the kernel's type1 container.
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/vfio.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -193,6 +196,33 @@ int edu_main(const std::string& bdf, int group) {
   bool untouched = true;
   for (int i = 0; i < 64; ++i) untouched = untouched && buf[4096 + i] == 0x5a;
   expect(untouched, "edu.dma_after_unmap_blocked", "the device wrote into unmapped memory");
+
+  // The kernel's memlock limit: without CAP_IPC_LOCK type1 charges
+  // locked_vm against RLIMIT_MEMLOCK and refuses with ENOMEM, which comes
+  // back unchanged and leaves no mapping.
+  {
+    rlimit old_limit{};
+    ::getrlimit(RLIMIT_MEMLOCK, &old_limit);
+    rlimit tight = old_limit;
+    tight.rlim_cur = process_vmlck_bytes() + 4096;
+    __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3] = {};
+    ::syscall(SYS_capget, &header, caps);
+    const auto saved = caps[CAP_TO_INDEX(CAP_IPC_LOCK)].effective;
+    caps[CAP_TO_INDEX(CAP_IPC_LOCK)].effective &= ~CAP_TO_MASK(CAP_IPC_LOCK);
+    const bool dropped =
+        ::syscall(SYS_capset, &header, caps) == 0 && ::setrlimit(RLIMIT_MEMLOCK, &tight) == 0;
+    auto r = ioas->map(src, kProtRead | kProtWrite, kIova);
+    caps[CAP_TO_INDEX(CAP_IPC_LOCK)].effective = saved;
+    ::syscall(SYS_capset, &header, caps);
+    ::setrlimit(RLIMIT_MEMLOCK, &old_limit);
+    expect(dropped && !r && r.error().code() == ENOMEM && kernel->counters().mappings == 0 &&
+               ioas->mappings().empty(),
+           "ioas.map_kernel_enomem_unchanged",
+           !dropped ? "could not drop CAP_IPC_LOCK"
+           : r      ? "mapped over the limit"
+                    : err(r.error()));
+  }
 
   // Detaching takes the kernel domain's remaining mappings with it.
   auto again = ioas->map(src, kProtRead, kIova);

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared QEMU guest harness: sourced by tests/guest/run.sh and by every
 # scenario script (tests/guest/<scenario>.sh). Interface (stable; see
 # tests/guest/README.md):
@@ -47,7 +48,7 @@ guest_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 mkdir -p "$GUEST_WORK"
 
 guest_find_kernel() {
-  local v k
+  local v
   if [[ -n ${GUEST_KVER:-} ]]; then
     [[ -r /boot/vmlinuz-$GUEST_KVER && -d /lib/modules/$GUEST_KVER ]] && return 0
     return 1

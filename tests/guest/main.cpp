@@ -1,7 +1,7 @@
 // iomm-guest-vfio: the real-VFIO checks that run inside the QEMU guest
 // (tests/guest/vfio.sh). Static, so the initramfs needs no libraries.
 //   iomm-guest-vfio edu BDF GROUP
-//   iomm-guest-vfio conformance GROUP FIRST_SEED SEEDS
+//   iomm-guest-vfio conformance GROUP FIRST_SEED SEEDS SECONDS (0: no time limit)
 // Each check prints one marker line (guest_report.hpp); the exit status is
 // non-zero if any failed.
 #include <cstdint>
@@ -11,16 +11,18 @@
 
 namespace iomm::guest {
 int edu_main(const std::string& bdf, int group);
-int conformance_main(int group, uint64_t first_seed, uint64_t seeds);
+int conformance_main(int group, uint64_t first_seed, uint64_t seeds, unsigned seconds);
 }  // namespace iomm::guest
 
 int main(int argc, char** argv) {
   const std::string cmd = argc > 1 ? argv[1] : "";
   if (cmd == "edu" && argc == 4) return iomm::guest::edu_main(argv[2], std::atoi(argv[3]));
-  if (cmd == "conformance" && argc == 5) {
+  if (cmd == "conformance" && argc == 6) {
     return iomm::guest::conformance_main(std::atoi(argv[2]), std::strtoull(argv[3], nullptr, 0),
-                                         std::strtoull(argv[4], nullptr, 0));
+                                         std::strtoull(argv[4], nullptr, 0),
+                                         static_cast<unsigned>(std::atoi(argv[5])));
   }
-  std::fprintf(stderr, "usage: %s edu BDF GROUP | conformance GROUP FIRST_SEED SEEDS\n", argv[0]);
+  std::fprintf(stderr, "usage: %s edu BDF GROUP | conformance GROUP FIRST_SEED SEEDS SECONDS\n",
+               argv[0]);
   return 2;
 }

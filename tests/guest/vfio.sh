@@ -26,8 +26,14 @@ fi
 # replays one). Passed on the kernel command line, read by inside/vfio.sh.
 seeds=${IOMM_GUEST_SEEDS:-200}
 seed=${IOMM_GUEST_SEED:-$((RANDOM * 32768 + RANDOM))}
-echo "conformance: $seeds sequences from seed $seed"
-guest_boot vfio "$initrd" 120 "intel_iommu=on iomm.seed=$seed iomm.seeds=$seeds" \
+# The conformance run stops early to leave the boot, the edu checks and the
+# scenarios after this one their time: at most 60 s, and 45 s less than what
+# the stage has left.
+left=$(guest_seconds_left)
+budget=$((left - 45 < 60 ? left - 45 : 60))
+((budget < 10)) && budget=10
+echo "conformance: $seeds sequences from seed $seed, at most $budget s"
+guest_boot vfio "$initrd" 150 "intel_iommu=on iomm.seed=$seed iomm.seeds=$seeds iomm.seconds=$budget" \
   -device intel-iommu,intremap=on,caching-mode=on -device edu
 echo "qemu exit status $?"
 guest_collect vfio

@@ -49,5 +49,5 @@ else
   status=1
 fi
 cat /tmp/demo.out /tmp/stat.out
-/bin/iomm-guest-vfio conformance "$GROUP" "$(arg seed)" "$(arg seeds)" || status=1
+/bin/iomm-guest-vfio conformance "$GROUP" "$(arg seed)" "$(arg seeds)" "$(arg seconds)" || status=1
 exit $status
