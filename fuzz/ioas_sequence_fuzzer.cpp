@@ -33,11 +33,17 @@
 // At the end of the input everything is torn down and every counter and
 // VmLck must be zero. Any violation aborts, which libFuzzer records as a crash.
 //
+// One operation, `round`, runs 2 or 3 threads at once, each in its own IOVA
+// window and predicted exactly, plus a conflicting pair on a shared window
+// checked against the outcomes of both orders (concurrent.hpp; fuzz/README.md,
+// "Concurrent rounds").
+//
 // The parts (fuzz/ioas_sequence/): model.* (the fixtures and the shadow
 // model), generators.* (argument pickers), oracle.* (predictions and the check
 // after every step), operations.hpp with address_space_ops.cpp,
 // access_ops.cpp and dirty_ops.cpp (one function per operation) and
-// operations.cpp (the dispatch). This file holds the input loop and the statistics.
+// operations.cpp (the dispatch), concurrent.hpp with concurrent_ops.cpp and
+// conflict_ops.cpp (the round). This file holds the input loop and the statistics.
 #include <cstdio>
 #include <cstdlib>
 #include <map>

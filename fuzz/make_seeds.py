@@ -82,7 +82,7 @@ WINDOW, SHARED = 0x1200000, 0x1800000
 # callback refusing every other notification, probing the unmapped range.
 R_IOAS1, R_THREE, R_ACCESS, R_REFUSE, R_PROBE = 1, 2, 4, 8, 16
 # Conflicting pairs (lanes 0 and 1, at one slot).
-K_NONE, K_UNMAP_PIN, K_MAP_UNMAP, K_MAP_MAP, K_WRITE_DIRTY, K_UNMAP_RW = range(6)
+K_NONE, K_UNMAP_PIN, K_MAP_UNMAP, K_MAP_MAP, K_WRITE_DIRTY, K_UNMAP_RW, K_UNMAP_UNMAP = range(7)
 # Lane operations, 5 bytes each. Lane IOVA byte: below 0xc0 an 8 KiB step
 # into the window, AREA + k the k-th area of the window. Page counts index
 # (1, 2, 3, 4, 8, 16, 32, 64); TO_END (unmap) to the end of the area.
@@ -275,7 +275,11 @@ SEEDS = {
             K_UNMAP_PIN, 0, (1, R, 0)) +
         op(MAP, 0, file_rw(pages(224), LEN_32K), RW_ | FIXED, raw(SHARED)) +
         round_(R_ACCESS | R_PROBE, 2, [[lunmap(AREA, TO_END)], [lrw(0, 0, LL4K)]],
-               K_UNMAP_RW, 0, (3, 0, 0)),
+               K_UNMAP_RW, 0, (3, 0, 0)) +
+        op(MAP, 0, file_rw(pages(224), LEN_64K), RW_ | FIXED, raw(SHARED)) +
+        round_(R_THREE, 1, [[], [], [lmap(0, NP8, lsrc(LS_FILE), RW_)]], K_UNMAP_UNMAP, 0) +
+        op(MAP, 0, file_rw(pages(224), LEN_64K), RW_ | FIXED, raw(SHARED)) +
+        round_(0, 1, [[], []], K_UNMAP_UNMAP, 0, (1, 0, 0)),
     # a fixed map races with an unmap of the same range (EBUSY while it fills),
     # then two maps race for one range.
     "seed-round-map-unmap": hdr() +

@@ -60,6 +60,16 @@ if ((${#targets[@]} == 0)); then
 fi
 
 flags=(-timeout=10 -rss_limit_mb=4096 -max_len=1024)
+
+# The instrumented build runs a lone input twice (the trace holds both runs),
+# the uninstrumented TSan build once: that build compares the first run.
+first_run() {
+  if [[ ${FUZZ_TSAN:-0} == 1 ]]; then
+    awk 'NR > 1 && /^step +0 / { exit } { print }'
+  else
+    cat
+  fi
+}
 failed=()
 summary=()
 for target in "${targets[@]}"; do
@@ -95,7 +105,7 @@ for target in "${targets[@]}"; do
       grep '^step ' "$log" >"$f.trace"
     elif [[ ! -f $f.trace ]]; then
       bad_repros+=("$(basename "$f") (no $f.trace)")
-    elif ! diff -u "$f.trace" <(grep '^step ' "$log") >"$log.diff"; then
+    elif ! diff -u <(first_run <"$f.trace") <(grep '^step ' "$log" | first_run) >"$log.diff"; then
       bad_repros+=("$(basename "$f") (trace differs: $log.diff)")
     fi
   done
@@ -112,13 +122,31 @@ for target in "${targets[@]}"; do
       "$target" "$((regressions - ${#bad_repros[@]}))" "$regressions")")
     continue
   fi
-  echo "=== fuzzing $target for ${seconds}s ==="
   log=$logs/$name.fuzz.log
-  timeout --signal=KILL $((seconds + 300)) \
-    "$bin" "${flags[@]}" -max_total_time="$seconds" -print_final_stats=1 \
-    -artifact_prefix="$artifacts/" "$scratch" "$seeds" >"$log" 2>&1
-  rc=$?
-  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  if [[ ${FUZZ_TSAN:-0} == 1 ]]; then
+    # No coverage in this build (see fuzz/CMakeLists.txt), so libFuzzer
+    # cannot explore: replay the seeds and the ASan build's corpus, pass
+    # after pass (each pass interleaves the threads anew).
+    echo "=== replaying $target's corpus under TSan for ${seconds}s ==="
+    explored=build/fuzz/corpus/$name
+    mkdir -p "$explored"
+    : >"$log"
+    rc=0
+    end=$((SECONDS + seconds))
+    while ((rc == 0 && SECONDS < end)); do
+      timeout --signal=KILL 900 "$bin" "${flags[@]}" -runs=0 -artifact_prefix="$artifacts/" \
+        "$seeds" "$explored" >>"$log" 2>&1
+      rc=$?
+    done
+    runs=$(sed -n 's/^Done \([0-9]*\) runs.*/\1/p' "$log" | awk '{n += $1} END {print n}')
+  else
+    echo "=== fuzzing $target for ${seconds}s ==="
+    timeout --signal=KILL $((seconds + 300)) \
+      "$bin" "${flags[@]}" -max_total_time="$seconds" -print_final_stats=1 \
+      -artifact_prefix="$artifacts/" "$scratch" "$seeds" >"$log" 2>&1
+    rc=$?
+    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  fi
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
   ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
   corpus=$(find "$scratch" -type f | wc -l)
@@ -127,7 +155,7 @@ for target in "${targets[@]}"; do
     crash=yes
     artifact=$(grep -o "Test unit written to .*" "$log" | tail -1 | sed 's/Test unit written to //')
     echo "fuzz: $target crashed (exit $rc); log $log; reproducer ${artifact:-none}"
-    grep -E 'INVARIANT VIOLATED|ERROR: (AddressSanitizer|UndefinedBehaviorSanitizer|LeakSanitizer|libFuzzer)|runtime error' "$log" | head -5
+    grep -E 'INVARIANT VIOLATED|ERROR: (AddressSanitizer|UndefinedBehaviorSanitizer|LeakSanitizer|libFuzzer)|WARNING: ThreadSanitizer|runtime error' "$log" | head -5
     failed+=("$target (crash)")
   fi
   summary+=("$(printf '%-22s runs %-9s cov %-6s ft %-7s corpus %-6s regressions %s/%s clean  crash %s' \

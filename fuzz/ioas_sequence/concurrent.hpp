@@ -112,11 +112,12 @@ enum ConflictKind : uint8_t {
   kMapVsMap,      // both map the same fixed range, from different memory
   kWriteVsDirty,  // lane 0 writes an area (DMA or access), lane 1 reads the dirty log
   kUnmapVsRw,     // lane 0 unmaps an area, lane 1 reads or writes it
+  kUnmapVsUnmap,  // both unmap the same area
   kConflictCount,
 };
 
-inline const char* const kConflictNames[] = {"none",    "unmap/pin",   "map/unmap",
-                                             "map/map", "write/dirty", "unmap/rw"};
+inline const char* const kConflictNames[] = {"none",        "unmap/pin", "map/unmap",  "map/map",
+                                             "write/dirty", "unmap/rw",  "unmap/unmap"};
 
 static_assert(std::size(kConflictNames) == kConflictCount);
 
@@ -143,7 +144,7 @@ struct Conflict {
   uint64_t first_page = 0, npages = 0;   // kWriteVsDirty: the pages read
   std::set<uint64_t> pre_dirty, pinned;  // kWriteVsDirty: of those, before the round
   int got[2] = {-1, -1};
-  uint64_t bytes = 0;
+  uint64_t bytes[2] = {0, 0};  // what each lane's unmap returned
   std::vector<uint64_t> bitmap;
 };
 

@@ -556,6 +556,7 @@ void op_round(Reader& in) {
   const int step = iomm::fuzz::g_step_index;
   std::barrier sync(plan.lanes);
   std::vector<std::thread> threads;
+  g_round_running = true;
   for (int t = 0; t < plan.lanes; ++t) {
     threads.emplace_back([&, t] {
       Lane& lane = lanes[t];
@@ -572,6 +573,7 @@ void op_round(Reader& in) {
     });
   }
   for (auto& th : threads) th.join();
+  g_round_running = false;
 
   // Merge the lanes back, check and settle the conflict, end the accesses.
   for (int t = 0; t < plan.lanes; ++t) {

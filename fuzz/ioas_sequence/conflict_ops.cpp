@@ -64,7 +64,7 @@ struct Outcome {
 
 bool matches(const Conflict& k, const Call& c) {
   return k.got[c.lane] == c.code &&
-         (k.kind != kMapVsUnmap || c.lane != 1 || c.code != 0 || k.bytes == c.bytes);
+         (k.kind != kMapVsUnmap || c.lane != 1 || c.code != 0 || k.bytes[1] == c.bytes);
 }
 
 // A map that passed the checks before the overlap test: an overlapping map
@@ -284,6 +284,18 @@ void plan_conflict(Conflict& k, const Plan& plan, const Lane* lanes) {
       }
       return;
     }
+    case kUnmapVsUnmap: {
+      k.target = shared_area(m);
+      if (!k.target) {
+        k.skipped = "no mapping in the shared window";
+        return;
+      }
+      k.range = k.target->range();
+      k.allow_empty = (k.a & 1) != 0;
+      k.pred[0] = predict_unmap(m.areas, k.range.start, k.target->len, false, &k.pred_bytes);
+      k.pred[1] = k.pred[0];
+      return;
+    }
     case kWriteVsDirty: {
       k.target = shared_area(m);
       if (!k.target) {
@@ -325,16 +337,15 @@ void run_conflict(Conflict& k, Lane& lane, int i) {
   if (k.skipped != nullptr) return;
   Ioas& ioas = *k.m->ioas;
   const bool unmapping = (i == 0 && (k.kind == kUnmapVsPin || k.kind == kUnmapVsRw)) ||
-                         (i == 1 && k.kind == kMapVsUnmap);
+                         (i == 1 && k.kind == kMapVsUnmap) || k.kind == kUnmapVsUnmap;
   if (unmapping) {
     g_unmap_request = k.range;
     const uint64_t len = k.range.last - k.range.start + 1;
-    const auto& r = note(k.kind == kMapVsUnmap && k.allow_empty
-                             ? ioas.unmap_range_allow_empty(k.range.start, len)
-                             : ioas.unmap(k.range.start, len));
+    const auto& r = note(i == 1 && k.allow_empty ? ioas.unmap_range_allow_empty(k.range.start, len)
+                                                 : ioas.unmap(k.range.start, len));
     g_unmap_request.reset();
     k.got[i] = r.code();
-    k.bytes = r.ok() ? *r : 0;
+    k.bytes[i] = r.ok() ? *r : 0;
     return;
   }
   switch (k.kind) {
@@ -374,6 +385,7 @@ void run_conflict(Conflict& k, Lane& lane, int i) {
                      .code();
       return;
     }
+    case kUnmapVsUnmap:  // both unmap, above
     case kNoConflict:
     case kConflictCount:
       break;
@@ -390,9 +402,9 @@ void resolve_conflict(Conflict& k, const Plan& plan, Lane* lanes) {
       // The unmap always wins: a pin or rw before it is released by the
       // callback (or is over), one during it sees the range being unmapped
       // (EINVAL), one after it finds nothing (ENOENT).
-      FUZZ_CHECK(k.got[0] == k.pred[0] && k.bytes == k.pred_bytes,
+      FUZZ_CHECK(k.got[0] == k.pred[0] && k.bytes[0] == k.pred_bytes,
                  "unmap racing with a %s gave %s / %#lx, model %s / %#lx",
-                 k.kind == kUnmapVsPin ? "pin" : "rw", errno_name(k.got[0]), k.bytes,
+                 k.kind == kUnmapVsPin ? "pin" : "rw", errno_name(k.got[0]), k.bytes[0],
                  errno_name(k.pred[0]), k.pred_bytes);
       std::vector<int> allowed{k.pred[1], EINVAL, ENOENT};
       if (k.kind == kUnmapVsPin && k.pred[1] == 0) {
@@ -425,10 +437,25 @@ void resolve_conflict(Conflict& k, const Plan& plan, Lane* lanes) {
       });
       FUZZ_CHECK(it != outs.end(), "%s race on [%#lx, %#lx]: L0 %s, L1 %s / %#lx; allowed:%s",
                  kConflictNames[k.kind], k.range.start, k.range.last, errno_name(k.got[0]),
-                 errno_name(k.got[1]), k.bytes, outcome_text(k).c_str());
+                 errno_name(k.got[1]), k.bytes[1], outcome_text(k).c_str());
       apply(k, m, it->first);
       apply(k, m, it->second);
       settle_unmap(m, k.range);
+      return;
+    }
+    case kUnmapVsUnmap: {
+      // One removes the area; the other meets it being removed (EBUSY) or
+      // finds nothing left (ENOENT, or 0 bytes for unmap_range_allow_empty).
+      const auto won = [&](int i) { return k.got[i] == 0 && k.bytes[i] == k.pred_bytes; };
+      const auto lost = [&](int i) {
+        return k.got[i] == EBUSY ||
+               (i == 1 && k.allow_empty ? k.got[i] == 0 && k.bytes[i] == 0 : k.got[i] == ENOENT);
+      };
+      FUZZ_CHECK((won(0) && lost(1)) || (won(1) && lost(0)),
+                 "two unmaps of [%#lx, %#lx] gave %s / %#lx and %s / %#lx (the area: %#lx)",
+                 k.range.start, k.range.last, errno_name(k.got[0]), k.bytes[0],
+                 errno_name(k.got[1]), k.bytes[1], k.pred_bytes);
+      unmap_model(m, k.range);
       return;
     }
     case kWriteVsDirty: {
