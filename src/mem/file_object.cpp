@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -98,6 +99,12 @@ Result<FileObject::Range> FileObject::for_range(int fd, uint64_t offset, uint64_
   // EINVAL: they carry no seals.
   const int seals = std::max(fcntl(fd, F_GET_SEALS), 0);
   constexpr int kWriteSeals = F_SEAL_WRITE | F_SEAL_FUTURE_WRITE;
+  if (seal == FileSeal::shrink && (seals & F_SEAL_SHRINK) == 0) {
+    return Error(EPERM,
+                 "the file is not sealed with F_SEAL_SHRINK, so it could shrink under the "
+                 "library's mapping; seal it (memfd_create with MFD_ALLOW_SEALING, then "
+                 "F_ADD_SEALS), ask for FileSeal::apply, or opt in with FileSeal::allow_shrink");
+  }
   if (seal == FileSeal::require && ((seals & F_SEAL_SHRINK) == 0 || (seals & kWriteSeals) == 0)) {
     return Error(EPERM,
                  "the file does not carry F_SEAL_SHRINK and F_SEAL_WRITE or F_SEAL_FUTURE_WRITE, "
@@ -322,6 +329,20 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
     return Error(ENOMEM, std::string("mlock failed: ") + errno_text(err));
   }
   return {};
+}
+
+int64_t FileObject::file_size() const noexcept {
+  std::shared_lock window(window_mu_);
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return -1;
+  return st.st_size;
+}
+
+int FileObject::add_inotify_watch(int inotify_fd, uint32_t mask) const noexcept {
+  std::shared_lock window(window_mu_);
+  char path[32];
+  std::snprintf(path, sizeof(path), "/proc/self/fd/%d", fd_);
+  return inotify_add_watch(inotify_fd, path, mask);
 }
 
 bool FileObject::copy_out(uint64_t offset, void* buf, size_t n) const noexcept {

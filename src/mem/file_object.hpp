@@ -54,6 +54,11 @@ class FileObject final : public MemObject {
   // safe_copy turns into false.
   bool copy_out(uint64_t offset, void* buf, size_t n) const noexcept override;
   bool copy_in(uint64_t offset, const void* buf, size_t n) const noexcept override;
+  // The file's size now (fstat of the object's own fd); -1 on failure.
+  [[nodiscard]] int64_t file_size() const noexcept;
+  // inotify_add_watch of the file for `mask`, through the object's own fd:
+  // the watch descriptor, or -1 with errno.
+  int add_inotify_watch(int inotify_fd, uint32_t mask) const noexcept;
   // 4 KiB pages found missing from the file when their last pin was
   // released: pages someone discarded (FALLOC_FL_PUNCH_HOLE) while they were
   // pinned and charged.
