@@ -21,6 +21,7 @@
 #include "mem/populate.hpp"
 #include "mem/safe_copy.hpp"
 #include "mem/sys.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::mem {
 
@@ -29,7 +30,7 @@ namespace {
 constexpr uint64_t kWindowAlign = 1ULL << 30;
 
 struct FileRegistry {
-  std::mutex mu;
+  sync::RankedMutex mu{sync::LockRank::file_registry, "file registry mu"};
   std::map<std::pair<dev_t, ino_t>, std::weak_ptr<FileObject>> files;
 };
 
@@ -322,6 +323,16 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
     return Error(ENOMEM, std::string("mlock failed: ") + errno_text(err));
   }
   return {};
+}
+
+bool FileObject::present(uint64_t offset, uint64_t length) const noexcept {
+  uint64_t end = 0;
+  if (__builtin_add_overflow(offset, length, &end)) return false;
+  struct stat st {};
+  std::shared_lock window(window_mu_);
+  if (end > mapped_) return false;
+  // Not an injection site: a failed probe is "absent", not an error path.
+  return ::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) >= end;
 }
 
 bool FileObject::copy_out(uint64_t offset, void* buf, size_t n) const noexcept {
