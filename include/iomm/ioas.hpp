@@ -219,9 +219,9 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   // domains are switched to it, readers are waited for, and the old pin and
   // charge are released. Same backing object and offset: no re-pin, only
   // the charge moves if the owner changed. ENOENT no mapping starts at iova;
-  // EINVAL not invalid, length differs, or the new backing address does not
-  // fit the IOAS's IOVA alignment (as map() requires); EBUSY accesses hold
-  // pins in it.
+  // EINVAL not invalid, length differs, an on-demand mapping, or the new
+  // backing address does not fit the IOAS's IOVA alignment (as map()
+  // requires); EBUSY accesses hold pins in it.
   Status replace_host(uint64_t iova, const MemorySource& source, const OwnerSpec& owner);
   // Mappings whose host address is invalid.
   [[nodiscard]] uint64_t invalid_host_count() const;

@@ -98,7 +98,14 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     }
   }
   for (; result && mapped < live.size(); ++mapped) {
-    const Area& a = *live[mapped];
+    Area& a = *live[mapped];
+    if (a.demand != nullptr) {
+      if (ioas::fill_on_demand(st, a, &domain->page_table(), true) == ioas::Fill::failed) {
+        result = Error(ENOMEM, "out of memory for the page table");
+        break;
+      }
+      continue;
+    }
     result =
         domain->page_table().map(a.range.start, a.source.object()->dma_address(a.source.offset()),
                                  a.length(), a.prot, a.source.object()->host_access());
@@ -126,9 +133,10 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     return result;
   }
   if (first) {
-    for (const auto& a : live) a->domain_pinned.store(true);
+    for (const auto& a : live) a->domain_pinned.store(a->demand == nullptr);
   }
   domain->impl_->dirty_log.store(&st.dirty, std::memory_order_release);
+  domain->impl_->resolver.store(&st.resolver, std::memory_order_release);
   return {};
 }
 
@@ -144,6 +152,7 @@ Status Ioas::detach(const std::shared_ptr<SoftDomain>& domain) {
     for (const auto& [start, a] : st.areas) domain->page_table().unmap(start, a->length());
   }
   domain->impl_->dirty_log.store(nullptr, std::memory_order_release);
+  domain->impl_->resolver.store(nullptr, std::memory_order_release);
   ioas::wait_for_readers(std::span(&domain, 1));
   if (st.domains.empty()) {
     std::shared_lock tree(st.tree_mu);

@@ -22,6 +22,7 @@
 #include "mem/populate.hpp"
 #include "mem/safe_copy.hpp"
 #include "mem/sys.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::mem {
 
@@ -30,7 +31,7 @@ namespace {
 constexpr uint64_t kWindowAlign = 1ULL << 30;
 
 struct FileRegistry {
-  std::mutex mu;
+  sync::RankedMutex mu{sync::LockRank::file_registry, "file registry mu"};
   std::map<std::pair<dev_t, ino_t>, std::weak_ptr<FileObject>> files;
 };
 
@@ -343,6 +344,16 @@ int FileObject::add_inotify_watch(int inotify_fd, uint32_t mask) const noexcept 
   char path[32];
   std::snprintf(path, sizeof(path), "/proc/self/fd/%d", fd_);
   return inotify_add_watch(inotify_fd, path, mask);
+}
+
+bool FileObject::present(uint64_t offset, uint64_t length) const noexcept {
+  uint64_t end = 0;
+  if (__builtin_add_overflow(offset, length, &end)) return false;
+  struct stat st {};
+  std::shared_lock window(window_mu_);
+  if (end > mapped_) return false;
+  // Not an injection site: a failed probe is "absent", not an error path.
+  return ::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) >= end;
 }
 
 bool FileObject::copy_out(uint64_t offset, void* buf, size_t n) const noexcept {
