@@ -33,7 +33,9 @@ Result<std::vector<Ioas::HostSegment>> Ioas::host_segments(uint64_t iova, uint64
       const uint64_t last = std::min(a.range.last, r->last);
       const uint64_t n = last - pos + 1;
       auto* host = static_cast<std::byte*>(obj.host(a.backing_offset(pos)));
-      const bool library = obj.host_access() == mem::HostAccess::direct;
+      // A file that may shrink (FileSeal::allow_shrink) could SIGBUS a plain
+      // load: its consumers copy with guarded copies instead.
+      const bool library = obj.host_access() == mem::HostAccess::direct && obj.shrink_sealed();
       if (!out.empty() && static_cast<std::byte*>(out.back().host) + out.back().length == host &&
           out.back().library_mapped == library) {
         out.back().length += n;

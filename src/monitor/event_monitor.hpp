@@ -40,6 +40,7 @@
 #include "iomm/result.hpp"
 #include "mem/file_object.hpp"
 #include "mem/interval_counts.hpp"
+#include "sync/ranked_mutex.hpp"
 
 struct uffd_msg;  // <linux/userfaultfd.h>
 
@@ -124,7 +125,7 @@ class EventMonitor {
   const bool user_mode_only_;
   const Sink sink_;
 
-  std::mutex mu_;
+  sync::RankedMutex mu_{sync::LockRank::monitor_watches, "monitor::EventMonitor::mu_"};
   mem::IntervalCounts registered_;  // mu_; page index -> watches
   std::map<int, FileWatch> files_;  // mu_; by inotify watch descriptor
   const std::shared_ptr<mem::MemObject> user_;

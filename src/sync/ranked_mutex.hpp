@@ -46,6 +46,7 @@ enum class LockRank : uint16_t {
   on_demand_fill = 75,         // 7b. ioas::OnDemand::mu
   pin_store = 80,              // 8. MemObject::mu_
   page_table_structure = 81,   //    PageTable::structure_mu_
+  monitor_watches = 85,        // 8b. monitor::EventMonitor::mu_
   file_registry = 90,          // 9. the file registry's mutex
   file_window = 91,            //    FileObject::window_mu_
   user_object = 92,            //    UserObject::mu_
@@ -56,6 +57,8 @@ enum class LockRank : uint16_t {
   fault_log = 104,             //     FaultLog::mutex_
   notifier_seq = 105,          //     notify::Registry::seq_mu_
   notifier_node = 106,         //     notify::Node::mu
+  monitor_start = 107,         //     the memory monitor's start mutex
+  vring_cache = 108,           //     a VringCache's mu
 };
 
 namespace lock_order {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace iomm::cli {
 
@@ -12,6 +13,9 @@ struct DemoOptions {
   uint64_t size = kGiB;  // bytes of guest memory
   // Pause before the final teardown, so `iomm stat` can watch a live process.
   unsigned hold_seconds = 0;
+  // "dma" (the walk through map, pin, DMA and unmap) or "invalidation"
+  // (notifiers on real events and the ring cache: demo_invalidation.cpp).
+  std::string scenario = "dma";
 };
 
 struct StatOptions {
@@ -20,6 +24,7 @@ struct StatOptions {
 };
 
 int run_demo(const DemoOptions& options);
+int run_invalidation_demo();
 int run_stat(const StatOptions& options);
 
 }  // namespace iomm::cli

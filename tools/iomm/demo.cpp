@@ -538,6 +538,7 @@ class Demo {
 }  // namespace
 
 int run_demo(const DemoOptions& options) {
+  if (options.scenario == "invalidation") return run_invalidation_demo();
   if (options.size < kMinSize || !is_aligned(options.size, kPageSize)) {
     std::fprintf(stderr, "iomm demo: --size must be a multiple of 4 KiB and at least %s\n",
                  format_bytes(kMinSize).c_str());

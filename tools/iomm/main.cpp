@@ -23,6 +23,9 @@ int run(int argc, char** argv) {
   demo_cmd->add_option("--size", demo.size, "Guest memory size (e.g. 1GiB, 256MiB)")
       ->transform(CLI::AsSizeValue(false))
       ->default_str("1GiB");
+  demo_cmd->add_option("--scenario", demo.scenario, "dma, or invalidation (notifiers, ring cache)")
+      ->check(CLI::IsMember({"dma", "invalidation"}))
+      ->default_str("dma");
   // Hidden: lets `iomm stat` (and its tests) observe a live process.
   demo_cmd->add_option("--hold-seconds", demo.hold_seconds, "Pause before the final teardown")
       ->group("");
