@@ -53,9 +53,10 @@ struct DmaFixture {
 
 std::unique_ptr<DmaFixture> build(uint64_t mapping) {
   auto f = std::make_unique<DmaFixture>();
-  f->fd = memfd_create("iomm-bench-dma", MFD_CLOEXEC);
-  if (f->fd < 0 || ftruncate(f->fd, static_cast<off_t>(mapping)) != 0) {
-    f->error = std::string("memfd_create/ftruncate: ") + std::strerror(errno);
+  f->fd = memfd_create("iomm-bench-dma", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (f->fd < 0 || ftruncate(f->fd, static_cast<off_t>(mapping)) != 0 ||
+      fcntl(f->fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+    f->error = std::string("memfd_create/ftruncate/F_ADD_SEALS: ") + std::strerror(errno);
     return f;
   }
   auto src = iomm::MemorySource::from_file(f->fd, 0, mapping);

@@ -155,14 +155,15 @@ std::unique_ptr<PinFixture> make_fixture(bool huge) {
     }
   }
   f->fd = memfd_create(huge ? "iomm-bench-pin-2m" : "iomm-bench-pin-4k",
-                       MFD_CLOEXEC | (huge ? MFD_HUGETLB : 0U));
+                       MFD_CLOEXEC | MFD_ALLOW_SEALING | (huge ? MFD_HUGETLB : 0U));
   if (f->fd < 0) {
     f->error = std::string("memfd_create: ") + std::strerror(errno);
     f->charged_error = f->error;
     return f;
   }
-  if (ftruncate(f->fd, static_cast<off_t>(kLength)) != 0) {
-    f->error = std::string("ftruncate: ") + std::strerror(errno);
+  if (ftruncate(f->fd, static_cast<off_t>(kLength)) != 0 ||
+      fcntl(f->fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+    f->error = std::string("ftruncate/F_ADD_SEALS: ") + std::strerror(errno);
     f->charged_error = f->error;
     return f;
   }

@@ -193,9 +193,10 @@ TEST(Attach, DestroyingTheIoasReleasesEverything) {
 }
 
 TEST(Attach, ShrunkFileGivesEfaultNotSigbus) {
-  Memfd mfd(2 * kMiB);
+  Memfd mfd(2 * kMiB, 0, test::Shrink::allowed);
   auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 2 * kMiB), kRW, 0x200000));
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 2 * kMiB, FileSeal::allow_shrink), kRW,
+                      0x200000));
   auto d = make_domain();
   ASSERT_OK(ioas->attach(d));
   ASSERT_OK(ioas->detach(d));  // unpinned again: truncation can now drop the pages
@@ -215,9 +216,10 @@ namespace iomm {
 namespace {
 
 TEST(AttachShrunk, PinningPastTheEndOfAShrunkFileIsEfault) {
-  test::Memfd mfd(2 * kMiB);
+  test::Memfd mfd(2 * kMiB, 0, test::Shrink::allowed);
   auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 2 * kMiB), kRW, 0x200000));
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 2 * kMiB, FileSeal::allow_shrink), kRW,
+                      0x200000));
   ASSERT_EQ(ftruncate(mfd.fd(), kMiB), 0);
   auto d = make_domain();
   EXPECT_ERRNO(ioas->attach(d), EFAULT);
@@ -227,9 +229,9 @@ TEST(AttachShrunk, PinningPastTheEndOfAShrunkFileIsEfault) {
 
 TEST(AttachShrunk, HugetlbPastTheEndIsEfault) {
   IOMM_NEEDS(test::hugetlb_available(4 * kMiB), "2 MiB huge pages (vm.nr_hugepages)");
-  test::Memfd huge(4 * kMiB, MFD_HUGETLB);
+  test::Memfd huge(4 * kMiB, MFD_HUGETLB, test::Shrink::allowed);
   auto ioas = Ioas::create({}).value();
-  auto src = MemorySource::from_file(huge.fd(), 0, 4 * kMiB);
+  auto src = MemorySource::from_file(huge.fd(), 0, 4 * kMiB, FileSeal::allow_shrink);
   ASSERT_OK(src);
   ASSERT_OK(ioas->map(*src, kRW, 0x400000));
   auto d = make_domain();

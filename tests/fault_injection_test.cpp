@@ -31,6 +31,7 @@
 
 #include "fault/fail_nth.hpp"
 #include "iomm/access.hpp"
+#include "iomm/notifier.hpp"
 #include "iomm/vfio_compat.h"
 #include "test_support.hpp"
 
@@ -321,6 +322,31 @@ const std::vector<Scenario>& scenarios() {
          ASSERT_OK(w.pin(0x100000, 0x4000));
        },
        [](World& w) { return status_of(w.a->unmap_all()); }},
+      {"WatchIovaAndSource", [](World&) {},
+       [](World& w) {
+         auto accept = [](IntervalNotifier&, const Invalidation&, uint64_t) { return true; };
+         auto on_iova = IntervalNotifier::watch_iova(w.a, {0x100000, 0x1FFFFF}, accept);
+         if (!on_iova.ok()) return Status(on_iova.error());
+         auto src = MemorySource::from_file(w.mfd.fd(), 0, kMiB);
+         if (!src.ok()) return Status(src.error());
+         return status_of(IntervalNotifier::watch_source(*src, accept));
+       }},
+      {"HostSegmentsAndInvalidateHost",
+       [](World& w) {
+         ASSERT_OK(w.a->map(w.file(0, kMiB), kRW, 0x100000));
+         ASSERT_OK(w.a->map(w.file(2 * kMiB, kMiB), kRW, 0x200000));
+       },
+       [](World& w) {
+         auto segs = w.a->host_segments(0x100000, 2 * kMiB, kProtRead);
+         if (!segs.ok()) return Status(segs.error());
+         return status_of(w.a->invalidate_host(0x100000, 2 * kMiB));
+       }},
+      {"MapOnDemandWithDomain", [](World& w) { w.attach_domains(1); },
+       [](World& w) {
+         auto src = MemorySource::from_file(w.mfd.fd(), 0, 2 * kMiB);
+         if (!src.ok()) return Status(src.error());
+         return status_of(w.a->map_on_demand(*src, kRW, 0x200000));
+       }},
       {"AllowedAndReservedRanges", [](World&) {},
        [](World& w) {
          const IovaRange allowed[] = {{0x10000000, 0x1FFFFFFF}};
@@ -707,7 +733,7 @@ TEST_P(FaultInjection, EveryFailureLeavesNoTrace) {
   print_summary(sc.name, run_fail_nth(sc, snapshot));
 }
 
-INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 19),
+INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 22),
                          [](const testing::TestParamInfo<size_t>& param) {
                            return std::string(scenarios()[param.param].name);
                          });
@@ -718,7 +744,7 @@ INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjectionVfio, testing::Range<size_t>(0
                          });
 
 TEST(FaultInjectionCoverage, ScenarioListIsComplete) {
-  EXPECT_EQ(scenarios().size(), 19U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
+  EXPECT_EQ(scenarios().size(), 22U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
   EXPECT_EQ(vfio_scenarios().size(), 14U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
 }
 

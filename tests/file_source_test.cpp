@@ -182,7 +182,7 @@ TEST(FileSourceWritability, WriteSealedFileGivesAReadOnlySource) {
   const int fd = memfd_create("iomm-sealed", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   ASSERT_GE(fd, 0);
   ASSERT_EQ(ftruncate(fd, static_cast<off_t>(kLen)), 0);
-  ASSERT_EQ(fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE), 0);
+  ASSERT_EQ(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_WRITE), 0);
   auto s = MemorySource::from_file(fd, 0, kLen);
   ASSERT_OK(s);
   EXPECT_FALSE(s->writable());
@@ -232,6 +232,32 @@ TEST(FileSeal, ApplyForbidsHolePunchingAndShrinkingAndKeepsDmaWrites) {
   close(fd);
 }
 
+TEST(FileSeal, ByDefaultAFileThatCanShrinkIsRefusedUnlessTheCallerOptsIn) {
+  test::Memfd loose(kLen, 0, test::Shrink::allowed);
+  EXPECT_ERRNO(MemorySource::from_file(loose.fd(), 0, kLen), EPERM);
+  const int sealable = sealable_memfd(kLen);
+  ASSERT_GE(sealable, 0);
+  EXPECT_ERRNO(MemorySource::from_file(sealable, 0, kLen), EPERM);
+  ASSERT_EQ(fcntl(sealable, F_ADD_SEALS, F_SEAL_SHRINK), 0);
+  auto sealed = MemorySource::from_file(sealable, 0, kLen);
+  ASSERT_OK(sealed);
+  EXPECT_TRUE(sealed->shrink_sealed());
+  EXPECT_TRUE(sealed->writable());
+  auto opted = MemorySource::from_file(loose.fd(), 0, kLen, FileSeal::allow_shrink);
+  ASSERT_OK(opted);
+  EXPECT_FALSE(opted->shrink_sealed());
+  // A tmpfs file that cannot be sealed at all needs the opt-in too.
+  char path[] = "/dev/shm/iomm-seal-XXXXXX";
+  const int tmp = mkstemp(path);
+  ASSERT_GE(tmp, 0);
+  unlink(path);
+  ASSERT_EQ(ftruncate(tmp, kLen), 0);
+  EXPECT_ERRNO(MemorySource::from_file(tmp, 0, kLen), EPERM);
+  EXPECT_OK(MemorySource::from_file(tmp, 0, kLen, FileSeal::allow_shrink));
+  close(tmp);
+  close(sealable);
+}
+
 TEST(FileSeal, RequireRefusesAnUnsealedFile) {
   test::Memfd mfd(kLen);
   EXPECT_ERRNO(MemorySource::from_file(mfd.fd(), 0, kLen, FileSeal::require), EPERM);
@@ -245,7 +271,7 @@ TEST(FileSeal, RequireRefusesAnUnsealedFile) {
 TEST(FileSeal, ShrinkSealAddedLaterIsSeen) {
   const int fd = sealable_memfd(kLen);
   ASSERT_GE(fd, 0);
-  auto first = MemorySource::from_file(fd, 0, kLen);
+  auto first = MemorySource::from_file(fd, 0, kLen, FileSeal::allow_shrink);
   ASSERT_OK(first);
   EXPECT_FALSE(first->shrink_sealed());
   ASSERT_EQ(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK), 0);
@@ -257,7 +283,7 @@ TEST(FileSeal, ShrinkSealAddedLaterIsSeen) {
 }
 
 TEST(FileSeal, ApplyFailsWhereSealsCannotBeAdded) {
-  test::Memfd unsealable(kLen);  // no MFD_ALLOW_SEALING: F_SEAL_SEAL is set
+  test::Memfd unsealable(kLen, 0, test::Shrink::allowed);  // F_SEAL_SEAL is set
   EXPECT_ERRNO(MemorySource::from_file(unsealable.fd(), 0, kLen, FileSeal::apply), EPERM);
   const int fd = sealable_memfd(kLen);
   ASSERT_GE(fd, 0);

@@ -267,7 +267,7 @@ TEST(SafeCopyDeathTest, FileSourceInstallsTheHandlerBeforeAnyCopy) {
         if (sigbus_handler_installed()) _exit(3);
         const int fd = memfd_create("iomm-install-test", 0);
         if (fd < 0 || ftruncate(fd, 4096) != 0) _exit(4);
-        if (!MemorySource::from_file(fd, 0, 4096).ok()) _exit(4);
+        if (!MemorySource::from_file(fd, 0, 4096, FileSeal::allow_shrink).ok()) _exit(4);
         _exit(sigbus_handler_installed() ? 0 : 1);
       },
       testing::ExitedWithCode(0), "");

@@ -97,8 +97,8 @@ TEST(Source, SealsAreReported) {
   auto s = MemorySource::from_file(sealed.fd(), 0, 1 << 20);
   ASSERT_OK(s);
   EXPECT_TRUE(s->shrink_sealed());
-  Memfd unsealed(1 << 20);
-  auto u = MemorySource::from_file(unsealed.fd(), 0, 1 << 20);
+  Memfd unsealed(1 << 20, 0, test::Shrink::allowed);
+  auto u = MemorySource::from_file(unsealed.fd(), 0, 1 << 20, FileSeal::allow_shrink);
   ASSERT_OK(u);
   EXPECT_FALSE(u->shrink_sealed());
 }

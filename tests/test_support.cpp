@@ -18,12 +18,17 @@
 
 namespace iomm::test {
 
-Memfd::Memfd(uint64_t size, unsigned flags) {
-  fd_ = memfd_create("iomm-test", MFD_CLOEXEC | flags);
+Memfd::Memfd(uint64_t size, unsigned flags, Shrink shrink) {
+  const bool sealed = shrink == Shrink::sealed;
+  fd_ = memfd_create("iomm-test", MFD_CLOEXEC | flags | (sealed ? MFD_ALLOW_SEALING : 0U));
   if (fd_ < 0) throw std::runtime_error("memfd_create failed");
   if (ftruncate(fd_, static_cast<off_t>(size)) != 0) {
     close(fd_);
     throw std::runtime_error("ftruncate failed");
+  }
+  if (sealed && fcntl(fd_, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+    close(fd_);
+    throw std::runtime_error("F_ADD_SEALS failed");
   }
 }
 

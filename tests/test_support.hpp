@@ -11,10 +11,20 @@
 
 namespace iomm::test {
 
+// Whether a test memfd may shrink.
+enum class Shrink {
+  // F_SEAL_SHRINK added after sizing it, as MemorySource::from_file wants
+  // by default (FileSeal::shrink).
+  sealed,
+  // No seal and no MFD_ALLOW_SEALING: from_file needs
+  // FileSeal::allow_shrink (for tests about shrinking files).
+  allowed,
+};
+
 // An anonymous memfd of `size` bytes, closed on destruction.
 class Memfd {
  public:
-  explicit Memfd(uint64_t size, unsigned flags = 0);
+  explicit Memfd(uint64_t size, unsigned flags = 0, Shrink shrink = Shrink::sealed);
   ~Memfd();
   Memfd(const Memfd&) = delete;
   Memfd& operator=(const Memfd&) = delete;

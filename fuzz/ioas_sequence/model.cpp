@@ -5,8 +5,10 @@ namespace iomm::fuzz::ioas_sequence {
 namespace {
 
 int make_memfd(const char* name, uint64_t size) {
-  const int fd = memfd_create(name, MFD_CLOEXEC);
-  if (fd < 0 || ftruncate(fd, static_cast<off_t>(size)) != 0) {
+  // Sealed against shrinking: MemorySource::from_file refuses it otherwise.
+  const int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0 || ftruncate(fd, static_cast<off_t>(size)) != 0 ||
+      fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
     std::perror("memfd");
     std::abort();
   }

@@ -114,6 +114,36 @@ class IOMM_API Ioas : public std::enable_shared_from_this<Ioas> {
   Result<uint64_t> map_as(const MemorySource& source, uint32_t prot, std::optional<uint64_t> iova,
                           const OwnerSpec& owner);
 
+  // An on-demand (unpinned) mapping: nothing is pinned or charged, now or
+  // when a domain is attached. Domains translate through it while its memory
+  // is there; the mapping's translations are dropped when an interval
+  // notifier event (munmap, discard, truncate of its source) invalidates
+  // the memory, a DMA then faults cleanly (EFAULT, FaultReason::not_present)
+  // and translates again once the memory is back. Accesses may not pin it
+  // (EINVAL); they read and write it with guarded copies. Errors as map().
+  Result<uint64_t> map_on_demand(const MemorySource& source, uint32_t prot,
+                                 std::optional<uint64_t> iova = std::nullopt);
+
+  // Host addresses of [iova, iova + length) for a consumer that keeps them
+  // under an IntervalNotifier (iomm/notifier.hpp) instead of a pin: one
+  // segment per run of contiguous host memory, in IOVA order. Valid until
+  // the notifier's next invalidation; nothing is pinned or charged.
+  // ENOENT part of the range is not mapped (or being created or removed);
+  // EPERM prot not allowed; ENXIO simulated memory; EBUSY host address
+  // invalid (live update); EOVERFLOW wrap; EINVAL zero length.
+  struct HostSegment {
+    uint64_t iova;
+    uint64_t length;
+    void* host;
+    // The memory is the library's own mapping of a file (stable while the
+    // mapping lives: plain loads and stores are safe unless the file
+    // shrinks) rather than this process's user memory (copy with guarded
+    // copies only).
+    bool library_mapped;
+  };
+  Result<std::vector<HostSegment>> host_segments(uint64_t iova, uint64_t length,
+                                                 uint32_t prot) const;
+
   // Unmap every mapping inside [iova, iova + length). Returns bytes unmapped.
   Result<uint64_t> unmap(uint64_t iova, uint64_t length);
   // Unmap every mapping. Allocates nothing, so it cannot fail for lack of
@@ -205,9 +235,9 @@ class IOMM_API Ioas : public std::enable_shared_from_this<Ioas> {
   // domains are switched to it, readers are waited for, and the old pin and
   // charge are released. Same backing object and offset: no re-pin, only
   // the charge moves if the owner changed. ENOENT no mapping starts at iova;
-  // EINVAL not invalid, length differs, or the new backing address does not
-  // fit the IOAS's IOVA alignment (as map() requires); EBUSY accesses hold
-  // pins in it.
+  // EINVAL not invalid, length differs, an on-demand mapping, or the new
+  // backing address does not fit the IOAS's IOVA alignment (as map()
+  // requires); EBUSY accesses hold pins in it.
   Status replace_host(uint64_t iova, const MemorySource& source, const OwnerSpec& owner);
   // Mappings whose host address is invalid.
   [[nodiscard]] uint64_t invalid_host_count() const;

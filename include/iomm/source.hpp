@@ -14,6 +14,9 @@
 //   made from is open read-write and the file carries no F_SEAL_WRITE or
 //   F_SEAL_FUTURE_WRITE, whatever other fds of the same file were used
 //   before or after.
+// - Files must not shrink under the library's mapping unless the caller
+//   says so: by default from_file refuses a file without F_SEAL_SHRINK
+//   (FileSeal below); FileSeal::allow_shrink opts in.
 // - Pinned file pages stay the file's only while nobody truncates the file
 //   or punches a hole in it: the kernel then drops them from the file (and
 //   from the library's mapping) although they are pinned and charged. Ask
@@ -27,8 +30,10 @@
 // - ENODEV  the fd cannot be mapped shared (not a regular file, or mmap refuses).
 // - EINVAL  zero length; range past the end of the file (also when the file
 //           shrank while the source was being made).
-// - EPERM   FileSeal::require and the file is not sealed; FileSeal::apply
-//           and the seals cannot be added (fd not writable, F_SEAL_SEAL).
+// - EPERM   FileSeal::shrink (the default) and the file does not carry
+//           F_SEAL_SHRINK; FileSeal::require and the file is not sealed;
+//           FileSeal::apply and the seals cannot be added (fd not
+//           writable, F_SEAL_SEAL).
 //           FileSeal::apply on a file that cannot be sealed gives EINVAL.
 // - EOVERFLOW offset + length wraps.
 #pragma once
@@ -51,8 +56,11 @@ enum class SourceKind { file, user, simulated, device };
 
 // What from_file guarantees about the file's pages while they are pinned.
 enum class FileSeal {
-  // Nothing: someone holding an fd may truncate or punch holes (see above).
-  none,
+  // The default: the file must already carry F_SEAL_SHRINK, so it can grow
+  // but never shrink under a mapping (EPERM otherwise, which names the
+  // choices below). Holes can still be punched unless F_SEAL_FUTURE_WRITE
+  // or F_SEAL_WRITE is there too (see the contract above).
+  shrink,
   // The file already carries F_SEAL_SHRINK and F_SEAL_WRITE or
   // F_SEAL_FUTURE_WRITE (so the source is read-only); EPERM otherwise.
   require,
@@ -61,6 +69,13 @@ enum class FileSeal {
   // keeps the fd's writability; from then on nobody can shrink the file,
   // punch holes in it or map it writable anew.
   apply,
+  // Opt in to a file that may shrink (unsealed memfds, tmpfs and hugetlbfs
+  // files that cannot be sealed): every copy the library makes of it is
+  // guarded (a truncated page gives EFAULT, never SIGBUS), host_segments
+  // reports its memory as not safe for plain loads and stores, and a
+  // truncation watched by the memory monitor becomes an invalidation
+  // (InvalidationCause::truncate, iomm/memory_monitor.hpp).
+  allow_shrink,
 };
 
 class IOMM_API MemorySource {
@@ -70,7 +85,7 @@ class IOMM_API MemorySource {
   // is EPERM). A hugetlb range may start and end at any 4 KiB boundary: its
   // pins cover and charge whole huge pages.
   static Result<MemorySource> from_file(int fd, uint64_t offset, uint64_t length,
-                                        FileSeal seal = FileSeal::none);
+                                        FileSeal seal = FileSeal::shrink);
   // A range of this process's virtual memory. Nothing is checked until it is
   // pinned: an unmapped address fails then, with EFAULT.
   // - Keep it mapped while it is mapped in an IOAS. Unmapped or protected

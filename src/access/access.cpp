@@ -90,6 +90,9 @@ Status check_covered(const IoasState& st, const IovaRange& r, uint32_t need,
     if (a->state == AreaState::removing) return Error(EINVAL, "range is being unmapped");
     if (a->host_invalid) return Error(EBUSY, "the host address of the range is being updated");
     if (a->state != AreaState::live) break;
+    if (out != nullptr && a->demand != nullptr) {
+      return Error(EINVAL, "an on-demand mapping cannot be pinned");
+    }
     if ((a->prot & need) != need) return Error(EPERM, "mapping does not allow this access");
     if (a->source.object()->synthetic()) {
       if (out == nullptr) return Error(ENXIO, "no memory behind a simulated mapping");

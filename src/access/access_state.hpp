@@ -12,6 +12,7 @@
 
 #include "ioas/area.hpp"
 #include "iomm/access.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::ioas {
 struct IoasState;
@@ -37,15 +38,15 @@ struct AccessState {
   const std::shared_ptr<Ioas> ioas;
   const UnmapCallback on_unmap;
 
-  mutable std::mutex mu;
+  mutable sync::RankedMutex mu{sync::LockRank::access_pins, "AccessState::mu"};
   std::multimap<uint64_t, PinRecord> pins;  // by iova; guarded by mu
   uint64_t pinned_bytes = 0;                // guarded by mu
   // Pins past their checks but not yet recorded: an unmap must call us.
   std::atomic<uint32_t> pins_in_flight{0};
 
   // Callbacks running now; raised under the IOAS's accesses_mu.
-  std::mutex callback_mu;
-  std::condition_variable callback_done;
+  sync::RankedMutex callback_mu{sync::LockRank::access_callback, "AccessState::callback_mu"};
+  sync::CondVar callback_done;
   uint32_t callbacks_running = 0;  // guarded by callback_mu
 
   // Per-page pins (pin_pages): a reference count per IOVA page, in chunks
@@ -65,7 +66,7 @@ struct AccessState {
       return true;
     }
   };
-  mutable std::mutex page_mu;
+  mutable sync::RankedMutex page_mu{sync::LockRank::access_pages, "AccessState::page_mu"};
   std::map<uint64_t, PageChunk> page_chunks;  // guarded by page_mu
   std::atomic<uint64_t> page_pins{0};         // pages with a non-zero count
 

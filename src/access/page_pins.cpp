@@ -172,6 +172,8 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
           bad = Error(EINVAL, "range is being unmapped");
         } else if (a->host_invalid) {
           bad = Error(EBUSY, "the host address of the range is being updated");
+        } else if (a->demand != nullptr) {
+          bad = Error(EINVAL, "an on-demand mapping cannot be pinned");
         } else if ((a->prot & prot) != prot) {
           bad = Error(EPERM, "mapping does not allow this access");
         } else if (a->source.object()->synthetic()) {

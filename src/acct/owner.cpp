@@ -19,6 +19,7 @@
 
 #include "core/check.hpp"
 #include "fault/inject.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::acct {
 
@@ -35,7 +36,7 @@ Error error_of(int code, const char* message) noexcept {
 }
 
 struct Ledger {
-  std::mutex mu;
+  sync::RankedMutex mu{sync::LockRank::owner_ledger, "acct owner ledger mu"};
   // (mode, id, start time of a per_process owner; 0 for per_user)
   std::map<std::tuple<AccountMode, int, uint64_t>, std::shared_ptr<Owner>> owners;
 };

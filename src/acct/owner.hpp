@@ -26,6 +26,7 @@
 #include "iomm/range.hpp"
 #include "iomm/result.hpp"
 #include "stats/shared_counters.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::acct {
 
@@ -76,9 +77,10 @@ class Owner {
   static constexpr uint64_t kUnlimited = UINT64_MAX;
   const AccountMode mode_;
   const int id_;
-  const ProcessId process_;       // per_process: the owner itself
-  mutable std::mutex source_mu_;  // a leaf
-  ProcessId limit_source_;        // guarded by source_mu_
+  const ProcessId process_;  // per_process: the owner itself
+  mutable sync::RankedMutex source_mu_{sync::LockRank::owner_source,
+                                       "acct::Owner::source_mu_"};  // a leaf
+  ProcessId limit_source_;                                          // guarded by source_mu_
   // The source's RLIMIT_MEMLOCK in pages when last read (kUnlimited for
   // none), used once it has exited; guarded by source_mu_.
   mutable std::optional<uint64_t> last_rlimit_;

@@ -169,7 +169,7 @@ Dma& Container::record(uint64_t iova) {
   return it->second;
 }
 
-Result<bool> Container::wait_for_unmap(std::unique_lock<std::mutex>& lk, uint64_t first,
+Result<bool> Container::wait_for_unmap(std::unique_lock<sync::RankedMutex>& lk, uint64_t first,
                                        uint64_t last) {
   std::thread::id holder{};
   auto it = dmas.upper_bound(first);

@@ -38,6 +38,7 @@
 #include "iomm/ioas.hpp"
 #include "iomm/result.hpp"
 #include "iomm/vfio_compat.h"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::compat {
 
@@ -66,7 +67,7 @@ class UnmapNotifier {
   void stop() noexcept;
 
  private:
-  std::shared_mutex mu_;
+  sync::RankedSharedMutex mu_{sync::LockRank::compat_unmap_notifier, "UnmapNotifier::mu_"};
   bool live_ = true;  // mu_
   const iomm_vfio_dma_unmap_fn fn_;
   void* const opaque_;
@@ -78,7 +79,8 @@ class Container;
 
 struct iomm_vfio_group {
   bool mediated = false;
-  std::mutex link_mu;
+  iomm::sync::RankedMutex link_mu{iomm::sync::LockRank::compat_group_link,
+                                  "iomm_vfio_group::link_mu"};
   // Set at creation; cleared by closing the container (under its mu).
   iomm::compat::Container* container = nullptr;  // link_mu
   // software
@@ -133,7 +135,7 @@ class Container {
   void enter() noexcept;
   void leave() noexcept;
 
-  std::mutex mu;
+  sync::RankedMutex mu{sync::LockRank::compat_container, "compat::Container::mu"};
   bool iommu_set = false;  // mu
   std::atomic<bool> v2{false};
   std::atomic<uint32_t> vaddr_invalid{0};
@@ -159,9 +161,10 @@ class Container {
   // released) until an unmap finishes and return true: the caller starts
   // over. EDEADLOCK instead if that unmap is this thread's, or waits for it
   // through other waiting unmaps (callbacks reaching each other's victims).
-  Result<bool> wait_for_unmap(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last);
+  Result<bool> wait_for_unmap(std::unique_lock<sync::RankedMutex>& lk, uint64_t first,
+                              uint64_t last);
 
-  std::condition_variable unmap_done_;  // with mu: an unmap finished
+  sync::CondVar unmap_done_;  // with mu: an unmap finished
   // A thread waiting in wait_for_unmap for another's unmap: a node on the
   // waiter's stack (so waiting allocates nothing), with the unmapping
   // thread it waits for.
@@ -171,8 +174,8 @@ class Container {
     UnmapWaiter* next;
   };
   UnmapWaiter* waiters_ = nullptr;  // mu
-  std::mutex calls_mu_;
-  std::condition_variable calls_done_;
+  sync::RankedMutex calls_mu_{sync::LockRank::compat_calls, "Container::calls_mu_"};
+  sync::CondVar calls_done_;
   uint64_t calls_ = 0;  // calls_mu_
 };
 

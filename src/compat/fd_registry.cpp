@@ -56,7 +56,8 @@ std::optional<Result<MemorySource>> FdRegistry::source(uint64_t dev, uint64_t in
   std::lock_guard lk(mu_);
   auto it = fds_.find({dev, ino});
   if (it == fds_.end()) return std::nullopt;
-  return MemorySource::from_file(it->second, offset, size);
+  // As vaddr.cpp: type1 accepts files that may shrink.
+  return MemorySource::from_file(it->second, offset, size, FileSeal::allow_shrink);
 }
 
 }  // namespace iomm::compat

@@ -23,6 +23,7 @@
 
 #include "iomm/result.hpp"
 #include "iomm/source.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::compat {
 
@@ -44,7 +45,7 @@ class FdRegistry {
                                                            uint64_t offset, uint64_t size) const;
 
  private:
-  mutable std::mutex mu_;
+  mutable sync::RankedMutex mu_{sync::LockRank::compat_fd_registry, "FdRegistry::mu_"};
   std::map<std::pair<uint64_t, uint64_t>, int> fds_;  // (dev, ino) -> our duplicate
 };
 

@@ -123,7 +123,9 @@ Result<MemorySource> resolve_vaddr(const FdRegistry& fds, uint64_t vaddr, uint64
   }
   struct stat st {};
   const bool same = ::fstat(fd, &st) == 0 && st.st_ino == vma.ino;
-  auto source = MemorySource::from_file(fd, offset, size);
+  // Type1 pins whatever file the kernel can pin, sealed or not: the layer
+  // opts in to files that may shrink (its copies are guarded).
+  auto source = MemorySource::from_file(fd, offset, size, FileSeal::allow_shrink);
   ::close(fd);
   if (!source.ok()) return source.error();
   if (!same) return Error(EFAULT, "the mapping at vaddr changed while it was resolved");

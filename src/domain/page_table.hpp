@@ -32,6 +32,7 @@
 #include "domain/iotlb.hpp"
 #include "iomm/result.hpp"
 #include "mem/host_access.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::domain {
 
@@ -146,7 +147,8 @@ class PageTable {
   // Held shared by map() and unmap() while they change entries; exclusively
   // to unlink emptied tables and to free retired ones (lock order:
   // docs/design.md).
-  std::shared_mutex structure_mu_;
+  sync::RankedSharedMutex structure_mu_{sync::LockRank::page_table_structure,
+                                        "PageTable::structure_mu_"};
   // Retired tables, newest first, linked through their own entries (entry 0:
   // the next table, entry 1: the retirement sequence shifted left by one).
   // Neither value has kPresent set, so a reader still inside a retired table

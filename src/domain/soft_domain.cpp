@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <new>
+#include <optional>
 
 #include "domain/page_table.hpp"
 #include "domain/soft_domain_impl.hpp"
@@ -144,8 +145,8 @@ bool copy_to_host(const HostSegments::Segment& segment, const std::byte* buf) no
 // host_memory fault at the IOVA of the failing segment.
 template <typename CopyFn>
 Status transfer(const DomainConfig& config, const domain::PageTable& table,
-                domain::FaultLog& faults, uint64_t iova, size_t length, uint32_t access,
-                dirty::DirtyLog* dirty_log, CopyFn copy) {
+                domain::FaultLog& faults, domain::MissResolver* resolver, uint64_t iova,
+                size_t length, uint32_t access, dirty::DirtyLog* dirty_log, CopyFn copy) {
   if (length == 0) return {};
   if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
 
@@ -154,12 +155,18 @@ Status transfer(const DomainConfig& config, const domain::PageTable& table,
   bool simulated = false;
   uint64_t position = iova;
   uint64_t left = length;
+  // A miss is resolved at most once per position (position only grows).
+  std::optional<uint64_t> resolved_at;
   while (true) {
     if (!inside_aperture(config, position)) {
       return record_fault(faults, position, access, FaultReason::outside_aperture);
     }
     domain::Leaf leaf;
     if (!table.lookup_run(position, left, &leaf)) {
+      if (resolver != nullptr && resolved_at != position && resolver->resolve(position)) {
+        resolved_at = position;
+        continue;
+      }
       return record_fault(faults, position, access, FaultReason::not_present);
     }
     if ((leaf.prot & access) != access) {
@@ -266,12 +273,18 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
     // The walk needs a read-side section (an unmap frees the tables it
     // empties after a grace period); the caller's, when it holds one, is
     // enough. The leaf is copied out; the memory behind it stays valid only
-    // under the caller's guard.
+    // under the caller's guard. A miss in an on-demand mapping asks the
+    // resolver to translate it again if its memory is back.
+    const auto walk = [&] {
+      if (table.lookup(iova, &leaf)) return true;
+      domain::MissResolver* resolver = impl_->resolver.load(std::memory_order_acquire);
+      return resolver != nullptr && resolver->resolve(iova) && table.lookup(iova, &leaf);
+    };
     if (sync::in_read_section()) {
-      present = table.lookup(iova, &leaf);
+      present = walk();
     } else {
-      const RcuReadGuard walk;
-      present = table.lookup(iova, &leaf);
+      const RcuReadGuard walk_guard;
+      present = walk();
     }
     if (present && cached) domain::Iotlb::fill(iova, generation, leaf);
   }
@@ -294,8 +307,10 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
 
 Status SoftDomain::dma_read(uint64_t iova, void* buf, size_t length) {
   auto* destination = static_cast<std::byte*>(buf);
-  return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtRead,
-                  nullptr, [destination](const HostSegments::Segment& segment, size_t offset) {
+  const RcuReadGuard guard;  // keeps the resolver's IOAS alive
+  return transfer(impl_->config, *impl_->page_table, impl_->faults,
+                  impl_->resolver.load(std::memory_order_acquire), iova, length, kProtRead, nullptr,
+                  [destination](const HostSegments::Segment& segment, size_t offset) {
                     return copy_from_host(segment, destination + offset);
                   });
 }
@@ -305,7 +320,8 @@ Status SoftDomain::dma_write(uint64_t iova, const void* buf, size_t length) {
   // The guard spans the dirty mark and the copy, so a detach (which clears
   // dirty_log, then waits for readers) never leaves us a stale log.
   const RcuReadGuard guard;
-  return transfer(impl_->config, *impl_->page_table, impl_->faults, iova, length, kProtWrite,
+  return transfer(impl_->config, *impl_->page_table, impl_->faults,
+                  impl_->resolver.load(std::memory_order_acquire), iova, length, kProtWrite,
                   impl_->dirty_log.load(std::memory_order_acquire),
                   [source](const HostSegments::Segment& segment, size_t offset) {
                     return copy_to_host(segment, source + offset);

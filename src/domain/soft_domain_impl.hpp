@@ -13,6 +13,7 @@
 #include "dirty/dirty_log.hpp"
 #include "domain/page_table.hpp"
 #include "iomm/domain.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::domain {
 
@@ -34,13 +35,26 @@ class FaultLog {
   }
 
  private:
-  std::mutex mutex_;
+  sync::RankedMutex mutex_{sync::LockRank::fault_log, "FaultLog::mutex_"};
   std::unique_ptr<IommuFault[]> ring_;
   size_t capacity_;
   size_t head_ = 0;  // index of the oldest entry
   size_t size_ = 0;
   std::atomic<uint64_t> total_{0};
   std::atomic<uint64_t> dropped_{0};
+};
+
+// What a domain asks when a DMA or translate finds an IOVA not present: the
+// IOAS it is attached to may install the translation (on-demand mappings,
+// src/ioas/on_demand.hpp). Called inside the reader's RCU read section, so
+// it must not block on a lock held across a grace period. True when a
+// translation for iova may now be there (the reader looks again, once).
+class MissResolver {
+ public:
+  virtual bool resolve(uint64_t iova) noexcept = 0;
+
+ protected:
+  ~MissResolver() = default;
 };
 
 }  // namespace iomm::domain
@@ -62,6 +76,9 @@ struct SoftDomain::Impl {
   // The attached IOAS's dirty log: dma_write marks it (inside its RCU read
   // section); detach clears it before waiting for readers.
   std::atomic<dirty::DirtyLog*> dirty_log{nullptr};
+  // The attached IOAS's miss resolver: set at attach, cleared at detach
+  // before its grace period, like dirty_log.
+  std::atomic<domain::MissResolver*> resolver{nullptr};
 };
 
 }  // namespace iomm

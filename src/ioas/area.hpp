@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "acct/owner.hpp"
+#include "ioas/on_demand.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/range.hpp"
 #include "iomm/source.hpp"
@@ -21,14 +22,23 @@ enum class AreaState {
 };
 
 struct Area {
-  Area(IovaRange r, MemorySource s, uint32_t p, std::shared_ptr<acct::Owner> o)
-      : range(r), source(std::move(s)), prot(p), owner(std::move(o)) {}
+  // on_demand: allocates the OnDemand record (std::bad_alloc).
+  Area(IovaRange r, MemorySource s, uint32_t p, std::shared_ptr<acct::Owner> o,
+       bool on_demand = false)
+      : range(r),
+        source(std::move(s)),
+        prot(p),
+        owner(std::move(o)),
+        demand(on_demand ? std::make_unique<OnDemand>() : nullptr) {}
 
   const IovaRange range;
   const MemorySource source;  // source.length() == range length
   const uint32_t prot;
   // Who pays for its pins; nullptr when uncharged (mode none, CAP_IPC_LOCK).
   const std::shared_ptr<acct::Owner> owner;
+  // Set for an on-demand mapping (Ioas::map_on_demand): never pinned, never
+  // charged (owner is null); its translations follow a notifier instead.
+  const std::unique_ptr<OnDemand> demand;
 
   // Written under the IOAS tree lock held exclusively.
   AreaState state = AreaState::filling;
@@ -56,12 +66,14 @@ struct Area {
   [[nodiscard]] uint64_t backing_offset(uint64_t iova) const noexcept {
     return source.offset() + (iova - range.start);
   }
+  // The domains' pin; an on-demand area has none.
   Status pin_all() const {
+    if (demand != nullptr) return {};
     return source.object()->pin(owner.get(), source.offset(), source.length(),
                                 (prot & kProtWrite) != 0);
   }
   void unpin_all() const noexcept {
-    source.object()->unpin(owner.get(), source.offset(), source.length());
+    if (demand == nullptr) source.object()->unpin(owner.get(), source.offset(), source.length());
   }
 };
 

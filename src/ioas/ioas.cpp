@@ -25,7 +25,8 @@ namespace {
 
 struct Slice {
   MemorySource source;
-  std::shared_ptr<acct::Owner> owner;
+  std::shared_ptr<acct::Owner> owner;  // null for on-demand slices
+  bool on_demand = false;
 };
 
 std::string hex(uint64_t v) {
@@ -99,7 +100,7 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
     for (const Slice& s : slices) {
       if (IOMM_INJECT("ioas.alloc_area")) throw std::bad_alloc();
       auto area = std::make_shared<Area>(IovaRange{iova, iova + s.source.length() - 1}, s.source,
-                                         prot, s.owner);
+                                         prot, s.owner, s.on_demand);
       st.areas.emplace(iova, area);
       created.push_back(std::move(area));
       iova += s.source.length();
@@ -107,6 +108,15 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
   } catch (const std::bad_alloc&) {
     erase_areas(st, created);
     return Error(ENOMEM, "out of memory for the mapping");
+  }
+
+  // On-demand areas follow their source through a notifier from now on.
+  for (const auto& a : created) {
+    if (a->demand == nullptr) continue;
+    if (Status s = ioas::watch_on_demand(st, *a); !s) {
+      erase_areas(st, created);
+      return s.error();
+    }
   }
 
   std::shared_lock domains(st.domains_mu);
@@ -127,12 +137,19 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
       domain::PageTable& pt = domain::page_table_of(*st.domains[domains_done]);
       for (areas_in_last = 0; areas_in_last < created.size() && result; ++areas_in_last) {
         const Area& a = *created[areas_in_last];
+        if (a.demand != nullptr) continue;  // filled below, if its memory is there
         result = pt.map(a.range.start, backing_address(a.source), a.length(), prot,
                         a.source.object()->host_access());
       }
       if (!result) {
         --areas_in_last;
         break;
+      }
+    }
+    for (size_t i = 0; result && i < created.size(); ++i) {
+      if (created[i]->demand != nullptr &&
+          ioas::fill_on_demand(st, *created[i], nullptr, true) == ioas::Fill::failed) {
+        result = Error(ENOMEM, "out of memory for the page table");
       }
     }
     if (!result) {
@@ -156,7 +173,8 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
   {
     std::unique_lock tree(st.tree_mu);
     for (const auto& a : created) {
-      a->domain_pinned.store(!st.domains.empty(), std::memory_order_relaxed);
+      a->domain_pinned.store(!st.domains.empty() && a->demand == nullptr,
+                             std::memory_order_relaxed);
       a->state = AreaState::live;
     }
     st.mapped_bytes += total;
@@ -289,6 +307,28 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
                                 "flight past the unmap's wait");
   }
 
+  // Interval notifiers over the victims hear of it before any translation
+  // goes (each contiguous run once); their invalidation ends after the
+  // areas are erased, so a read_begin meanwhile waits and then finds the
+  // range unmapped.
+  notify::Window window(st.notifiers);
+  for (const Area* run = victims.head; run != nullptr;) {
+    IovaRange span = run->range;
+    const Area* next = run->next_victim;
+    for (; next != nullptr && span.last != UINT64_MAX && next->range.start == span.last + 1;
+         next = next->next_victim) {
+      span.last = next->range.last;
+    }
+    window.deliver(span, InvalidationCause::unmap);
+    run = next;
+  }
+
+  // On-demand areas stop following their source (waiting for a callback
+  // that is dropping their translations right now).
+  victims.each([](Area& a) {
+    if (a.demand != nullptr) a.demand->watch.reset();
+  });
+
   // Teardown order: translations out of every domain, wait for lock-free
   // readers, release the pages (and with them the charge).
   {
@@ -406,6 +446,24 @@ Result<uint64_t> Ioas::map_as(const MemorySource& source, uint32_t prot,
   return insert_and_fill(*state_, slices, prot, iova);
 }
 
+Result<uint64_t> Ioas::map_on_demand(const MemorySource& source, uint32_t prot,
+                                     std::optional<uint64_t> iova) {
+  if ((iova && *iova == UINT64_MAX) || source.length() == UINT64_MAX) {
+    return Error(EOVERFLOW, "iova or length too large");
+  }
+  if (Status s = check_prot(prot); !s) return s.error();
+  if ((prot & kProtWrite) != 0 && !source.writable()) {
+    return Error(EPERM, "write access requested on a read-only source");
+  }
+  std::vector<Slice> slices;
+  try {
+    slices.push_back({source, nullptr, true});
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  return insert_and_fill(*state_, slices, prot, iova);
+}
+
 Result<uint64_t> Ioas::unmap(uint64_t iova, uint64_t length) {
   auto bytes = unmap_range_allow_empty(iova, length);
   if (bytes.ok() && *bytes == 0) return Error(ENOENT, "nothing is mapped in the range");
@@ -450,7 +508,8 @@ Result<uint64_t> Ioas::copy_from(Ioas& src, uint64_t src_iova, uint64_t length, 
       }
       const uint64_t last = std::min(a.range.last, range->last);
       if (IOMM_INJECT("ioas.alloc_copy")) throw std::bad_alloc();
-      slices.push_back({a.source.slice(pos - a.range.start, last - pos + 1), a.owner});
+      slices.push_back(
+          {a.source.slice(pos - a.range.start, last - pos + 1), a.owner, a.demand != nullptr});
       if (last == range->last) {
         covered = true;
         break;

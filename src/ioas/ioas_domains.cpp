@@ -98,10 +98,17 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     }
   }
   for (; result && mapped < live.size(); ++mapped) {
-    const Area& a = *live[mapped];
-    result = domain::page_table_of(*domain).map(
-        a.range.start, a.source.object()->dma_address(a.source.offset()), a.length(), a.prot,
-        a.source.object()->host_access());
+    Area& a = *live[mapped];
+    if (a.demand != nullptr) {
+      if (ioas::fill_on_demand(st, a, &domain::page_table_of(*domain), true) == ioas::Fill::failed) {
+        result = Error(ENOMEM, "out of memory for the page table");
+        break;
+      }
+      continue;
+    }
+    result =
+        domain::page_table_of(*domain).map(a.range.start, a.source.object()->dma_address(a.source.offset()),
+                                 a.length(), a.prot, a.source.object()->host_access());
     if (!result) break;
   }
   if (result) {
@@ -126,9 +133,10 @@ Status Ioas::attach(const std::shared_ptr<SoftDomain>& domain) {
     return result;
   }
   if (first) {
-    for (const auto& a : live) a->domain_pinned.store(true);
+    for (const auto& a : live) a->domain_pinned.store(a->demand == nullptr);
   }
   domain->impl_->dirty_log.store(&st.dirty, std::memory_order_release);
+  domain->impl_->resolver.store(&st.resolver, std::memory_order_release);
   return {};
 }
 
@@ -145,6 +153,7 @@ Status Ioas::detach(const std::shared_ptr<SoftDomain>& domain) {
       domain::page_table_of(*domain).unmap(start, a->length());
   }
   domain->impl_->dirty_log.store(nullptr, std::memory_order_release);
+  domain->impl_->resolver.store(nullptr, std::memory_order_release);
   ioas::wait_for_readers(std::span(&domain, 1));
   if (st.domains.empty()) {
     std::shared_lock tree(st.tree_mu);

@@ -12,6 +12,7 @@
 #include "fault/inject.hpp"
 #include "ioas/ioas_state.hpp"
 #include "iomm/ioas.hpp"
+#include "notify/registry.hpp"
 #include "sync/rcu.hpp"
 
 namespace iomm {
@@ -75,19 +76,39 @@ Result<uint64_t> Ioas::invalidate_host(uint64_t iova, uint64_t length) {
   const auto r = make_range(iova, length);
   if (!r) return Error(EOVERFLOW, "iova + length wraps");
   IoasState& st = *state_;
-  std::unique_lock tree(st.tree_mu);
+  // The contiguous runs of invalidated mappings, for the notifiers.
+  std::vector<IovaRange> runs;
   uint64_t bytes = 0;
-  for (auto it = st.first_overlap(*r); it != st.areas.end() && it->first <= r->last; ++it) {
-    const Area& a = *it->second;
-    if (!r->contains(a.range)) return Error(ENOENT, "the range cuts a mapping");
-    if (a.state != AreaState::live) return Error(EBUSY, "a mapping is being created or removed");
-    if (a.host_invalid) return Error(EINVAL, "a mapping's host address is already invalid");
+  {
+    std::unique_lock tree(st.tree_mu);
+    try {
+      for (auto it = st.first_overlap(*r); it != st.areas.end() && it->first <= r->last; ++it) {
+        const Area& a = *it->second;
+        if (!r->contains(a.range)) return Error(ENOENT, "the range cuts a mapping");
+        if (a.state != AreaState::live) {
+          return Error(EBUSY, "a mapping is being created or removed");
+        }
+        if (a.host_invalid) return Error(EINVAL, "a mapping's host address is already invalid");
+        if (IOMM_INJECT("ioas.alloc_host_runs")) throw std::bad_alloc();
+        if (!runs.empty() && runs.back().last != UINT64_MAX &&
+            runs.back().last + 1 == a.range.start) {
+          runs.back().last = a.range.last;
+        } else {
+          runs.push_back(a.range);
+        }
+      }
+    } catch (const std::bad_alloc&) {
+      return Error(ENOMEM, "out of memory");
+    }
+    for (auto it = st.first_overlap(*r); it != st.areas.end() && it->first <= r->last; ++it) {
+      it->second->host_invalid = true;
+      ++st.host_invalid_areas;
+      bytes += it->second->length();
+    }
   }
-  for (auto it = st.first_overlap(*r); it != st.areas.end() && it->first <= r->last; ++it) {
-    it->second->host_invalid = true;
-    ++st.host_invalid_areas;
-    bytes += it->second->length();
-  }
+  // host_segments now fails with EBUSY: tell whoever kept host addresses.
+  notify::Window window(st.notifiers);
+  for (const IovaRange& run : runs) window.deliver(run, InvalidationCause::host_invalidate);
   return bytes;
 }
 
@@ -111,6 +132,7 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
     old = it->second;
     if (old->state != AreaState::live) return Error(EBUSY, "the mapping is being removed");
     if (!old->host_invalid) return Error(EINVAL, "the mapping's host address is valid");
+    if (old->demand != nullptr) return Error(EINVAL, "an on-demand mapping cannot be replaced");
     if (old->length() != source.length()) return Error(EINVAL, "length differs from the mapping");
     // As map() requires: domains and accesses rely on every area's backing
     // address fitting the IOAS's alignment.
@@ -142,6 +164,10 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
     restore();
     return Error(ENOMEM, "out of memory");
   }
+  // No notifier event here: invalidate_host delivered host_invalidate for
+  // this range, and host_segments has refused it (EBUSY) since, so no
+  // consumer holds its host addresses; readers of the domains' translations
+  // are waited for by the grace period below.
   const bool pinned = old->domain_pinned.load();
   const uint64_t old_addr = old->source.object()->dma_address(old->source.offset());
   const uint64_t new_addr = source.object()->dma_address(source.offset());

@@ -16,7 +16,10 @@
 #include "domain/page_table.hpp"
 #include "domain/soft_domain_impl.hpp"
 #include "ioas/area.hpp"
+#include "ioas/on_demand.hpp"
 #include "iomm/ioas.hpp"
+#include "notify/registry.hpp"
+#include "sync/ranked_mutex.hpp"
 #include "sync/rcu.hpp"
 
 namespace iomm::access {
@@ -45,14 +48,14 @@ struct IoasState {
 
   const IoasOptions options;
 
-  mutable std::shared_mutex tree_mu;
+  mutable sync::RankedSharedMutex tree_mu{sync::LockRank::ioas_tree, "IoasState::tree_mu"};
   std::map<uint64_t, std::shared_ptr<Area>> areas;  // by range.start
   std::vector<Reservation> reserved;                // sorted by range.start
   std::vector<IovaRange> allowed;                   // sorted, disjoint
   uint64_t mapped_bytes = 0;
   uint64_t access_count = 0;  // accesses attached (they need page alignment)
 
-  mutable std::shared_mutex domains_mu;
+  mutable sync::RankedSharedMutex domains_mu{sync::LockRank::ioas_domains, "IoasState::domains_mu"};
   std::vector<std::shared_ptr<SoftDomain>> domains;  // guarded by domains_mu
   // Domains outside iomm (src/ioas/external.hpp) and their page sizes;
   // guarded by domains_mu.
@@ -62,13 +65,13 @@ struct IoasState {
   };
   std::vector<ExternalSlot> external;
 
-  mutable std::mutex accesses_mu;
+  mutable sync::RankedMutex accesses_mu{sync::LockRank::ioas_accesses, "IoasState::accesses_mu"};
   std::vector<access::AccessState*> accesses;  // guarded by accesses_mu
 
   // Access pins leaving flight (Area::pins_in_flight falling) bump
   // flight_exits and wake unmaps waiting for them. flight_mu is a leaf.
-  std::mutex flight_mu;
-  std::condition_variable flight_changed;
+  sync::RankedMutex flight_mu{sync::LockRank::ioas_flight, "IoasState::flight_mu"};
+  sync::CondVar flight_changed;
   uint64_t flight_exits = 0;  // guarded by flight_mu
   void note_flight_exit() noexcept {
     {
@@ -81,6 +84,11 @@ struct IoasState {
     std::lock_guard lk(flight_mu);
     return flight_exits;
   }
+
+  // Interval notifiers over IOVA ranges (IntervalNotifier::watch_iova).
+  notify::Registry notifiers;
+  // Fills on-demand areas on a domain's DMA miss (set in attached domains).
+  OnDemandResolver resolver{*this};
 
   // Pages written through the domains' DMA and through accesses, while
   // dirty tracking is on (Ioas::set_dirty_tracking). Domains reach it through

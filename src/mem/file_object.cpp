@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -21,6 +22,7 @@
 #include "mem/populate.hpp"
 #include "mem/safe_copy.hpp"
 #include "mem/sys.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::mem {
 
@@ -29,7 +31,7 @@ namespace {
 constexpr uint64_t kWindowAlign = 1ULL << 30;
 
 struct FileRegistry {
-  std::mutex mu;
+  sync::RankedMutex mu{sync::LockRank::file_registry, "file registry mu"};
   std::map<std::pair<dev_t, ino_t>, std::weak_ptr<FileObject>> files;
 };
 
@@ -98,6 +100,12 @@ Result<FileObject::Range> FileObject::for_range(int fd, uint64_t offset, uint64_
   // EINVAL: they carry no seals.
   const int seals = std::max(fcntl(fd, F_GET_SEALS), 0);
   constexpr int kWriteSeals = F_SEAL_WRITE | F_SEAL_FUTURE_WRITE;
+  if (seal == FileSeal::shrink && (seals & F_SEAL_SHRINK) == 0) {
+    return Error(EPERM,
+                 "the file is not sealed with F_SEAL_SHRINK, so it could shrink under the "
+                 "library's mapping; seal it (memfd_create with MFD_ALLOW_SEALING, then "
+                 "F_ADD_SEALS), ask for FileSeal::apply, or opt in with FileSeal::allow_shrink");
+  }
   if (seal == FileSeal::require && ((seals & F_SEAL_SHRINK) == 0 || (seals & kWriteSeals) == 0)) {
     return Error(EPERM,
                  "the file does not carry F_SEAL_SHRINK and F_SEAL_WRITE or F_SEAL_FUTURE_WRITE, "
@@ -322,6 +330,30 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
     return Error(ENOMEM, std::string("mlock failed: ") + errno_text(err));
   }
   return {};
+}
+
+int64_t FileObject::file_size() const noexcept {
+  std::shared_lock window(window_mu_);
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return -1;
+  return st.st_size;
+}
+
+int FileObject::add_inotify_watch(int inotify_fd, uint32_t mask) const noexcept {
+  std::shared_lock window(window_mu_);
+  char path[32];
+  std::snprintf(path, sizeof(path), "/proc/self/fd/%d", fd_);
+  return inotify_add_watch(inotify_fd, path, mask);
+}
+
+bool FileObject::present(uint64_t offset, uint64_t length) const noexcept {
+  uint64_t end = 0;
+  if (__builtin_add_overflow(offset, length, &end)) return false;
+  struct stat st {};
+  std::shared_lock window(window_mu_);
+  if (end > mapped_) return false;
+  // Not an injection site: a failed probe is "absent", not an error path.
+  return ::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) >= end;
 }
 
 bool FileObject::copy_out(uint64_t offset, void* buf, size_t n) const noexcept {

@@ -28,6 +28,7 @@
 
 #include "iomm/source.hpp"
 #include "mem/mem_object.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::mem {
 
@@ -52,8 +53,15 @@ class FileObject final : public MemObject {
   }
   // Through our own mapping; a truncated file raises SIGBUS, which
   // safe_copy turns into false.
+  // The file is at least offset + length long (fstat of our duplicate).
+  [[nodiscard]] bool present(uint64_t offset, uint64_t length) const noexcept override;
   bool copy_out(uint64_t offset, void* buf, size_t n) const noexcept override;
   bool copy_in(uint64_t offset, const void* buf, size_t n) const noexcept override;
+  // The file's size now (fstat of the object's own fd); -1 on failure.
+  [[nodiscard]] int64_t file_size() const noexcept;
+  // inotify_add_watch of the file for `mask`, through the object's own fd:
+  // the watch descriptor, or -1 with errno.
+  int add_inotify_watch(int inotify_fd, uint32_t mask) const noexcept;
   // 4 KiB pages found missing from the file when their last pin was
   // released: pages someone discarded (FALLOC_FL_PUNCH_HOLE) while they were
   // pinned and charged.
@@ -83,7 +91,7 @@ class FileObject final : public MemObject {
   const ino_t ino_;
   std::byte* const base_;
   const uint64_t window_;
-  mutable std::shared_mutex window_mu_;
+  mutable sync::RankedSharedMutex window_mu_{sync::LockRank::file_window, "FileObject::window_mu_"};
   int fd_;           // window_mu_; our own duplicate, read-write once the window is
   uint64_t mapped_;  // window_mu_
   bool writable_;    // window_mu_

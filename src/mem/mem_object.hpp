@@ -21,6 +21,8 @@
 #include "iomm/source.hpp"
 #include "mem/host_access.hpp"
 #include "mem/interval_counts.hpp"
+#include "notify/registry.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::acct {
 class Owner;
@@ -51,6 +53,10 @@ class MemObject {
   // Whether pins charge their owner. Device memory is not, as type1 never
   // charges MMIO.
   [[nodiscard]] virtual bool charged() const noexcept { return true; }
+  // Whether [offset, offset + length) is there to be reached without a pin
+  // (on-demand mappings): mapped user memory, or a file at least that long.
+  // A probe with no side effect; false on doubt.
+  [[nodiscard]] virtual bool present(uint64_t offset, uint64_t length) const noexcept = 0;
 
   // Copy between buf and [offset, offset + n) of the object, for accesses'
   // read and write (no pin needed). False if the memory is not there (a
@@ -65,6 +71,10 @@ class MemObject {
   Status pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool write);
   // Drop one pin taken by pin() with the same arguments. Never fails.
   void unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept;
+
+  // Interval notifiers over this object's offsets (IntervalNotifier::
+  // watch_source from any source of it; notify::invalidate_source).
+  [[nodiscard]] notify::Registry& notifiers() const noexcept { return notifiers_; }
 
  protected:
   // Make granules [first, last] resident and locked. Called without the pin
@@ -88,17 +98,18 @@ class MemObject {
   size_t collect_runs(uint64_t op, uint64_t first, uint64_t last,
                       std::span<Range> runs) const noexcept;
   void finish_unlock(uint64_t op, uint64_t first, uint64_t last,
-                     std::unique_lock<std::mutex>& lk) noexcept;
+                     std::unique_lock<sync::RankedMutex>& lk) noexcept;
   void account_physical(uint64_t granules, bool pinned) const noexcept;
 
   const SourceKind kind_;
   const unsigned page_shift_;
 
-  std::mutex mu_;
-  std::condition_variable unpended_;
+  sync::RankedMutex mu_{sync::LockRank::pin_store, "MemObject::mu_"};
+  sync::CondVar unpended_;
   uint64_t next_op_ = 1;
   IntervalCounts physical_;
   std::map<acct::Owner*, IntervalCounts> charged_;
+  mutable notify::Registry notifiers_;
 };
 
 // The object for this process's virtual memory (page identity = address).

@@ -199,7 +199,7 @@ void MemObject::unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noex
 // Unlock, in batches and without mu_, every run this op took to zero, then
 // erase those segments. Enters and leaves with lk held; never allocates.
 void MemObject::finish_unlock(uint64_t op, uint64_t first, uint64_t last,
-                              std::unique_lock<std::mutex>& lk) noexcept {
+                              std::unique_lock<sync::RankedMutex>& lk) noexcept {
   for (;;) {
     std::array<Range, kRunBatch> runs{};
     const size_t n = collect_runs(op, first, last, runs);

@@ -19,6 +19,10 @@ class SimulatedObject final : public MemObject {
   [[nodiscard]] void* host(uint64_t /*offset*/) const noexcept override { return nullptr; }
   [[nodiscard]] HostAccess host_access() const noexcept override { return HostAccess::none; }
   // No memory to copy (callers report ENXIO before getting here).
+  // Nothing can take it away (and DMA to it is ENXIO anyway).
+  [[nodiscard]] bool present(uint64_t /*offset*/, uint64_t /*length*/) const noexcept override {
+    return true;
+  }
   bool copy_out(uint64_t /*offset*/, void* /*buf*/, size_t /*n*/) const noexcept override {
     return false;
   }

@@ -5,6 +5,9 @@
 // Not counted also means one munlock undoes the application's own mlock (or
 // mlockall) of the same pages. So before locking a run we note which of its
 // pages the kernel already holds locked, and unlocking skips them.
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <cstddef>
 #include <iterator>
 #include <map>
@@ -16,6 +19,7 @@
 #include "mem/mem_object.hpp"
 #include "mem/populate.hpp"
 #include "mem/vma_locks.hpp"
+#include "sync/ranked_mutex.hpp"
 
 namespace iomm::mem {
 
@@ -37,6 +41,22 @@ class UserObject final : public MemObject {
   // The addresses are whatever the caller named: they may be unmapped or
   // read-only by the time a device or an access copies.
   [[nodiscard]] HostAccess host_access() const noexcept override { return HostAccess::checked; }
+
+  // mincore fails with ENOMEM on any unmapped page of the range, and has
+  // no side effect: the cheapest "is it mapped" probe there is.
+  [[nodiscard]] bool present(uint64_t offset, uint64_t length) const noexcept override {
+    const uint64_t first = offset & ~(kPageSize - 1);
+    uint64_t end = 0;
+    if (__builtin_add_overflow(offset, length, &end)) return false;
+    constexpr uint64_t kPagesPerCall = 256;
+    unsigned char vec[kPagesPerCall];
+    for (uint64_t pos = first; pos < end;) {
+      const uint64_t n = std::min<uint64_t>(kPagesPerCall << kPageShift, end - pos);
+      if (::mincore(reinterpret_cast<void*>(pos), n, vec) != 0) return false;
+      pos += n;
+    }
+    return true;
+  }
 
   bool copy_out(uint64_t offset, void* buf, size_t n) const noexcept override {
     return checked_read(buf, offset, n);
@@ -147,7 +167,7 @@ class UserObject final : public MemObject {
     }
   }
 
-  std::mutex mu_;
+  sync::RankedMutex mu_{sync::LockRank::user_object, "UserObject::mu_"};
   // Runs of pages (first -> last) that were already locked by the
   // application when we locked them.
   std::map<uint64_t, uint64_t> application_locked_;

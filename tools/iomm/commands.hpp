@@ -16,7 +16,9 @@ struct DemoOptions {
   // Run the steps on this VFIO group (/dev/vfio/N) with the kernel's
   // container as a domain (demo_vfio.cpp); -1: software domains only.
   int vfio_group = -1;
-  // "guest" (demo.cpp) or "devmem" (demo_devmem.cpp).
+  // "guest" (demo.cpp: map, pin, DMA and unmap), "devmem"
+  // (demo_devmem.cpp) or "invalidation" (notifiers on real events and the
+  // ring cache: demo_invalidation.cpp).
   std::string scenario = "guest";
 };
 
@@ -28,6 +30,7 @@ struct StatOptions {
 int run_demo(const DemoOptions& options);
 int run_vfio_demo(const DemoOptions& options);
 int run_devmem_demo(const DemoOptions& options);
+int run_invalidation_demo();
 int run_stat(const StatOptions& options);
 
 }  // namespace iomm::cli

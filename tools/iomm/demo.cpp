@@ -2,6 +2,7 @@
 // setup (map, attach domains, alias, DMA, mediated access, unmap), showing
 // after each step what is pinned and charged and checking it against what the
 // library promises.
+#include <fcntl.h>
 #include <linux/capability.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -341,9 +342,10 @@ class Demo {
     const uint64_t limit = 2 * options_.size;
     must(set_memlock_limit(AccountMode::per_process, 0, limit), "set_memlock_limit");
 
-    memfd_ = Fd(memfd_create("iomm-demo-guest", MFD_CLOEXEC));
+    memfd_ = Fd(memfd_create("iomm-demo-guest", MFD_CLOEXEC | MFD_ALLOW_SEALING));
     if (memfd_.get() < 0) throw DemoFailure(std::string("memfd_create: ") + errno_text(errno));
     if (ftruncate(memfd_.get(), static_cast<off_t>(options_.size)) != 0 ||
+        fcntl(memfd_.get(), F_ADD_SEALS, F_SEAL_SHRINK) != 0 ||
         pwrite(memfd_.get(), kSignature.data(), kSignature.size(), 0) !=
             static_cast<ssize_t>(kSignature.size())) {
       throw DemoFailure(std::string("preparing the memfd: ") + errno_text(errno));
@@ -536,6 +538,8 @@ class Demo {
 }  // namespace
 
 int run_demo(const DemoOptions& options) {
+  if (options.scenario == "invalidation") return run_invalidation_demo();
+  if (options.scenario == "devmem") return run_devmem_demo(options);
   if (options.size < kMinSize || !is_aligned(options.size, kPageSize)) {
     std::fprintf(stderr, "iomm demo: --size must be a multiple of 4 KiB and at least %s\n",
                  format_bytes(kMinSize).c_str());

@@ -31,8 +31,9 @@ int run(int argc, char** argv) {
   demo_cmd
       ->add_option("--scenario", demo.scenario,
                    "guest: guest memory through map, pin and DMA; devmem: device memory faults, "
-                   "memory disable and P2P pool unbind")
-      ->check(CLI::IsMember({"guest", "devmem"}))
+                   "memory disable and P2P pool unbind; invalidation: notifiers on real "
+                   "events and the ring cache")
+      ->check(CLI::IsMember({"guest", "devmem", "invalidation"}))
       ->default_str("guest");
   // Hidden: lets `iomm stat` (and its tests) observe a live process.
   demo_cmd->add_option("--hold-seconds", demo.hold_seconds, "Pause before the final teardown")
@@ -46,7 +47,7 @@ int run(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
 
-  if (demo_cmd->parsed()) return demo.scenario == "devmem" ? run_devmem_demo(demo) : run_demo(demo);
+  if (demo_cmd->parsed()) return run_demo(demo);
   return run_stat(stat);
 }
 
