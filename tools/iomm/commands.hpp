@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace iomm::cli {
 
@@ -19,7 +20,16 @@ struct StatOptions {
   bool json = false;
 };
 
+struct VhostBlkOptions {
+  std::string socket;
+  std::string image;
+  bool read_only = false;
+  uint16_t num_queues = 1;
+  uint16_t queue_size = 256;
+};
+
 int run_demo(const DemoOptions& options);
+int run_vhost_blk(const VhostBlkOptions& options);
 int run_stat(const StatOptions& options);
 
 }  // namespace iomm::cli
