@@ -118,6 +118,8 @@ void BlkBackend::send_miss(const IotlbMissRequest& miss) {
     log("IOTLB miss at " + hex(miss.iova) + " but the front end gave no back-end channel");
     return;
   }
+  if (options_.trace) log("IOTLB miss at " + hex(miss.iova) + " perm " + std::to_string(miss.perm));
+  ++stats_.misses_sent;
   IotlbMsg m;
   m.iova = miss.iova;
   m.perm = miss.perm;
@@ -231,6 +233,7 @@ Status BlkBackend::on_iotlb(const Message& msg) {
   Status result;
   switch (m.type) {
     case kIotlbUpdate:
+      ++stats_.iotlb_updates;
       if (!table_) {
         result = Error(ENOENT, "no memory table");
         break;
@@ -238,6 +241,7 @@ Status BlkBackend::on_iotlb(const Message& msg) {
       result = iotlb_->update(*table_, m.iova, m.size, m.uaddr, m.perm);
       break;
     case kIotlbInvalidate:
+      ++stats_.iotlb_invalidations;
       result = iotlb_->invalidate(m.iova, m.size);
       break;
     default:
@@ -271,6 +275,19 @@ Status BlkBackend::on_get_config(const Message& msg) {
 
 Status BlkBackend::handle(Message& msg) {
   const auto req = static_cast<Request>(msg.header.request);
+  ++stats_.messages;
+  if (options_.trace) {
+    std::string line = std::string(request_name(msg.header.request)) + " size " +
+                       std::to_string(msg.payload.size()) + " fds " +
+                       std::to_string(msg.fds.size());
+    if (req == Request::iotlb_msg && msg.payload.size() == sizeof(IotlbMsg)) {
+      IotlbMsg m;
+      std::memcpy(&m, msg.payload.data(), sizeof(m));
+      line += " type " + std::to_string(m.type) + " iova " + hex(m.iova) + " size " + hex(m.size) +
+              " uaddr " + hex(m.uaddr) + " perm " + std::to_string(m.perm);
+    }
+    log(line);
+  }
   const bool carries_fds = req == Request::set_mem_table || req == Request::set_vring_kick ||
                            req == Request::set_vring_call || req == Request::set_vring_err ||
                            req == Request::set_backend_req_fd;
@@ -369,6 +386,21 @@ Status BlkBackend::handle(Message& msg) {
       return protocol_error(req, "request " + std::to_string(msg.header.request) +
                                      " is not supported by this back end");
   }
+}
+
+void BlkBackend::log_summary() const {
+  uint64_t completed = 0;
+  uint64_t errors = 0;
+  for (const Virtqueue& q : queues_) {
+    completed += q.stats().completed;
+    errors += q.stats().errors;
+  }
+  log("connection summary: features " + hex(features_) + ", protocol features " +
+      hex(protocol_features_) + ", " + std::to_string(stats_.messages) + " messages, " +
+      std::to_string(completed) + " requests (" + std::to_string(errors) + " failed), " +
+      std::to_string(stats_.iotlb_updates) + " IOTLB updates, " +
+      std::to_string(stats_.iotlb_invalidations) + " invalidations, " +
+      std::to_string(stats_.misses_sent) + " misses");
 }
 
 Status BlkBackend::run(int stop_fd) {

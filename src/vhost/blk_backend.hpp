@@ -42,6 +42,15 @@ struct BlkBackendOptions {
   // before the request fails.
   std::chrono::milliseconds miss_timeout{2000};
   LogFn log;  // empty: stderr
+  // Log every message and IOTLB miss (a protocol trace).
+  bool trace = false;
+};
+
+struct BlkBackendStats {
+  uint64_t messages = 0;
+  uint64_t iotlb_updates = 0;
+  uint64_t iotlb_invalidations = 0;
+  uint64_t misses_sent = 0;
 };
 
 class BlkBackend {
@@ -56,6 +65,10 @@ class BlkBackend {
   [[nodiscard]] const std::vector<Virtqueue>& queues() const noexcept { return queues_; }
   [[nodiscard]] const Iotlb* iotlb() const noexcept { return iotlb_ ? &*iotlb_ : nullptr; }
   [[nodiscard]] int socket() const noexcept { return sock_.get(); }
+  [[nodiscard]] const BlkBackendStats& stats() const noexcept { return stats_; }
+  // One log line: negotiated features, requests, IOTLB traffic.
+  void log_summary() const;
+  [[nodiscard]] uint64_t acked_features() const noexcept { return features_; }
   // The virtio-blk configuration space (struct virtio_blk_config).
   [[nodiscard]] std::vector<uint8_t> config_space() const;
 
@@ -85,6 +98,7 @@ class BlkBackend {
   std::optional<MemoryTable> table_;
   std::optional<Iotlb> iotlb_;
   std::vector<Virtqueue> queues_;
+  BlkBackendStats stats_;
 };
 
 }  // namespace iomm::vhost

@@ -75,6 +75,7 @@ Status BlkServer::serve(const BlkImage& image, const BlkBackendOptions& options,
     {
       BlkBackend backend(image, options, std::move(conn));
       end = backend.run(stop_fd);
+      backend.log_summary();
     }
     if (Status f = image.flush(); !f) log("flushing the image: " + f.error().describe());
     if (end.code() == ECANCELED) {

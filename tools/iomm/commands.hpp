@@ -26,6 +26,7 @@ struct VhostBlkOptions {
   bool read_only = false;
   uint16_t num_queues = 1;
   uint16_t queue_size = 256;
+  bool trace = false;
 };
 
 int run_demo(const DemoOptions& options);

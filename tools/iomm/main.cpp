@@ -45,6 +45,7 @@ int run(int argc, char** argv) {
   vhost_cmd->add_option("--queue-size", vhost.queue_size, "Largest virtqueue size")
       ->check(CLI::Range(1, 32768))
       ->default_str("256");
+  vhost_cmd->add_flag("--trace", vhost.trace, "Log every vhost-user message and IOTLB miss");
 
   CLI11_PARSE(app, argc, argv);
 

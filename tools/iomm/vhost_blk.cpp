@@ -58,6 +58,7 @@ int run_vhost_blk(const VhostBlkOptions& options) {
   BlkBackendOptions backend;
   backend.num_queues = options.num_queues;
   backend.queue_size = options.queue_size;
+  backend.trace = options.trace;
   Status s = server->serve(*image, backend, stop.get());
   if (Status f = image->flush(); !f) {
     std::fprintf(stderr, "iomm vhost-blk: flush: %s\n", f.error().describe().c_str());
