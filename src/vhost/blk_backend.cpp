@@ -431,7 +431,10 @@ Status BlkBackend::run(int stop_fd) {
       if (fds[0].revents != 0) return Error(ECANCELED, "stopped");
       if (fds[1].revents != 0) {
         auto msg = receive_message(sock_.get());
-        if (!msg) return std::move(msg).error();
+        if (!msg) {
+          if (msg.code() != ECONNRESET) log("closing the connection: " + msg.error().message());
+          return std::move(msg).error();
+        }
         if (Status s = handle(*msg); !s) {
           log("closing the connection: " + s.error().message());
           return s;

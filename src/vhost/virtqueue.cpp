@@ -190,9 +190,9 @@ std::optional<IotlbMissRequest> Virtqueue::process(const QueueContext& ctx) {
         break;
       }
       uint32_t used_len = 0;
-      const bool retry_on_miss = !fail_next_miss_;
+      const bool retry_on_miss = ctx.iotlb != nullptr && !fail_next_miss_;
       if (Status s = read_chain(ring, space, *head, ctx.indirect, chain_); !s) {
-        if (s.code() == ENOENT && ctx.iotlb != nullptr && retry_on_miss) {
+        if (s.code() == ENOENT && retry_on_miss) {
           miss = access_failed(ctx, s, "reading a descriptor");
           stop = true;
           break;
