@@ -51,6 +51,7 @@
 
 #include "iomm/accounting.hpp"
 #include "iomm/domain.hpp"
+#include "iomm/external_domain.hpp"
 #include "iomm/range.hpp"
 #include "iomm/result.hpp"
 #include "iomm/source.hpp"
@@ -188,6 +189,17 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   // Detach: clears the domain's page table and unpins what no one else
   // holds. ENOENT if not attached here.
   Status detach(const std::shared_ptr<SoftDomain>& domain);
+  // Attach a domain whose page table lives elsewhere (the kernel's VFIO
+  // container, iomm/kernel_vfio.hpp; contract in iomm/external_domain.hpp):
+  // reserves the complement of its usable ranges, raises the alignment to
+  // its page size and maps every mapping into it. It pins what it maps
+  // itself: the IOAS pins nothing for it. All or nothing; its map errors
+  // come back unchanged. EINVAL no domain or already attached here;
+  // EADDRINUSE as attach().
+  Status attach_external(const std::shared_ptr<ExternalDomain>& domain);
+  // Unmaps every mapping from it and drops its reservations; ENOENT if not
+  // attached here.
+  Status detach_external(const std::shared_ptr<ExternalDomain>& domain);
 
   // Dirty tracking. While on, writes through attached domains' DMA and
   // through accesses mark their 4 KiB IOVA pages in a log. Turning it on or
@@ -214,7 +226,9 @@ class Ioas : public std::enable_shared_from_this<Ioas> {
   // removed. Returns the bytes invalidated (0 for an empty range).
   Result<uint64_t> invalidate_host(uint64_t iova, uint64_t length);
   // Install a new source for the invalidated mapping starting at iova, with
-  // the same length, owned by `owner`. If domains hold the mapping, the new
+  // the same length, owned by `owner`. EOPNOTSUPP if an external domain is
+  // attached and the new source is other memory (its mapping would have to
+  // be redone outside the IOAS). If domains hold the mapping, the new
   // source and owner are pinned and charged first (ENOMEM, EFAULT), the
   // domains are switched to it, readers are waited for, and the old pin and
   // charge are released. Same backing object and offset: no re-pin, only

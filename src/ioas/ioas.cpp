@@ -12,6 +12,7 @@
 #include "core/check.hpp"
 #include "domain/page_table.hpp"
 #include "fault/inject.hpp"
+#include "ioas/external.hpp"
 #include "ioas/ioas_state.hpp"
 
 namespace iomm {
@@ -109,6 +110,12 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
   }
 
   std::shared_lock domains(st.domains_mu);
+  // External domains pin for themselves; the pin below is for ours.
+  if (Status s = ioas::map_external(st, created); !s) {
+    domains.unlock();
+    erase_areas(st, created);
+    return s.error();
+  }
   if (!st.domains.empty()) {
     size_t pinned = 0;
     Status result;
@@ -137,6 +144,7 @@ Result<uint64_t> insert_and_fill(IoasState& st, const std::vector<Slice>& slices
           st.domains[d]->page_table().unmap(created[i]->range.start, created[i]->length());
         }
       }
+      for (const auto& a : created) ioas::unmap_external(st, *a);
       ioas::wait_for_readers(st.domains);  // a device may have seen the translations
       for (size_t i = 0; i < pinned; ++i) created[i]->unpin_all();
       domains.unlock();
@@ -287,6 +295,7 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
     for (const auto& d : st.domains) {
       victims.each([&](Area& a) { d->page_table().unmap(a.range.start, a.length()); });
     }
+    victims.each([&](Area& a) { ioas::unmap_external(st, a); });
     if (!st.domains.empty()) ioas::wait_for_readers(st.domains);
     victims.each([](Area& a) {
       if (a.domain_pinned.exchange(false)) a.unpin_all();
@@ -364,6 +373,9 @@ Ioas::~Ioas() {
     Status s = detach(d);
     IOMM_CHECK(s.ok(), "detach at destruction failed");
   }
+  // Nothing is mapped any more: the external domains just go.
+  std::unique_lock lk(state_->domains_mu);
+  state_->external.clear();
 }
 
 const IoasOptions& Ioas::options() const noexcept { return state_->options; }

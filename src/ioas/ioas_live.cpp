@@ -147,6 +147,10 @@ Status Ioas::replace_host(uint64_t iova, const MemorySource& source, const Owner
   const uint64_t new_addr = source.object()->dma_address(source.offset());
   const bool same_pages =
       old->source.object() == source.object() && old->source.offset() == source.offset();
+  if (!same_pages && new_addr != old_addr && !st.external.empty()) {
+    restore();
+    return Error(EOPNOTSUPP, "an external domain maps this memory: it cannot switch to another");
+  }
   // New owner (and new pages) first: this is where ENOMEM can happen.
   if (pinned) {
     if (Status s = fresh->pin_all(); !s) {

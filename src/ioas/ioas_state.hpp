@@ -53,6 +53,13 @@ struct IoasState {
 
   mutable std::shared_mutex domains_mu;
   std::vector<std::shared_ptr<SoftDomain>> domains;  // guarded by domains_mu
+  // Domains outside iomm (src/ioas/external.hpp) and their page sizes;
+  // guarded by domains_mu.
+  struct ExternalSlot {
+    std::shared_ptr<ExternalDomain> domain;
+    uint64_t page_size;
+  };
+  std::vector<ExternalSlot> external;
 
   mutable std::mutex accesses_mu;
   std::vector<access::AccessState*> accesses;  // guarded by accesses_mu
@@ -85,6 +92,8 @@ struct IoasState {
   [[nodiscard]] uint64_t iova_alignment() const noexcept;
   // Largest minimum page size among domains (domain_alignment, tree_mu).
   uint64_t domain_alignment = 1;
+  // Largest minimum page size among external domains (tree_mu).
+  uint64_t external_alignment = 1;
 
   // --- tree queries; tree_mu held by the caller ---
   // Area overlapping [r.start, r.last] with the lowest start, or end().

@@ -9,7 +9,8 @@
 namespace iomm::ioas {
 
 uint64_t IoasState::iova_alignment() const noexcept {
-  return std::max(domain_alignment, access_count > 0 ? kPageSize : uint64_t{1});
+  return std::max(
+      {domain_alignment, external_alignment, access_count > 0 ? kPageSize : uint64_t{1}});
 }
 
 std::map<uint64_t, std::shared_ptr<Area>>::const_iterator IoasState::first_overlap(

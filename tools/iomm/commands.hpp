@@ -13,6 +13,9 @@ struct DemoOptions {
   uint64_t size = kGiB;  // bytes of guest memory
   // Pause before the final teardown, so `iomm stat` can watch a live process.
   unsigned hold_seconds = 0;
+  // Run the steps on this VFIO group (/dev/vfio/N) with the kernel's
+  // container as a domain (demo_vfio.cpp); -1: software domains only.
+  int vfio_group = -1;
 };
 
 struct StatOptions {
@@ -30,6 +33,7 @@ struct VhostBlkOptions {
 };
 
 int run_demo(const DemoOptions& options);
+int run_vfio_demo(const DemoOptions& options);
 int run_vhost_blk(const VhostBlkOptions& options);
 int run_stat(const StatOptions& options);
 

@@ -541,6 +541,7 @@ int run_demo(const DemoOptions& options) {
                  format_bytes(kMinSize).c_str());
     return 2;
   }
+  if (options.vfio_group >= 0) return run_vfio_demo(options);
   std::unique_ptr<Reporter> reporter;
   if (options.json) {
     reporter = std::make_unique<JsonReporter>();

@@ -23,6 +23,11 @@ int run(int argc, char** argv) {
   demo_cmd->add_option("--size", demo.size, "Guest memory size (e.g. 1GiB, 256MiB)")
       ->transform(CLI::AsSizeValue(false))
       ->default_str("1GiB");
+  demo_cmd
+      ->add_option("--vfio-group", demo.vfio_group,
+                   "Run the steps on this VFIO group (/dev/vfio/N), the kernel's type1 "
+                   "container as a domain")
+      ->check(CLI::NonNegativeNumber);
   // Hidden: lets `iomm stat` (and its tests) observe a live process.
   demo_cmd->add_option("--hold-seconds", demo.hold_seconds, "Pause before the final teardown")
       ->group("");

@@ -39,6 +39,11 @@ struct ProcessStat {
   std::vector<OwnerStat> owners;
   uint64_t vmlck_bytes;
   uint64_t vmpin_bytes;
+  // The kernel's VFIO objects the process holds open: containers
+  // (/dev/vfio/vfio) and groups (/dev/vfio/N). Type1 charges what its
+  // containers pin to the process's VmLck.
+  int vfio_containers = 0;
+  std::vector<int> vfio_groups;
 };
 
 // A read-only mapping of another process's counter page.
@@ -127,6 +132,24 @@ std::vector<OwnerStat> read_owners(const SharedCounters& block) {
   return owners;
 }
 
+// Which /dev/vfio files pid holds open.
+void read_vfio_fds(ProcessStat& p) {
+  for_each_entry("/proc/" + std::to_string(p.pid) + "/fd", [&](const fs::path& fd_link) {
+    std::error_code ec;
+    const std::string target = fs::read_symlink(fd_link, ec).string();
+    const std::string prefix = "/dev/vfio/";
+    if (ec || target.compare(0, prefix.size(), prefix) != 0) return false;
+    const std::string name = target.substr(prefix.size());
+    if (name == "vfio") {
+      ++p.vfio_containers;
+    } else if (!name.empty() && name.find_first_not_of("0123456789") == std::string::npos) {
+      p.vfio_groups.push_back(std::stoi(name));
+    }
+    return false;
+  });
+  std::sort(p.vfio_groups.begin(), p.vfio_groups.end());
+}
+
 // The counters of pid, if it runs iomm and we may look at its fds.
 std::optional<ProcessStat> inspect(int pid) {
   std::optional<ProcessStat> found;
@@ -147,6 +170,7 @@ std::optional<ProcessStat> inspect(int pid) {
     };
     return true;
   });
+  if (found) read_vfio_fds(*found);
   return found;
 }
 
@@ -183,6 +207,12 @@ void print_table(const std::vector<ProcessStat>& processes) {
                   format_bytes(o.charged_bytes).c_str(),
                   o.limit_bytes ? format_bytes(*o.limit_bytes).c_str() : "unlimited/unknown");
     }
+    if (p.vfio_containers != 0 || !p.vfio_groups.empty()) {
+      std::string groups;
+      for (int g : p.vfio_groups) groups += " " + std::to_string(g);
+      std::printf("%-8s kernel VFIO: %d container(s), group(s)%s; the kernel's pins are in VmLck\n",
+                  "", p.vfio_containers, groups.empty() ? " none" : groups.c_str());
+    }
   }
 }
 
@@ -198,6 +228,8 @@ void print_json(const std::vector<ProcessStat>& processes) {
                            .add("limit_bytes", o.limit_bytes)
                            .str());
     }
+    std::vector<std::string> groups;
+    for (int g : p.vfio_groups) groups.push_back(std::to_string(g));
     items.push_back(JsonObject()
                         .add("pid", p.pid)
                         .add("command", p.command)
@@ -206,6 +238,8 @@ void print_json(const std::vector<ProcessStat>& processes) {
                         .raw("owners", json_array(owners))
                         .add("vmlck_bytes", p.vmlck_bytes)
                         .add("vmpin_bytes", p.vmpin_bytes)
+                        .add("vfio_containers", p.vfio_containers)
+                        .raw("vfio_groups", json_array(groups))
                         .str());
   }
   std::printf("%s\n", json_array(items, true).c_str());
