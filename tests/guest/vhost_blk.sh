@@ -12,9 +12,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/lib.sh"
 guest_require || { guest_report fail vhost_blk "missing:$GUEST_MISSING"; exit 1; }
 
-bin=$GUEST_BUILD/iomm
+bin=$GUEST_BUILD/tests/guest/iomm-guest-cli  # the static CLI (target iomm_guest)
 if [[ ! -x $bin ]]; then
-  guest_report fail vhost_blk "$bin is not built (cmake --build $GUEST_BUILD --target iomm-cli)"
+  guest_report fail vhost_blk "$bin is not built (cmake --build $GUEST_BUILD --target iomm_guest)"
   exit 1
 fi
 initrd=$GUEST_WORK/vhost_blk.cpio.gz
