@@ -89,7 +89,7 @@ class VhostBlk : public ::testing::TestWithParam<bool> {
 };
 
 INSTANTIATE_TEST_SUITE_P(Modes, VhostBlk, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "Iotlb" : "Gpa"; });
+                         [](const auto& p) { return p.param ? "Iotlb" : "Gpa"; });
 
 TEST_P(VhostBlk, ReadWriteFlushGetId) {
   start();
@@ -171,7 +171,9 @@ TEST_P(VhostBlk, GetVringBaseStopsTheRing) {
 }
 
 TEST_P(VhostBlk, EventIdxSuppressesNotifications) {
-  start();
+  FrontendOptions o;
+  o.interrupt_wait = false;
+  start(o);
   read_and_check(0, 512);
   (void)fe_->get_u64(Request::get_queue_num);
   const uint64_t before = fe_->calls(0);
@@ -438,7 +440,7 @@ INSTANTIATE_TEST_SUITE_P(
         ProtocolCase{"BadVersion",
                      [](Frontend& fe) { fe.send(Request::get_features, {}, {}, 0x2); },
                      "protocol version 1"}),
-    [](const auto& info) { return std::string(info.param.name); });
+    [](const auto& p) { return std::string(p.param.name); });
 
 // --- IOTLB mode -------------------------------------------------------------
 

@@ -50,6 +50,9 @@ struct FrontendOptions {
   bool serve_misses = true;
   // Bytes mapped per UPDATE answering a miss (a power of two).
   uint64_t update_size = 4096;
+  // wait() sleeps on the call eventfd, moving used_event along (false:
+  // leaves used_event to the test and polls).
+  bool interrupt_wait = true;
 };
 
 struct Completion {
@@ -356,9 +359,20 @@ class Frontend {
                                std::chrono::milliseconds limit = std::chrono::seconds(20)) {
     Queue& Q = queues_[q];
     const auto deadline = std::chrono::steady_clock::now() + limit;
-    while (static_cast<uint16_t>(used_idx(q) - Q.last_used) < count) {
+    auto arrived = [&] { return static_cast<uint16_t>(used_idx(q) - Q.last_used) >= count; };
+    while (!arrived()) {
       fe_check(std::chrono::steady_clock::now() < deadline, "timed out waiting for completions");
-      serve_channel(10);
+      // Ask for an interrupt at the next completion (a driver's
+      // virtqueue_enable_cb), then look again before sleeping on it.
+      if (o_.interrupt_wait && o_.event_idx) {
+        std::atomic_ref<uint16_t>(avail_ring(q)[2 + o_.queue_size])
+            .store(used_idx(q), std::memory_order_seq_cst);
+      }
+      if (arrived()) break;
+      pollfd p[2] = {{Q.call.get(), POLLIN, 0}, {channel_.get(), POLLIN, 0}};
+      if (::poll(p, channel_.valid() ? 2 : 1, o_.interrupt_wait ? 10 : 1) <= 0) continue;
+      if ((p[0].revents & POLLIN) != 0) (void)calls(q);
+      if ((p[1].revents & POLLIN) != 0) serve_channel();
     }
     std::vector<Completion> out;
     const uint32_t* ring = reinterpret_cast<const uint32_t*>(used_ring16(q) + 2);
@@ -375,14 +389,8 @@ class Frontend {
     Q.last_used = static_cast<uint16_t>(Q.last_used + count);
     return out;
   }
-  // Answer the back end's misses for up to ms milliseconds.
-  void serve_channel(int ms) {
-    if (!channel_.valid()) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(ms));
-      return;
-    }
-    pollfd p{channel_.get(), POLLIN, 0};
-    if (::poll(&p, 1, ms) <= 0) return;
+  // Answer one message of the back end (readable on the back-end channel).
+  void serve_channel() {
     auto m = receive_message(channel_.get());
     fe_check(m.ok(), "back-end channel: " + (m.ok() ? std::string() : m.error().describe()));
     IotlbMsg msg;
@@ -444,7 +452,10 @@ class BackendThread {
       for (const Virtqueue& q : backend.queues()) queue_stats_.push_back(q.stats());
     });
   }
-  ~BackendThread() { stop(); }
+  ~BackendThread() {
+    const Status ignored = stop();
+    (void)ignored;
+  }
   UniqueFd take_socket() { return std::move(mine_); }
   // Stop (if still running) and return how run() ended.
   Status stop() {

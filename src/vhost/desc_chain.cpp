@@ -12,7 +12,9 @@ constexpr uint64_t kMaxChainBytes = UINT32_MAX;
 
 Status add_segment(const VringDesc& d, DescChain& out) {
   const bool writable = (d.flags & kVringDescFWrite) != 0;
-  if (!writable && out.writable_bytes > 0)
+  // The last buffer, not the byte count: a zero-length writable buffer
+  // still ends the readable part (the fuzzer found that one).
+  if (!writable && !out.segments.empty() && out.segments.back().device_writable)
     return Error(EINVAL, "device-readable descriptor after a device-writable one");
   uint64_t& total = writable ? out.writable_bytes : out.readable_bytes;
   total += d.len;
