@@ -27,10 +27,20 @@ struct StatOptions {
   bool json = false;
 };
 
+struct VhostBlkOptions {
+  std::string socket;
+  std::string image;
+  bool read_only = false;
+  uint16_t num_queues = 1;
+  uint16_t queue_size = 256;
+  bool trace = false;
+};
+
 int run_demo(const DemoOptions& options);
 int run_vfio_demo(const DemoOptions& options);
 int run_devmem_demo(const DemoOptions& options);
 int run_invalidation_demo();
+int run_vhost_blk(const VhostBlkOptions& options);
 int run_stat(const StatOptions& options);
 
 }  // namespace iomm::cli

@@ -45,9 +45,24 @@ int run(int argc, char** argv) {
   stat_cmd->add_option("--pid", stat.pid, "Only this process")->check(CLI::PositiveNumber);
   stat_cmd->add_flag("--json", stat.json, "Print JSON");
 
+  VhostBlkOptions vhost;
+  CLI::App* vhost_cmd =
+      app.add_subcommand("vhost-blk", "Serve a raw image as a vhost-user-blk device");
+  vhost_cmd->add_option("--socket", vhost.socket, "Unix socket to listen on")->required();
+  vhost_cmd->add_option("--image", vhost.image, "Raw image file")->required();
+  vhost_cmd->add_flag("--read-only", vhost.read_only, "Refuse writes (VIRTIO_BLK_F_RO)");
+  vhost_cmd->add_option("--num-queues", vhost.num_queues, "Virtqueues")
+      ->check(CLI::Range(1, 255))
+      ->default_str("1");
+  vhost_cmd->add_option("--queue-size", vhost.queue_size, "Largest virtqueue size")
+      ->check(CLI::Range(1, 32768))
+      ->default_str("256");
+  vhost_cmd->add_flag("--trace", vhost.trace, "Log every vhost-user message and IOTLB miss");
+
   CLI11_PARSE(app, argc, argv);
 
   if (demo_cmd->parsed()) return run_demo(demo);
+  if (vhost_cmd->parsed()) return run_vhost_blk(vhost);
   return run_stat(stat);
 }
 

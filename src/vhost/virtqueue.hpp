@@ -1,0 +1,131 @@
+// One virtio-blk virtqueue of a vhost-user back end: its vhost-user state
+// (size, ring addresses, base, kick/call/err fds, enabled, started) and the
+// processing of its available ring.
+//
+// Contract
+// - A queue runs when it is started (a kick fd arrived and no
+//   GET_VRING_BASE stopped it), enabled, addressed and the device has
+//   memory. process() completes requests in order until the available ring
+//   is empty, then signals the call fd as the driver asked (used_event with
+//   VIRTIO_RING_F_EVENT_IDX, else the avail flags).
+// - An IOTLB miss (a ring or buffer address the IOTLB does not hold) stalls
+//   the queue without consuming the request: process() returns the address
+//   to ask for, and the queue waits for an UPDATE (retry()) until its
+//   deadline; after the deadline the request that missed completes with
+//   VIRTIO_BLK_S_IOERR (or, if the ring itself cannot be reached, the queue
+//   breaks).
+// - A malformed chain completes with used length 0 (nothing written); a
+//   queue whose ring cannot be used (addresses outside guest memory,
+//   misaligned, an available index that jumps past the queue size, a head
+//   out of range) breaks: it is logged and processes nothing more until it
+//   is set up again (SET_VRING_ADDR / _NUM / _BASE).
+// - One thread (the back end's) uses it.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "vhost/address_space.hpp"
+#include "vhost/blk_image.hpp"
+#include "vhost/desc_chain.hpp"
+#include "vhost/iotlb.hpp"
+#include "vhost/memory_table.hpp"
+#include "vhost/protocol.hpp"
+#include "vhost/unique_fd.hpp"
+#include "vhost/vring.hpp"
+
+namespace iomm::vhost {
+
+using Clock = std::chrono::steady_clock;
+using LogFn = std::function<void(const std::string&)>;
+
+struct QueueContext {
+  const BlkImage* image = nullptr;
+  const MemoryTable* table = nullptr;  // nullptr: no memory yet
+  const Iotlb* iotlb = nullptr;        // non-null with VIRTIO_F_ACCESS_PLATFORM
+  bool event_idx = false;
+  bool indirect = false;
+  std::chrono::milliseconds miss_timeout{2000};
+  const LogFn* log = nullptr;
+};
+
+struct IotlbMissRequest {
+  uint64_t iova = 0;
+  uint8_t perm = kAccessRo;
+};
+
+struct QueueStats {
+  uint64_t completed = 0;
+  uint64_t errors = 0;  // completed with a status other than OK, or malformed
+  uint64_t misses = 0;
+  uint64_t notifications = 0;
+};
+
+class Virtqueue {
+ public:
+  explicit Virtqueue(uint16_t index) : index_(index) {}
+
+  // vhost-user state changes. Each drops the ring view, so the next run
+  // looks the rings up again, and clears a broken state.
+  void set_num(uint16_t num);
+  void set_addr(const VringAddr& addr);
+  void set_base(uint16_t base);
+  void set_kick(UniqueFd fd);
+  void set_call(UniqueFd fd) { call_ = std::move(fd); }
+  void set_err(UniqueFd fd) { err_ = std::move(fd); }
+  void set_enabled(bool on) { enabled_ = on; }
+  // GET_VRING_BASE: stop the ring and return the next available index.
+  uint16_t stop();
+  // The memory behind the rings changed (new table, IOTLB reset).
+  void forget_ring() noexcept { ring_.reset(); }
+  // Everything back to the state of a new connection.
+  void reset();
+
+  [[nodiscard]] int kick_fd() const noexcept { return kick_.get(); }
+  [[nodiscard]] bool runnable(const QueueContext& ctx) const noexcept;
+  [[nodiscard]] bool stalled() const noexcept { return miss_deadline_.has_value(); }
+  [[nodiscard]] std::optional<Clock::time_point> miss_deadline() const noexcept {
+    return miss_deadline_;
+  }
+  [[nodiscard]] const QueueStats& stats() const noexcept { return stats_; }
+  [[nodiscard]] uint16_t index() const noexcept { return index_; }
+
+  // Drain the kick eventfd and process, unless stalled on a miss.
+  std::optional<IotlbMissRequest> on_kick(const QueueContext& ctx);
+  // An IOTLB update arrived, or the miss deadline passed: run again (after
+  // the deadline, the request that still misses fails).
+  std::optional<IotlbMissRequest> retry(const QueueContext& ctx, Clock::time_point now);
+  std::optional<IotlbMissRequest> process(const QueueContext& ctx);
+
+ private:
+  void log(const QueueContext& ctx, const std::string& what) const;
+  void brk(const QueueContext& ctx, const std::string& why);
+  Status ensure_ring(const QueueContext& ctx);
+  // A failed ring or buffer access: a miss to ask for, or a broken queue.
+  std::optional<IotlbMissRequest> access_failed(const QueueContext& ctx, const Status& s,
+                                                const char* what);
+  void notify(const QueueContext& ctx, uint16_t old_used);
+
+  uint16_t index_;
+  uint16_t num_ = 0;
+  VringAddr addr_{};
+  bool addr_set_ = false;
+  uint16_t last_avail_ = 0;
+  uint16_t used_idx_ = 0;
+  UniqueFd kick_, call_, err_;
+  bool enabled_ = false;
+  bool started_ = false;
+  bool broken_ = false;
+  std::optional<Vring> ring_;
+  std::optional<Clock::time_point> miss_deadline_;
+  bool fail_next_miss_ = false;  // the deadline passed: the next miss fails its request
+  DescChain chain_;
+  std::vector<uint8_t> bounce_;
+  QueueStats stats_;
+};
+
+}  // namespace iomm::vhost
