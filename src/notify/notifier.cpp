@@ -58,7 +58,7 @@ Result<std::unique_ptr<IntervalNotifier>> IntervalNotifier::watch_iova(
   if (!n) return Error(ENOMEM, "out of memory for the notifier");
   n->state_->node.notifier = n.get();
   n->state_->ioas = ioas;
-  if (Status s = ioas->state().notifiers.add(n->state_->node); !s) {
+  if (Status s = ioas::state_of(*ioas).notifiers.add(n->state_->node); !s) {
     n->state_->node.registry = nullptr;
     return s.error();
   }

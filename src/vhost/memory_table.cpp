@@ -50,7 +50,7 @@ Result<MemoryTable> MemoryTable::create(std::span<const MemRegion> regions,
   for (size_t i = 0; i < regions.size(); ++i) {
     const MemRegion& r = regions[i];
     auto source =
-        MemorySource::from_file(fds[i].get(), r.mmap_offset, r.memory_size, FileSeal::none);
+        MemorySource::from_file(fds[i].get(), r.mmap_offset, r.memory_size, FileSeal::allow_shrink);
     if (!source) return std::move(source).error();
     const uint32_t prot = source->writable() ? (kProtRead | kProtWrite) : kProtRead;
     auto mapped = space->ioas().map(*source, prot, r.guest_phys_addr);

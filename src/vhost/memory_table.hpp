@@ -7,7 +7,7 @@
 //   mapping of each file alive) and its GPA address space; the received fds
 //   are closed once the sources are made (the sources hold their own).
 //   Dropping the table releases everything; nothing was pinned or charged.
-// - Seals: regions are taken with FileSeal::none. QEMU's memfd backend seals
+// - Seals: regions are taken with FileSeal::allow_shrink. QEMU's memfd backend seals
 //   its memfds against shrinking, but a memory-backend-file (or another
 //   front end) need not, and the back end never pins: every access is a
 //   guarded copy through the Ioas, so a file shrunk under it gives EFAULT
