@@ -88,10 +88,10 @@ TEST(LockOrder, RanksFollowTheDesignDocument) {
   ASSERT_NE(begin, std::string::npos);
   const std::string section = doc.substr(begin, doc.find("\n## ", begin + 1) - begin);
   const std::vector<std::pair<LockRank, const char*>> ranks = {
+      {LockRank::compat_unmap_notifier, "`UnmapNotifier::mu_`"},
       {LockRank::compat_container, "`compat::Container::mu`"},
       {LockRank::compat_group_link, "`iomm_vfio_group::link_mu`"},
       {LockRank::compat_fd_registry, "fd registry's `mu_`"},
-      {LockRank::compat_unmap_notifier, "`UnmapNotifier::mu_`"},
       {LockRank::notifier_tree, "`notify::Registry::tree_mu_`"},
       {LockRank::ioas_accesses, "`IoasState::accesses_mu`"},
       {LockRank::access_callback, "`AccessState::callback_mu`"},
@@ -114,7 +114,7 @@ TEST(LockOrder, RanksFollowTheDesignDocument) {
       {LockRank::notifier_node, "`notify::Node::mu`"},
   };
   size_t last_pos = 0;
-  LockRank last_rank = LockRank::compat_container;
+  LockRank last_rank = LockRank::compat_unmap_notifier;
   for (const auto& [rank, name] : ranks) {
     const size_t pos = section.find(name);
     ASSERT_NE(pos, std::string::npos) << name << " is not in the Lock order section";

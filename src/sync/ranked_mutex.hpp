@@ -32,33 +32,33 @@ inline constexpr bool kLockOrderChecks = true;
 // docs/design.md times ten; locks that share an entry get consecutive
 // values in the order the code nests them.
 enum class LockRank : uint16_t {
-  compat_container = 10,       // 1. compat::Container::mu
-  compat_group_link = 20,      // 2. iomm_vfio_group::link_mu
-  compat_fd_registry = 21,     //    FdRegistry::mu_
-  compat_unmap_notifier = 30,  // 3. UnmapNotifier::mu_
-  notifier_tree = 35,          // 3b. notify::Registry::tree_mu_
-  ioas_accesses = 40,          // 4. IoasState::accesses_mu
-  access_callback = 50,        // 5. AccessState::callback_mu
-  access_pins = 51,            //    AccessState::mu
-  access_pages = 52,           //    AccessState::page_mu
-  ioas_domains = 60,           // 6. IoasState::domains_mu
-  ioas_tree = 70,              // 7. IoasState::tree_mu
-  on_demand_fill = 75,         // 7b. ioas::OnDemand::mu
-  pin_store = 80,              // 8. MemObject::mu_
-  page_table_structure = 81,   //    PageTable::structure_mu_
-  monitor_watches = 85,        // 8b. monitor::EventMonitor::mu_
-  file_registry = 90,          // 9. the file registry's mutex
-  file_window = 91,            //    FileObject::window_mu_
-  user_object = 92,            //    UserObject::mu_
-  compat_calls = 100,          // 10. leaves: Container::calls_mu_
-  ioas_flight = 101,           //     IoasState::flight_mu
-  owner_ledger = 102,          //     the owner ledger's mutex
-  owner_source = 103,          //     Owner::source_mu_
-  fault_log = 104,             //     FaultLog::mutex_
-  notifier_seq = 105,          //     notify::Registry::seq_mu_
-  notifier_node = 106,         //     notify::Node::mu
-  monitor_start = 107,         //     the memory monitor's start mutex
-  vring_cache = 108,           //     a VringCache's mu
+  compat_unmap_notifier = 0,  // 0. UnmapNotifier::mu_
+  compat_container = 10,      // 1. compat::Container::mu
+  compat_group_link = 20,     // 2. iomm_vfio_group::link_mu
+  compat_fd_registry = 21,    //    FdRegistry::mu_
+  notifier_tree = 30,         // 3. notify::Registry::tree_mu_
+  ioas_accesses = 40,         // 4. IoasState::accesses_mu
+  access_callback = 50,       // 5. AccessState::callback_mu
+  access_pins = 51,           //    AccessState::mu
+  access_pages = 52,          //    AccessState::page_mu
+  ioas_domains = 60,          // 6. IoasState::domains_mu
+  ioas_tree = 70,             // 7. IoasState::tree_mu
+  on_demand_fill = 75,        // 7b. ioas::OnDemand::mu
+  pin_store = 80,             // 8. MemObject::mu_
+  page_table_structure = 81,  //    PageTable::structure_mu_
+  monitor_watches = 85,       // 8b. monitor::EventMonitor::mu_
+  file_registry = 90,         // 9. the file registry's mutex
+  file_window = 91,           //    FileObject::window_mu_
+  user_object = 92,           //    UserObject::mu_
+  compat_calls = 100,         // 10. leaves: Container::calls_mu_
+  ioas_flight = 101,          //     IoasState::flight_mu
+  owner_ledger = 102,         //     the owner ledger's mutex
+  owner_source = 103,         //     Owner::source_mu_
+  fault_log = 104,            //     FaultLog::mutex_
+  notifier_seq = 105,         //     notify::Registry::seq_mu_
+  notifier_node = 106,        //     notify::Node::mu
+  monitor_start = 107,        //     the memory monitor's start mutex
+  vring_cache = 108,          //     a VringCache's mu
 };
 
 namespace lock_order {
