@@ -109,23 +109,25 @@ struct Row {
 class DevmemDemo {
  public:
   void run(const std::function<void(size_t, const Row&)>& report) {
+    // Lambdas rather than pointers to member functions: GCC 12's UBSan
+    // misreads an index into an array of them as out of bounds.
     struct Step {
       std::string_view name;
-      std::string (DevmemDemo::*run)();
+      std::function<std::string()> run;
     };
-    static constexpr Step kSteps[] = {
-        {"create device region", &DevmemDemo::create_region},
-        {"consumer A faults in", &DevmemDemo::fault_in_here},
-        {"consumer B (child)", &DevmemDemo::fault_in_child},
-        {"disable memory", &DevmemDemo::disable},
-        {"enable memory", &DevmemDemo::enable},
-        {"P2P pool, peer DMA", &DevmemDemo::use_pool},
-        {"unbind pool", &DevmemDemo::unbind_pool},
+    const Step kSteps[] = {
+        {"create device region", [this] { return create_region(); }},
+        {"consumer A faults in", [this] { return fault_in_here(); }},
+        {"consumer B (child)", [this] { return fault_in_child(); }},
+        {"disable memory", [this] { return disable(); }},
+        {"enable memory", [this] { return enable(); }},
+        {"P2P pool, peer DMA", [this] { return use_pool(); }},
+        {"unbind pool", [this] { return unbind_pool(); }},
     };
     for (size_t i = 0; i < std::size(kSteps); ++i) {
       std::string note;
       try {
-        note = (this->*kSteps[i].run)();
+        note = kSteps[i].run();
       } catch (const DemoFailure& failure) {
         throw DemoFailure("step " + std::to_string(i + 1) + " (" + std::string(kSteps[i].name) +
                           "): " + failure.what());
