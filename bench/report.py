@@ -70,6 +70,8 @@ def judge(t, rows):
         r["target"] = f"≥ {t['min_items_per_second'] / 1e6:.0f} M/s"
         r["status"] = "met" if ips >= t["min_items_per_second"] else "MISSED"
         return r
+    if b is None:  # a figure to report, with no baseline
+        return r
     r["baseline"] = fmt(b[clock])
     how = t.get("ratio", "baseline/row")
     ratio = b[clock] / a[clock] if how == "baseline/row" else a[clock] / b[clock]
