@@ -20,8 +20,9 @@ namespace iomm::devmem {
 class DeviceObject final : public mem::MemObject {
  public:
   static Result<std::shared_ptr<DeviceObject>> create(int fd, uint64_t size, bool registered);
-  DeviceObject(std::byte* base, uint64_t size, bool registered)
+  DeviceObject(int fd, std::byte* base, uint64_t size, bool registered)
       : MemObject(SourceKind::device, kPageShift),
+        fd_(fd),
         base_(base),
         size_(size),
         registered_(registered) {}
@@ -33,6 +34,9 @@ class DeviceObject final : public mem::MemObject {
   [[nodiscard]] void* host(uint64_t offset) const noexcept override { return base_ + offset; }
   [[nodiscard]] bool shrink_sealed() const noexcept override { return false; }
   [[nodiscard]] bool charged() const noexcept override { return false; }
+  // Within the allocation and not revoked (a revoked allocation's view is
+  // truncated): on-demand mappings of pool memory translate only then.
+  [[nodiscard]] bool present(uint64_t offset, uint64_t length) const noexcept override;
   bool copy_out(uint64_t offset, void* buf, size_t n) const noexcept override;
   bool copy_in(uint64_t offset, const void* buf, size_t n) const noexcept override;
 
@@ -42,6 +46,7 @@ class DeviceObject final : public mem::MemObject {
   void unlock_granules(uint64_t, uint64_t) noexcept override {}
 
  private:
+  const int fd_;  // our duplicate of the view, to see a truncation
   std::byte* const base_;
   const uint64_t size_;
   const bool registered_;
