@@ -31,7 +31,7 @@ TEST(LockOrderDeathTest, TakingTheTreeLockBeforeTheDomainsLockAborts) {
   IOMM_NEEDS_LOCK_CHECKS();
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto ioas = Ioas::create({}).value();
-  ioas::IoasState& st = ioas->state();
+  ioas::IoasState& st = ioas::state_of(*ioas);
   EXPECT_DEATH(
       {
         std::shared_lock tree(st.tree_mu);

@@ -5,6 +5,7 @@
 #include <mutex>
 #include <shared_mutex>
 
+#include "domain/soft_domain_impl.hpp"
 #include "ioas/ioas_state.hpp"
 #include "notify/notifier_state.hpp"
 
@@ -31,7 +32,7 @@ bool drop_translations(IoasState& st, Area& area, IntervalNotifier& n, const Inv
   n.set_seq(seq);
   if (area.demand->filled) {
     for (const auto& d : st.domains) {
-      d->page_table().unmap_keeping_tables(area.range.start, area.length());
+      domain::page_table_of(*d).unmap_keeping_tables(area.range.start, area.length());
     }
     area.demand->filled = false;
   }
@@ -74,7 +75,7 @@ Fill fill_on_demand(IoasState& st, Area& area, domain::PageTable* extra, bool bl
   size_t mapped = 0;
   if (!od.filled) {
     for (; mapped < st.domains.size(); ++mapped) {
-      if (s = map_into(st.domains[mapped]->page_table()); !s) break;
+      if (s = map_into(domain::page_table_of(*st.domains[mapped])); !s) break;
     }
   }
   if (s && extra != nullptr) s = map_into(*extra);
@@ -82,7 +83,7 @@ Fill fill_on_demand(IoasState& st, Area& area, domain::PageTable* extra, bool bl
     // map() undid itself; take back the domains filled before it (their
     // tables stay, so the next fill needs no allocation there).
     for (size_t i = 0; i < mapped; ++i) {
-      st.domains[i]->page_table().unmap_keeping_tables(area.range.start, area.length());
+      domain::page_table_of(*st.domains[i]).unmap_keeping_tables(area.range.start, area.length());
     }
     return Fill::failed;
   }
