@@ -27,10 +27,11 @@ constexpr uint64_t kIova = 0x400000;
 using test::Memfd;
 
 struct OnDemandMap : testing::Test {
-  Memfd mfd{2 * kMiB};
+  // A file that may shrink: the tests truncate it under the mapping.
+  Memfd mfd{2 * kMiB, 0, test::Shrink::allowed};
   std::shared_ptr<Ioas> ioas = Ioas::create({}).value();
   std::shared_ptr<SoftDomain> domain = SoftDomain::create({}).value();
-  MemorySource src = MemorySource::from_file(mfd.fd(), 0, 2 * kMiB).value();
+  MemorySource src = MemorySource::from_file(mfd.fd(), 0, 2 * kMiB, FileSeal::allow_shrink).value();
 
   void expect_nothing_held(uint64_t vmlck_before) {
     const Counters c = counters();
