@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "commands.hpp"
+#include "demo_checks.hpp"
 #include "iomm/access.hpp"
 #include "iomm/accounting.hpp"
 #include "iomm/domain.hpp"
@@ -41,26 +42,6 @@ constexpr uint64_t kDmaOffset = kPageSize;  // just past the signature
 constexpr size_t kDmaBytes = 16 << 10;
 constexpr uint64_t kAccessPinBytes = 64 << 10;
 constexpr std::string_view kAccessMessage = "written through an access pin";
-
-// A step's outcome differs from what the library promises.
-class DemoFailure : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-template <typename T>
-T must(Result<T> result, std::string_view what) {
-  if (!result) throw DemoFailure(std::string(what) + ": " + result.error().describe());
-  return std::move(result).value();
-}
-
-void must(const Status& status, std::string_view what) {
-  if (!status) throw DemoFailure(std::string(what) + ": " + status.error().describe());
-}
-
-void expect(bool condition, std::string_view what) {
-  if (!condition) throw DemoFailure(std::string(what));
-}
 
 void expect_bytes(std::string_view counter, uint64_t actual, uint64_t expected) {
   if (actual != expected) {

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "commands.hpp"
+#include "demo_checks.hpp"
 #include "iomm/accounting.hpp"
 #include "iomm/device_region.hpp"
 #include "iomm/domain.hpp"
@@ -36,25 +37,6 @@ constexpr uint64_t kRegionSize = 4ULL << 20;
 constexpr uint64_t kPoolSize = 1ULL << 20;
 constexpr std::string_view kSignature = "iomm device memory, bar 0";
 constexpr std::string_view kWhileDisabled = "written by the device while decode was off";
-
-class DemoFailure : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-template <typename T>
-T must(Result<T> result, std::string_view what) {
-  if (!result) throw DemoFailure(std::string(what) + ": " + result.error().describe());
-  return std::move(result).value();
-}
-
-void must(const Status& status, std::string_view what) {
-  if (!status) throw DemoFailure(std::string(what) + ": " + status.error().describe());
-}
-
-void expect(bool condition, std::string_view what) {
-  if (!condition) throw DemoFailure(std::string(what));
-}
 
 // A touch that may SIGBUS: the demo's own handler, passing on every SIGBUS
 // that is not its probe's to the action it replaced (the library's).

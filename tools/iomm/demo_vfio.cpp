@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "commands.hpp"
+#include "demo_checks.hpp"
 #include "iomm/accounting.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/ioas.hpp"
@@ -23,24 +24,6 @@
 
 namespace iomm::cli {
 namespace {
-
-struct Failure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-template <typename T>
-T must(Result<T> r, const std::string& what) {
-  if (!r) throw Failure(what + ": " + r.error().describe());
-  return std::move(r).value();
-}
-
-void must(const Status& s, const std::string& what) {
-  if (!s) throw Failure(what + ": " + s.error().describe());
-}
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) throw Failure(what);
-}
 
 class VfioDemo {
  public:
@@ -58,7 +41,7 @@ class VfioDemo {
 
     const int fd = memfd_create("iomm-demo-guest", MFD_CLOEXEC);
     if (fd < 0 || ftruncate(fd, static_cast<off_t>(o_.size)) != 0) {
-      throw Failure(std::string("memfd: ") + errno_text(errno));
+      throw DemoFailure(std::string("memfd: ") + errno_text(errno));
     }
     source_ = must(MemorySource::from_file(fd, 0, o_.size), "MemorySource::from_file");
     close(fd);
@@ -138,7 +121,7 @@ int run_vfio_demo(const DemoOptions& options) {
   try {
     VfioDemo demo(options);
     demo.run();
-  } catch (const Failure& f) {
+  } catch (const DemoFailure& f) {
     std::fflush(stdout);
     std::fprintf(stderr, "iomm demo: %s\n", f.what());
     return 1;
