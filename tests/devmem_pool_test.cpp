@@ -22,7 +22,8 @@
 namespace iomm {
 namespace {
 
-using test::SigbusProbe;
+using test::probe_read;
+using test::probe_write;
 
 constexpr uint64_t kBlock = 64 * 1024;
 constexpr uint32_t kRW = kProtRead | kProtWrite;
@@ -69,7 +70,6 @@ TEST(DevmemPool, AllocationsAreFirstFitAndReturnAtTheLastReference) {
 
 TEST(DevmemPool, NoBlockIsReusedWhileMapped) {
   NEEDS_UFFD();
-  SigbusProbe::install();
   auto pool = make_pool(kBlock);
   ASSERT_TRUE(pool);
   auto a = pool->allocate(kBlock);
@@ -100,8 +100,8 @@ TEST(DevmemPool, NoBlockIsReusedWhileMapped) {
   std::memcpy((*mapping_b)->data(), "secret of B", 12);
   // The stale mapping reaches neither A's memory (freed: SIGBUS) nor B's.
   uint64_t v = 0;
-  EXPECT_FALSE(SigbusProbe::read(raw, &v));
-  EXPECT_FALSE(SigbusProbe::write(raw, 1));
+  EXPECT_FALSE(probe_read(raw, &v));
+  EXPECT_FALSE(probe_write(raw, 1));
   munmap(raw, kBlock);
 }
 
@@ -143,7 +143,6 @@ TEST(DevmemPool, IoasUseIsNeverChargedAndNeedsRegistrationToPin) {
 
 TEST(DevmemPool, UnbindDuringDmaRevokesEverythingInOrder) {
   NEEDS_UFFD();
-  SigbusProbe::install();
   auto pool = make_pool(4 * kBlock);
   ASSERT_TRUE(pool);
   auto a = pool->allocate(4 * kBlock);
@@ -175,7 +174,7 @@ TEST(DevmemPool, UnbindDuringDmaRevokesEverythingInOrder) {
   }
   auto mapping = DeviceMapping::map((*a)->region(), 0, 4 * kBlock);
   ASSERT_OK(mapping);
-  ASSERT_TRUE(SigbusProbe::write((*mapping)->data(), 7));
+  ASSERT_TRUE(probe_write((*mapping)->data(), 7));
 
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> ok{0}, failed{0}, other{0};
@@ -206,7 +205,7 @@ TEST(DevmemPool, UnbindDuringDmaRevokesEverythingInOrder) {
   EXPECT_ERRNO((*domain)->dma_write(*iova, "x", 1), EFAULT);
   // The consumer's mapping survives, but reaches nothing.
   uint64_t v = 0;
-  EXPECT_FALSE(SigbusProbe::read((*mapping)->data(), &v));
+  EXPECT_FALSE(probe_read((*mapping)->data(), &v));
   EXPECT_ERRNO(pool->allocate(kBlock), ENODEV);
   EXPECT_ERRNO((*a)->hold("late"), ENODEV);
   EXPECT_ERRNO((*a)->map_into(*ioas, kRW), ENODEV);

@@ -23,7 +23,8 @@ namespace iomm {
 namespace {
 
 using test::device_word;
-using test::SigbusProbe;
+using test::probe_read;
+using test::probe_write;
 
 constexpr uint64_t kPage = 4096;
 constexpr uint64_t kHuge = 2ULL << 20;
@@ -162,7 +163,6 @@ TEST(DevmemRegion, GranularityDecidesHowMuchOneFaultInstalls) {
 
 TEST(DevmemRegion, DisableDuringStormSigbusesThenEnableRestores) {
   NEEDS_UFFD();
-  SigbusProbe::install();
   constexpr uint64_t kSize = 4ULL << 20;
   auto region = make_region(kSize, Granularity::page);
   ASSERT_TRUE(region);
@@ -185,7 +185,7 @@ TEST(DevmemRegion, DisableDuringStormSigbusesThenEnableRestores) {
       while (!stop.load()) {
         const int before = phase.load(std::memory_order_acquire);
         uint64_t v = 0;
-        const bool ok = SigbusProbe::read(data + o, &v);
+        const bool ok = probe_read(data + o, &v);
         // The access lies inside the disabled window only if the phase was
         // 1 both before and after it.
         const bool inside_disabled = before == 1 && phase.load(std::memory_order_acquire) == 1;
@@ -233,28 +233,27 @@ TEST(DevmemRegion, DisableDuringStormSigbusesThenEnableRestores) {
 
 TEST(DevmemRegion, ContentsSurviveDisableEnableUnlessReset) {
   NEEDS_UFFD();
-  SigbusProbe::install();
   constexpr uint64_t kSize = 1ULL << 20;
   auto region = make_region(kSize, Granularity::huge);
   ASSERT_TRUE(region);
   auto mapping = DeviceMapping::map(region, 0, kSize);
   ASSERT_OK(mapping);
   std::byte* const data = (*mapping)->data();
-  ASSERT_TRUE(SigbusProbe::write(data + 64, 0x1234));
+  ASSERT_TRUE(probe_write(data + 64, 0x1234));
   ASSERT_OK(region->set_memory_enabled(false));
   uint64_t v = 0;
-  EXPECT_FALSE(SigbusProbe::read(data + 64, &v));
-  EXPECT_FALSE(SigbusProbe::write(data + 128, 1));
+  EXPECT_FALSE(probe_read(data + 64, &v));
+  EXPECT_FALSE(probe_write(data + 128, 1));
   // The device still sees its memory (and the consumer's last store).
   ASSERT_OK(region->read(64, &v, sizeof v));
   EXPECT_EQ(v, 0x1234u);
   EXPECT_OK(region->set_memory_enabled(false));  // idempotent
   ASSERT_OK(region->set_memory_enabled(true));
-  ASSERT_TRUE(SigbusProbe::read(data + 64, &v));
+  ASSERT_TRUE(probe_read(data + 64, &v));
   EXPECT_EQ(v, 0x1234u);
   EXPECT_EQ(count_bad_words(data + 4096, 4096, kSize - 4096, 0), 0u);
   ASSERT_OK(region->reset());
-  ASSERT_TRUE(SigbusProbe::read(data + 64, &v));
+  ASSERT_TRUE(probe_read(data + 64, &v));
   EXPECT_EQ(v, 0u);
 }
 
@@ -263,25 +262,24 @@ TEST(DevmemRegion, RevokedRegionAnswersFaultsWithPoison) {
   const auto features = devmem::kernel_features();
   IOMM_NEEDS(features.ok() && (*features & UFFD_FEATURE_POISON) != 0,
              "UFFDIO_POISON (Linux 6.6 or later)");
-  SigbusProbe::install();
   auto region = make_region(64 * 1024, Granularity::page);
   ASSERT_TRUE(region);
   auto mapping = DeviceMapping::map(region, 0, 64 * 1024);
   ASSERT_OK(mapping);
   uint64_t v = 0;
-  ASSERT_TRUE(SigbusProbe::read((*mapping)->data(), &v));
+  ASSERT_TRUE(probe_read((*mapping)->data(), &v));
   // Between a pool unbind's stop and its zap the view still holds its
   // pages: a first touch then is a minor fault the service must refuse.
   region->state().stop();
-  EXPECT_FALSE(SigbusProbe::read((*mapping)->data() + kPage, &v));
+  EXPECT_FALSE(probe_read((*mapping)->data() + kPage, &v));
   EXPECT_EQ(region->counters().refused, 1u);
   // The marker stays: the same page faults no more.
-  EXPECT_FALSE(SigbusProbe::read((*mapping)->data() + kPage, &v));
+  EXPECT_FALSE(probe_read((*mapping)->data() + kPage, &v));
   EXPECT_EQ(region->counters().refused, 1u);
   // Installed before the stop: still mapped until the zap.
-  EXPECT_TRUE(SigbusProbe::read((*mapping)->data(), &v));
+  EXPECT_TRUE(probe_read((*mapping)->data(), &v));
   region->state().zap();
-  EXPECT_FALSE(SigbusProbe::read((*mapping)->data(), &v));
+  EXPECT_FALSE(probe_read((*mapping)->data(), &v));
   EXPECT_ERRNO(region->set_memory_enabled(true), ENODEV);
 }
 
@@ -342,7 +340,6 @@ TEST(DevmemRegion, BadRangesAreRefused) {
 
 TEST(DevmemRegion, ForkedConsumerIsCoveredByTheZap) {
   NEEDS_UFFD();
-  SigbusProbe::install();
   constexpr uint64_t kSize = 256 * 1024;
   auto region = make_region(kSize, Granularity::page);
   ASSERT_TRUE(region);
@@ -362,11 +359,11 @@ TEST(DevmemRegion, ForkedConsumerIsCoveredByTheZap) {
     // without CAP_SYS_PTRACE): it reaches the view directly.
     char c;
     uint64_t v = 0;
-    const bool before = SigbusProbe::read(data + 2 * kPage, &v) && v == device_word(2 * kPage, 0);
+    const bool before = probe_read(data + 2 * kPage, &v) && v == device_word(2 * kPage, 0);
     if (write(to_parent[1], "1", 1) != 1 || read(to_child[0], &c, 1) != 1) _exit(20);
-    const bool disabled = !SigbusProbe::read(data + 3 * kPage, &v) && !SigbusProbe::read(data, &v);
+    const bool disabled = !probe_read(data + 3 * kPage, &v) && !probe_read(data, &v);
     if (write(to_parent[1], "2", 1) != 1 || read(to_child[0], &c, 1) != 1) _exit(21);
-    const bool after = SigbusProbe::read(data + 3 * kPage, &v) && v == device_word(3 * kPage, 0);
+    const bool after = probe_read(data + 3 * kPage, &v) && v == device_word(3 * kPage, 0);
     _exit(before ? (disabled ? (after ? 0 : 3) : 2) : 1);
   }
   char c;

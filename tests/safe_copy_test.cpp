@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "iomm/guarded_copy.hpp"
 #include "iomm/signals.hpp"
 #include "iomm/source.hpp"
 
@@ -89,6 +90,20 @@ TEST_F(SafeCopy, ReadFromTruncatedFileFailsEveryTime) {
   std::vector<char> source(64, 'q');
   EXPECT_TRUE(safe_copy(buf.data(), source.data(), source.size()));
   EXPECT_EQ(std::string(buf.data(), 64), std::string(64, 'q'));
+}
+
+TEST(GuardedCopy, CopiesAndTurnsATruncationIntoEfaultBothWays) {
+  ShrinkableMapping mapping;
+  std::vector<char> buf(kBytes, 'b');
+  ASSERT_TRUE(guarded_copy(buf.data(), mapping.data(), kBytes).ok());
+  EXPECT_EQ(buf, std::vector<char>(kBytes, 'x'));
+
+  mapping.shrink();
+  const Status read = guarded_copy(buf.data(), mapping.data() + 4096, 64);
+  EXPECT_EQ(read.code(), EFAULT);
+  const Status write = guarded_copy(mapping.data(), buf.data(), 64);
+  EXPECT_EQ(write.code(), EFAULT);
+  EXPECT_TRUE(guarded_copy(buf.data(), buf.data() + 128, 64).ok());
 }
 
 TEST_F(SafeCopy, WriteToTruncatedFileFails) {
@@ -318,6 +333,23 @@ TEST(SigbusDecision, RecoversOnlyVanishedPagesInsideTheCopysRanges) {
   EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRALN, source), &window), SigbusVerdict::pass_on);
   EXPECT_EQ(classify_sigbus(sigbus_info(SI_USER, source), &window), SigbusVerdict::pass_on);
   EXPECT_EQ(classify_sigbus(sigbus_info(SI_TKILL, source), &window), SigbusVerdict::pass_on);
+}
+
+TEST(SigbusDecision, RecoversPoisonOnlyWhereTheCopyAskedForIt) {
+  char memory[4 * 64];
+  const char* source = memory + 64;
+  char* destination = memory + 3 * 64;
+  const CopyWindow revocable{destination, source, 64, Recover::vanished_or_poisoned};
+  EXPECT_EQ(classify_sigbus(sigbus_info(BUS_MCEERR_AR, source), &revocable),
+            SigbusVerdict::recover);
+  EXPECT_EQ(classify_sigbus(sigbus_info(BUS_ADRERR, destination), &revocable),
+            SigbusVerdict::recover);
+  // Poison outside the ranges, or poison the copy did not touch.
+  EXPECT_EQ(classify_sigbus(sigbus_info(BUS_MCEERR_AR, source + 64), &revocable),
+            SigbusVerdict::pass_on);
+  EXPECT_EQ(classify_sigbus(sigbus_info(BUS_MCEERR_AO, source), &revocable),
+            SigbusVerdict::pass_on);
+  EXPECT_EQ(classify_sigbus(sigbus_info(SI_USER, source), &revocable), SigbusVerdict::pass_on);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "core/check.hpp"
+#include "iomm/guarded_copy.hpp"
 #include "iomm/signals.hpp"
 
 namespace iomm {
@@ -116,9 +117,13 @@ bool install_sigbus_handler() noexcept {
 SigbusVerdict classify_sigbus(const siginfo_t& info, const CopyWindow* window) noexcept {
   if (window == nullptr) return SigbusVerdict::pass_on;
   // Only a page that vanished (a truncated file) under the copy's own
-  // ranges. Machine checks (BUS_MCEERR_*) report broken hardware, which a
-  // failed copy would hide; alignment faults and sent signals are not ours.
-  if (info.si_code != BUS_ADRERR && info.si_code != BUS_OBJERR) return SigbusVerdict::pass_on;
+  // ranges, or a poisoned one where the copy asked for it (Recover).
+  // BUS_MCEERR_AO is poison the copy did not touch; alignment faults and
+  // sent signals are not ours.
+  const bool vanished = info.si_code == BUS_ADRERR || info.si_code == BUS_OBJERR;
+  const bool poisoned =
+      info.si_code == BUS_MCEERR_AR && window->recover == Recover::vanished_or_poisoned;
+  if (!vanished && !poisoned) return SigbusVerdict::pass_on;
   if (inside(info.si_addr, window->dst, window->n) ||
       inside(info.si_addr, window->src, window->n)) {
     return SigbusVerdict::recover;
@@ -126,11 +131,11 @@ SigbusVerdict classify_sigbus(const siginfo_t& info, const CopyWindow* window) n
   return SigbusVerdict::pass_on;
 }
 
-bool safe_copy(void* dst, const void* src, size_t n) noexcept {
+bool safe_copy(void* dst, const void* src, size_t n, Recover recover) noexcept {
   IOMM_CHECK(g_installed.load(std::memory_order_relaxed),
              "safe_copy without the SIGBUS handler (iomm::install_signal_handlers)");
   Recovery recovery;
-  recovery.window = CopyWindow{dst, src, n};
+  recovery.window = CopyWindow{dst, src, n, recover};
   // Saving the signal mask would cost a syscall per copy; the handler
   // restores it itself on the rare fault.
   if (sigsetjmp(recovery.jump, 0) != 0) return false;
@@ -144,6 +149,14 @@ bool safe_copy(void* dst, const void* src, size_t n) noexcept {
 }
 
 }  // namespace mem
+
+Status guarded_copy(void* dst, const void* src, size_t n) noexcept {
+  install_signal_handlers();
+  if (!mem::safe_copy(dst, src, n, mem::Recover::vanished_or_poisoned)) {
+    return Error(EFAULT, "guarded_copy: the memory was revoked or truncated (SIGBUS)");
+  }
+  return {};
+}
 
 void install_signal_handlers() noexcept {
   // A function-local static is initialised exactly once, even when threads race.

@@ -14,15 +14,29 @@
 
 namespace iomm::mem {
 
-// Copy n bytes. False if the copy hit SIGBUS; the destination may then be
-// partially written. The handler must be installed (checked).
-bool safe_copy(void* dst, const void* src, size_t n) noexcept;
+// Which SIGBUS a copy fails on instead of passing it on.
+enum class Recover {
+  // A page that vanished (BUS_ADRERR, BUS_OBJERR: a truncated file). The
+  // library's own copies: a machine check there reports broken hardware,
+  // which a failed copy would hide.
+  vanished,
+  // Also a poisoned page the copy touched (BUS_MCEERR_AR). Memory the
+  // caller knows can be revoked: a revoked device region is poisoned with
+  // UFFDIO_POISON, which the kernel reports exactly like hardware poison.
+  vanished_or_poisoned,
+};
+
+// Copy n bytes. False if the copy hit a SIGBUS `recover` covers; the
+// destination may then be partially written. The handler must be installed
+// (checked).
+bool safe_copy(void* dst, const void* src, size_t n, Recover recover = Recover::vanished) noexcept;
 
 // The two ranges a running safe_copy touches.
 struct CopyWindow {
   const void* dst;
   const void* src;
   size_t n;
+  Recover recover = Recover::vanished;
 };
 
 enum class SigbusVerdict {

@@ -3,13 +3,10 @@
 // that makes the next touch SIGBUS, a re-enable that restores the contents,
 // and a P2P pool unbind that revokes a live mapping and a peer's IOAS
 // mapping. Every step checks what the library promises.
-#include <setjmp.h>
-#include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -25,9 +22,9 @@
 #include "iomm/accounting.hpp"
 #include "iomm/device_region.hpp"
 #include "iomm/domain.hpp"
+#include "iomm/guarded_copy.hpp"
 #include "iomm/ioas.hpp"
 #include "iomm/p2p_pool.hpp"
-#include "iomm/signals.hpp"
 #include "output.hpp"
 
 namespace iomm::cli {
@@ -38,36 +35,11 @@ constexpr uint64_t kPoolSize = 1ULL << 20;
 constexpr std::string_view kSignature = "iomm device memory, bar 0";
 constexpr std::string_view kWhileDisabled = "written by the device while decode was off";
 
-// A touch that may SIGBUS: the demo's own handler, passing on every SIGBUS
-// that is not its probe's to the action it replaced (the library's).
-thread_local sigjmp_buf* t_probe = nullptr;
-struct sigaction g_previous {};
-
-void on_sigbus(int sig, siginfo_t* info, void* context) {
-  if (t_probe != nullptr) siglongjmp(*t_probe, 1);
-  if ((g_previous.sa_flags & SA_SIGINFO) != 0 && g_previous.sa_sigaction != nullptr) {
-    g_previous.sa_sigaction(sig, info, context);
-  } else {
-    signal(SIGBUS, SIG_DFL);
-  }
-}
-
-// The first `n` bytes at p, or nullopt if touching them raised SIGBUS.
+// The first `n` bytes at p, or nullopt if touching them raised the SIGBUS
+// of disabled or revoked memory.
 std::optional<std::string> touch(const std::byte* p, size_t n) {
-  sigjmp_buf env;
-  if (sigsetjmp(env, 1) != 0) {
-    t_probe = nullptr;
-    return std::nullopt;
-  }
   std::string out(n, '\0');
-  t_probe = &env;
-  // The handler must see the jump buffer before the access can fault.
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  for (size_t i = 0; i < n; ++i) {
-    out[i] = static_cast<char>(*static_cast<const volatile std::byte*>(p + i));
-  }
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  t_probe = nullptr;
+  if (!guarded_copy(out.data(), p, n)) return std::nullopt;
   return out;
 }
 
@@ -120,12 +92,6 @@ class DevmemDemo {
 
  private:
   std::string create_region() {
-    install_signal_handlers();
-    struct sigaction sa {};
-    sa.sa_sigaction = &on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, &g_previous);
     region_ =
         must(DeviceRegion::create(
                  {.name = "iomm-demo-bar0", .size = kRegionSize, .granularity = Granularity::huge}),
