@@ -68,11 +68,14 @@ void acquired(LockRank rank, const char* name, const void* lock, bool trying) no
 void released(const void* lock) noexcept;
 }  // namespace lock_order
 
-class RankedMutex {
+// What both kinds share: the exclusive side, every acquisition recorded
+// (and checked unless it is a try) and every release.
+template <typename Native>
+class RankedLock {
  public:
-  RankedMutex(LockRank rank, const char* name) noexcept : rank_(rank), name_(name) {}
-  RankedMutex(const RankedMutex&) = delete;
-  RankedMutex& operator=(const RankedMutex&) = delete;
+  RankedLock(LockRank rank, const char* name) noexcept : rank_(rank), name_(name) {}
+  RankedLock(const RankedLock&) = delete;
+  RankedLock& operator=(const RankedLock&) = delete;
 
   void lock() {
     if constexpr (kLockOrderChecks) lock_order::acquired(rank_, name_, this, false);
@@ -88,11 +91,19 @@ class RankedMutex {
     mu_.unlock();
   }
 
- private:
-  friend class CondVar;
-  std::mutex mu_;
+ protected:
+  ~RankedLock() = default;
+  Native mu_;
   const LockRank rank_;
   const char* const name_;
+};
+
+class RankedMutex : public RankedLock<std::mutex> {
+ public:
+  using RankedLock::RankedLock;
+
+ private:
+  friend class CondVar;
 };
 
 // A condition variable for a RankedMutex held through a std::unique_lock.
@@ -136,25 +147,10 @@ class CondVar {
   std::condition_variable cv_;
 };
 
-class RankedSharedMutex {
+class RankedSharedMutex : public RankedLock<std::shared_mutex> {
  public:
-  RankedSharedMutex(LockRank rank, const char* name) noexcept : rank_(rank), name_(name) {}
-  RankedSharedMutex(const RankedSharedMutex&) = delete;
-  RankedSharedMutex& operator=(const RankedSharedMutex&) = delete;
+  using RankedLock::RankedLock;
 
-  void lock() {
-    if constexpr (kLockOrderChecks) lock_order::acquired(rank_, name_, this, false);
-    mu_.lock();
-  }
-  bool try_lock() {
-    if (!mu_.try_lock()) return false;
-    if constexpr (kLockOrderChecks) lock_order::acquired(rank_, name_, this, true);
-    return true;
-  }
-  void unlock() {
-    if constexpr (kLockOrderChecks) lock_order::released(this);
-    mu_.unlock();
-  }
   void lock_shared() {
     if constexpr (kLockOrderChecks) lock_order::acquired(rank_, name_, this, false);
     mu_.lock_shared();
@@ -168,11 +164,6 @@ class RankedSharedMutex {
     if constexpr (kLockOrderChecks) lock_order::released(this);
     mu_.unlock_shared();
   }
-
- private:
-  std::shared_mutex mu_;
-  const LockRank rank_;
-  const char* const name_;
 };
 
 }  // namespace iomm::sync
