@@ -255,14 +255,27 @@ SoftDomain::~SoftDomain() = default;
 
 const DomainConfig& SoftDomain::config() const noexcept { return impl_->config; }
 
-Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
-  domain::Leaf leaf;
-  return domain::translate_leaf(*this, iova, access, &leaf);
-}
-
 namespace domain {
 
-Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t access, Leaf* leaf) {
+namespace {
+
+// A miss in an on-demand mapping asks the resolver to translate it again if
+// its memory is back; the resolver runs inside a read-side section.
+[[gnu::noinline]] bool resolve_miss(const std::atomic<MissResolver*>& resolver_slot,
+                                    const PageTable& table, uint64_t iova, Leaf* leaf) {
+  const auto resolve = [&] {
+    MissResolver* resolver = resolver_slot.load(std::memory_order_acquire);
+    return resolver != nullptr && resolver->resolve(iova) && table.lookup(iova, leaf);
+  };
+  if (sync::in_read_section()) return resolve();
+  const RcuReadGuard guard;
+  return resolve();
+}
+
+// translate_leaf, inlined into SoftDomain::translate too (a call less per
+// lookup).
+[[gnu::always_inline]] inline Result<Translation> translate_into(SoftDomain& domain, uint64_t iova,
+                                                                 uint32_t access, Leaf* leaf) {
   auto& impl = Internals::impl(domain);
   if (!valid_access(access)) return Error(EINVAL, "access must be kProtRead and/or kProtWrite");
   if (!inside_aperture(impl.config, iova)) {
@@ -271,21 +284,17 @@ Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t a
   // The walk needs a read-side section (an unmap frees the tables it empties
   // after a grace period); the caller's, when it holds one, is enough. The
   // leaf is copied out; the memory behind it stays valid only under the
-  // caller's guard. A miss in an on-demand mapping asks the resolver to
-  // translate it again if its memory is back.
+  // caller's guard. The walk is inline here and the miss path out of line
+  // (a lambda holding both was compiled as a call per lookup).
   const PageTable& table = *impl.page_table;
-  const auto walk = [&] {
-    if (table.lookup(iova, leaf)) return true;
-    MissResolver* resolver = impl.resolver.load(std::memory_order_acquire);
-    return resolver != nullptr && resolver->resolve(iova) && table.lookup(iova, leaf);
-  };
   bool present = false;
   if (sync::in_read_section()) {
-    present = walk();
+    present = table.lookup(iova, leaf);
   } else {
     const RcuReadGuard walk_guard;
-    present = walk();
+    present = table.lookup(iova, leaf);
   }
+  if (!present) present = resolve_miss(impl.resolver, table, iova, leaf);
   if (!present) return record_fault(impl.faults, iova, access, FaultReason::not_present);
   if ((leaf->prot & access) != access) {
     return record_fault(impl.faults, iova, access, FaultReason::permission);
@@ -301,7 +310,18 @@ Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t a
   };
 }
 
+}  // namespace
+
+Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t access, Leaf* leaf) {
+  return translate_into(domain, iova, access, leaf);
+}
+
 }  // namespace domain
+
+Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
+  domain::Leaf leaf;
+  return domain::translate_into(*this, iova, access, &leaf);
+}
 
 Status SoftDomain::dma_read(uint64_t iova, void* buf, size_t length) {
   auto* destination = static_cast<std::byte*>(buf);
