@@ -8,12 +8,12 @@
 //
 // Lookups over the *same* pre-generated IOVA sequence, each iteration a batch
 // of kBatch lookups:
-// - iomm:          SoftDomain::translate under one iomm::RcuReadGuard per
-//                  batch (IOTLB on, the default)
-// - iomm_no_iotlb: the same through a second domain attached to the same
-//                  IOAS (before the maps, like the first) with
-//                  DomainConfig::iotlb = false: every lookup walks (the
-//                  baseline of the IOTLB's cost on misses)
+// - iomm:          iomm::TranslationCache::translate (the IOTLB in front of
+//                  the domain; one cache for every row, as one thread would
+//                  keep) under one iomm::RcuReadGuard per batch
+// - iomm_no_iotlb: SoftDomain::translate of the same domain, the same way:
+//                  every lookup walks (the baseline of the IOTLB's cost on
+//                  misses)
 // - std_map:       std::map<iova, address>, upper_bound then step back
 // - flat_radix:    std::vector<uint64_t> indexed by (iova - kBase) >> 12 over
 //                  the used IOVA span (2M slots, 16 MiB), 0 = not present
@@ -43,6 +43,7 @@
 #include "iomm/ioas.hpp"
 #include "iomm/rcu.hpp"
 #include "iomm/source.hpp"
+#include "iomm/translation_cache.hpp"
 
 using namespace iomm_bench;
 
@@ -67,10 +68,10 @@ struct TranslateFixture {
   std::string error;
   std::shared_ptr<iomm::Ioas> ioas;
   std::shared_ptr<iomm::SoftDomain> domain;
-  std::shared_ptr<iomm::SoftDomain> uncached;  // DomainConfig::iotlb = false
-  uint64_t source_base = 0;                    // address translate() returns for offset 0
-  Sequence all;                                // random over all 1M mappings
-  Sequence hot;                                // random over kHotPages of them
+  std::unique_ptr<iomm::TranslationCache> cache;
+  uint64_t source_base = 0;  // address translate() returns for offset 0
+  Sequence all;              // random over all 1M mappings
+  Sequence hot;              // random over kHotPages of them
   std::map<uint64_t, uint64_t> tree;
   std::vector<uint64_t> flat;
   double setup_seconds = 0;
@@ -93,22 +94,13 @@ std::unique_ptr<TranslateFixture> build() {
   }
   f->ioas = setup.ioas;
   f->domain = setup.domain;
-  // Attached before the maps, as the first one is, so each map fills both
-  // tables and their pages are laid out alike: the two differ only in the
-  // IOTLB.
   {
-    iomm::DomainConfig no_iotlb;
-    no_iotlb.iotlb = false;
-    auto d = iomm::SoftDomain::create(no_iotlb);
-    if (!d) {
-      f->error = describe("SoftDomain::create(iotlb = false)", d.error());
+    auto cache = iomm::TranslationCache::create(f->domain);
+    if (!cache) {
+      f->error = describe("TranslationCache::create", cache.error());
       return f;
     }
-    if (auto st = f->ioas->attach(*d); !st) {
-      f->error = describe("Ioas::attach(second domain)", st.error());
-      return f;
-    }
-    f->uncached = *d;
+    f->cache = std::move(cache).value();
   }
   auto src = iomm::MemorySource::simulated(kMappings * kPage);
   if (!src) {
@@ -160,14 +152,15 @@ std::unique_ptr<TranslateFixture> build() {
   f->hot.iovas.resize(kSequence);
   for (auto& v : f->hot.iovas) v = kBase + hot[rng() % kHotPages] * kStride + (rng() % kPage);
 
-  // Full correctness check of both domains over both sequences, plus the
-  // checksums.
+  // Full correctness check of the walk and of the cache over both
+  // sequences, plus the checksums.
   for (Sequence* seq : {&f->all, &f->hot}) {
     iomm::RcuReadGuard guard;
     for (uint64_t iova : seq->iovas) {
       const uint64_t want = expected_address(*f, iova);
-      for (iomm::SoftDomain* d : {f->domain.get(), f->uncached.get()}) {
-        auto t = d->translate(iova, iomm::kProtRead);
+      for (bool cached : {false, true}) {
+        auto t = cached ? f->cache->translate(iova, iomm::kProtRead)
+                        : f->domain->translate(iova, iomm::kProtRead);
         if (!t || t->address != want || t->leaf_size != kPage) {
           char buf[200];
           std::snprintf(buf, sizeof buf, "translate(0x%llx) gave %s 0x%llx leaf %llu, want 0x%llx",
@@ -237,21 +230,23 @@ void run(benchmark::State& state, Sequence TranslateFixture::*which, Lookup look
                          benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
-// Sequence TranslateFixture::* and domain TranslateFixture::* chosen by the
-// registration below.
+// Sequence TranslateFixture::* chosen by the registration below.
 using SequencePtr = Sequence TranslateFixture::*;
-using DomainPtr = std::shared_ptr<iomm::SoftDomain> TranslateFixture::*;
 
-void BM_iomm(benchmark::State& state, SequencePtr which, DomainPtr domain) {
+// translate(translator, iova), where translator is what the caller holds:
+// the cache or the domain.
+template <typename Translator, typename Translate>
+void BM_iomm(benchmark::State& state, SequencePtr which, Translator TranslateFixture::*translator,
+             Translate translate) {
   run(state, which,
-      [domain](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum,
-               auto dependent) {
-        iomm::SoftDomain& d = *(f.*domain);
+      [translator, translate](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum,
+                              auto dependent) {
+        auto& through = *(f.*translator);
         iomm::RcuReadGuard guard;
         uint64_t s = 0;
         uint64_t dep = 0;
         for (size_t i = 0; i < n; ++i) {
-          auto t = d.translate(iovas[i] + dep, iomm::kProtRead);
+          auto t = translate(through, iovas[i] + dep);
           if (!t) return false;
           s += t->address;
           if constexpr (decltype(dependent)::value) dep = t->address >> 63;
@@ -336,9 +331,16 @@ void register_all() {
           ->Arg(1)
           ->Unit(benchmark::kMicrosecond);
     };
-    reg("iomm", [which](benchmark::State& s) { BM_iomm(s, which, &TranslateFixture::domain); });
-    reg("iomm_no_iotlb",
-        [which](benchmark::State& s) { BM_iomm(s, which, &TranslateFixture::uncached); });
+    reg("iomm", [which](benchmark::State& s) {
+      BM_iomm(s, which, &TranslateFixture::cache, [](iomm::TranslationCache& c, uint64_t iova) {
+        return c.translate(iova, iomm::kProtRead);
+      });
+    });
+    reg("iomm_no_iotlb", [which](benchmark::State& s) {
+      BM_iomm(s, which, &TranslateFixture::domain, [](iomm::SoftDomain& d, uint64_t iova) {
+        return d.translate(iova, iomm::kProtRead);
+      });
+    });
     reg("std_map", [which](benchmark::State& s) { BM_std_map(s, which); });
     reg("flat_radix", [which](benchmark::State& s) { BM_flat_radix(s, which); });
     reg("diag_pagetable_lookup", [which](benchmark::State& s) { BM_pagetable_lookup(s, which); });

@@ -311,5 +311,25 @@ TEST(FileDiscard, HolePunchedUnderAPinIsCountedAtUnpin) {
   EXPECT_EQ(s->discarded_pages(), 2U);
 }
 
+// hugetlb unpins ask the file's block count instead of mincore while the file
+// holds all its pages; a punched huge page still counts, in 4 KiB pages.
+TEST(FileDiscard, HugePagePunchedUnderAPinIsCountedAtUnpin) {
+  constexpr uint64_t kHuge = 2ULL << 20;
+  IOMM_NEEDS(test::hugetlb_available(2 * kHuge), "2 MiB huge pages (vm.nr_hugepages)");
+  test::Memfd mfd(2 * kHuge, MFD_HUGETLB);
+  auto s = MemorySource::from_file(mfd.fd(), 0, 2 * kHuge);
+  ASSERT_OK(s);
+  {
+    Attached a;
+    ASSERT_OK(a.ioas->map(*s, kRW, 0x40000000));
+    ASSERT_OK(a.ioas->unmap(0x40000000, 2 * kHuge));
+    EXPECT_EQ(s->discarded_pages(), 0U);
+    ASSERT_OK(a.ioas->map(*s, kRW, 0x40000000));
+    ASSERT_EQ(fallocate(mfd.fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, kHuge, kHuge), 0);
+    ASSERT_OK(a.ioas->unmap(0x40000000, 2 * kHuge));
+  }
+  EXPECT_EQ(s->discarded_pages(), kHuge / kPage);
+}
+
 }  // namespace
 }  // namespace iomm

@@ -1,6 +1,6 @@
-// The software domains' translation cache (src/domain/iotlb.hpp): a hit
-// gives what the walk gives, and every unmap or replacement is seen by the
-// next lookup, from any thread.
+// The software domains' translation cache (include/iomm/translation_cache.hpp,
+// src/domain/iotlb.hpp): a hit gives what the walk gives, and every unmap or
+// replacement is seen by the next lookup, from any thread.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -15,6 +15,7 @@
 #include "iomm/domain.hpp"
 #include "iomm/ioas.hpp"
 #include "iomm/source.hpp"
+#include "iomm/translation_cache.hpp"
 #include "test_support.hpp"
 
 namespace iomm {
@@ -25,12 +26,16 @@ constexpr uint32_t kReadWrite = kProtRead | kProtWrite;
 constexpr uint64_t kHostA = 0x7000000000;
 constexpr uint64_t kHostB = 0x7100000000;
 
-std::shared_ptr<SoftDomain> make_domain(bool iotlb = true) {
-  DomainConfig config;
-  config.iotlb = iotlb;
+std::shared_ptr<SoftDomain> make_domain(const DomainConfig& config = {}) {
   auto domain = SoftDomain::create(config);
   EXPECT_TRUE(domain.ok());
   return std::move(domain).value();
+}
+
+std::unique_ptr<TranslationCache> make_cache(std::shared_ptr<SoftDomain> domain) {
+  auto cache = TranslationCache::create(std::move(domain));
+  EXPECT_TRUE(cache.ok());
+  return std::move(cache).value();
 }
 
 Status map(SoftDomain& domain, uint64_t iova, uint64_t address, uint64_t length, uint32_t prot) {
@@ -46,37 +51,68 @@ void expect_same(const Translation& a, const Translation& b) {
   EXPECT_EQ(a.contiguous, b.contiguous);
 }
 
+TEST(Iotlb, CreateNeedsADomain) { EXPECT_ERRNO(TranslationCache::create(nullptr), EINVAL); }
+
 TEST(Iotlb, HitGivesWhatTheWalkGives) {
-  auto cached = make_domain();
-  auto walked = make_domain(false);
-  for (SoftDomain* d : {cached.get(), walked.get()}) {
-    ASSERT_OK(map(*d, 0x10000, kHostA, 2 * kPageSize, kProtRead));
-    ASSERT_OK(map(*d, kPageSize2M, kHostB, kPageSize2M, kReadWrite));  // one 2 MiB leaf
-  }
+  auto domain = make_domain();
+  auto cache = make_cache(domain);
+  ASSERT_OK(map(*domain, 0x10000, kHostA, 2 * kPageSize, kProtRead));
+  ASSERT_OK(map(*domain, kPageSize2M, kHostB, kPageSize2M, kReadWrite));  // one 2 MiB leaf
   for (uint64_t iova : {uint64_t{0x10000}, uint64_t{0x11abc}, kPageSize2M + 0x12345}) {
-    auto walk = walked->translate(iova, kProtRead);
+    auto walk = domain->translate(iova, kProtRead);
     ASSERT_OK(walk);
-    auto fill = cached->translate(iova, kProtRead);  // misses, fills
-    auto hit = cached->translate(iova, kProtRead);   // hits
+    auto fill = cache->translate(iova, kProtRead);  // misses, fills
+    auto hit = cache->translate(iova, kProtRead);   // hits
     ASSERT_OK(fill);
     ASSERT_OK(hit);
     expect_same(*fill, *walk);
     expect_same(*hit, *walk);
   }
-  auto large = cached->translate(kPageSize2M + 0x12345, kProtWrite);
+  auto large = cache->translate(kPageSize2M + 0x12345, kProtWrite);
   ASSERT_OK(large);
   EXPECT_EQ(large->leaf_size, kPageSize2M);
   EXPECT_EQ(large->contiguous, kPageSize2M - 0x12345);
   EXPECT_EQ(large->address, kHostB + 0x12345);
+  // Simulated memory has no host pointer, cached or not.
+  ASSERT_OK(domain::page_table_of(*domain).map(0x80000, kHostA, kPageSize, kProtRead,
+                                               mem::HostAccess::none));
+  for (int i = 0; i < 2; ++i) {
+    auto t = cache->translate(0x80010, kProtRead);
+    ASSERT_OK(t);
+    EXPECT_EQ(t->host, nullptr);
+    EXPECT_EQ(t->address, kHostA + 0x10);
+  }
+  // A bad access is EINVAL on a hit too.
+  EXPECT_ERRNO(cache->translate(0x10000, 0), EINVAL);
+  EXPECT_ERRNO(cache->translate(0x10000, 4), EINVAL);
+  EXPECT_TRUE(domain->take_faults().empty());
+}
+
+// A page only partly inside the aperture is never cached: the bytes outside
+// fault on every lookup.
+TEST(Iotlb, ApertureIsCheckedOnEveryLookup) {
+  DomainConfig config;
+  config.aperture_start = 0x10800;
+  auto domain = make_domain(config);
+  auto cache = make_cache(domain);
+  ASSERT_OK(map(*domain, 0x10000, kHostA, kPageSize, kProtRead));
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_OK(cache->translate(0x10900, kProtRead));
+    EXPECT_ERRNO(cache->translate(0x10100, kProtRead), EFAULT);
+  }
+  const auto faults = domain->take_faults();
+  ASSERT_EQ(faults.size(), 2U);
+  EXPECT_EQ(faults[1].reason, FaultReason::outside_aperture);
 }
 
 TEST(Iotlb, UnmapIsSeenByTheNextLookup) {
   auto domain = make_domain();
+  auto cache = make_cache(domain);
   ASSERT_OK(map(*domain, 0x40000, kHostA, kPageSize, kReadWrite));
-  ASSERT_OK(domain->translate(0x40000, kProtRead));
-  ASSERT_OK(domain->translate(0x40010, kProtRead));  // a hit
+  ASSERT_OK(cache->translate(0x40000, kProtRead));
+  ASSERT_OK(cache->translate(0x40010, kProtRead));  // a hit
   EXPECT_EQ(domain::page_table_of(*domain).unmap(0x40000, kPageSize), kPageSize);
-  EXPECT_ERRNO(domain->translate(0x40010, kProtRead), EFAULT);
+  EXPECT_ERRNO(cache->translate(0x40010, kProtRead), EFAULT);
   const auto faults = domain->take_faults();
   ASSERT_EQ(faults.size(), 1U);
   EXPECT_EQ(faults[0].reason, FaultReason::not_present);
@@ -87,13 +123,14 @@ TEST(Iotlb, UnmapIsSeenByTheNextLookup) {
 // the new address and the new permission are seen at once.
 TEST(Iotlb, ReplacedLeafGivesTheNewTranslation) {
   auto domain = make_domain();
+  auto cache = make_cache(domain);
   domain::PageTable& table = domain::page_table_of(*domain);
   ASSERT_OK(map(*domain, 0x40000, kHostA, kPageSize, kProtRead));
-  ASSERT_OK(domain->translate(0x40000, kProtRead));
-  EXPECT_ERRNO(domain->translate(0x40000, kProtWrite), EPERM);  // checked on a hit too
+  ASSERT_OK(cache->translate(0x40000, kProtRead));
+  EXPECT_ERRNO(cache->translate(0x40000, kProtWrite), EPERM);  // checked on a hit too
   EXPECT_EQ(table.unmap_keeping_tables(0x40000, kPageSize), kPageSize);
   ASSERT_OK(map(*domain, 0x40000, kHostB, kPageSize, kReadWrite));
-  auto t = domain->translate(0x40008, kProtWrite);
+  auto t = cache->translate(0x40008, kProtWrite);
   ASSERT_OK(t);
   EXPECT_EQ(t->address, kHostB + 8);
   EXPECT_EQ(t->prot, kReadWrite);
@@ -102,30 +139,38 @@ TEST(Iotlb, ReplacedLeafGivesTheNewTranslation) {
   EXPECT_EQ(faults[0].reason, FaultReason::permission);
 }
 
-// Slots are per thread and shared by every domain it translates through:
-// one domain's entry never answers for another, nor for a new domain at the
-// same address as a destroyed one.
-TEST(Iotlb, DomainsNeverShareEntries) {
-  auto a = make_domain();
-  auto b = make_domain();
-  ASSERT_OK(map(*a, 0x40000, kHostA, kPageSize, kReadWrite));
-  ASSERT_OK(map(*b, 0x40000, kHostB, kPageSize, kReadWrite));
-  for (int i = 0; i < 3; ++i) {
-    auto ta = a->translate(0x40000, kProtRead);
-    auto tb = b->translate(0x40000, kProtRead);
-    ASSERT_OK(ta);
-    ASSERT_OK(tb);
-    EXPECT_EQ(ta->address, kHostA);
-    EXPECT_EQ(tb->address, kHostB);
-  }
-  for (int i = 0; i < 3; ++i) {
-    a = make_domain();
-    EXPECT_ERRNO(a->translate(0x40000, kProtRead), EFAULT);
-    ASSERT_OK(map(*a, 0x40000, kHostA + (i + 1) * kPageSize, kPageSize, kReadWrite));
-    auto t = a->translate(0x40000, kProtRead);
+// Lookups that keep evicting entries which never hit stop the filling; a
+// hot set brings it back. Every answer along the way is the walk's, and an
+// unmap while the cache samples is seen at once.
+TEST(Iotlb, StopsFillingOnRandomMissesAndResumesOnAHotSet) {
+  constexpr uint64_t kPages = 8 * TranslationCache::kSets * TranslationCache::kWays;
+  constexpr uint64_t kBase = 0x10000000;
+  DomainConfig config;
+  config.page_sizes = kPageSize;  // a 4 KiB leaf per page
+  auto domain = make_domain(config);
+  auto cache = make_cache(domain);
+  ASSERT_OK(map(*domain, kBase, kHostA, kPages * kPageSize, kReadWrite));
+  auto check = [&](uint64_t page) {
+    auto t = cache->translate(kBase + page * kPageSize + 1, kProtRead);
     ASSERT_OK(t);
-    EXPECT_EQ(t->address, kHostA + (i + 1) * kPageSize);
+    EXPECT_EQ(t->address, kHostA + page * kPageSize + 1);
+  };
+  // Every page once, twice over: once the sets are full, each fill evicts
+  // an entry that never hit.
+  for (uint64_t page = 0; page < kPages && cache->caching(); ++page) check(page);
+  for (uint64_t page = 0; page < kPages && cache->caching(); ++page) check(page);
+  EXPECT_FALSE(cache->caching());
+  for (uint64_t i = 0; i < 64 * TranslationCache::kSampleInterval; ++i) check(i % 8);
+  EXPECT_TRUE(cache->caching());
+  // Into sampling again, then unmap: no sample or hit may return the page.
+  for (uint64_t page = 0; page < kPages && cache->caching(); ++page) check(page);
+  for (uint64_t page = 0; page < kPages && cache->caching(); ++page) check(page);
+  ASSERT_FALSE(cache->caching());
+  EXPECT_EQ(domain::page_table_of(*domain).unmap(kBase, kPageSize), kPageSize);
+  for (uint64_t i = 0; i < 4 * TranslationCache::kSampleInterval; ++i) {
+    EXPECT_ERRNO(cache->translate(kBase + 8, kProtRead), EFAULT);
   }
+  EXPECT_EQ(domain->take_faults().size(), 4 * TranslationCache::kSampleInterval);
 }
 
 // Through the public API: Ioas::unmap, then a new mapping at the same IOVA.
@@ -133,6 +178,7 @@ TEST(Iotlb, IoasUnmapAndRemap) {
   auto ioas = Ioas::create();
   ASSERT_OK(ioas);
   auto domain = make_domain();
+  auto cache = make_cache(domain);
   ASSERT_OK((*ioas)->attach(domain));
   auto first = MemorySource::simulated(4 * kPageSize);
   auto second = MemorySource::simulated(4 * kPageSize);
@@ -140,24 +186,24 @@ TEST(Iotlb, IoasUnmapAndRemap) {
   ASSERT_OK(second);
   constexpr uint64_t iova = 0x100000;
   ASSERT_OK((*ioas)->map(*first, kReadWrite, iova));
-  auto before = domain->translate(iova + kPageSize, kProtRead);
+  auto before = cache->translate(iova + kPageSize, kProtRead);
   ASSERT_OK(before);
-  ASSERT_OK(domain->translate(iova + kPageSize, kProtRead));
+  ASSERT_OK(cache->translate(iova + kPageSize, kProtRead));
   ASSERT_OK((*ioas)->unmap(iova, 4 * kPageSize));
-  EXPECT_ERRNO(domain->translate(iova + kPageSize, kProtRead), EFAULT);
+  EXPECT_ERRNO(cache->translate(iova + kPageSize, kProtRead), EFAULT);
   ASSERT_OK((*ioas)->map(*second, kProtRead, iova));
-  auto after = domain->translate(iova + kPageSize, kProtRead);
+  auto after = cache->translate(iova + kPageSize, kProtRead);
   ASSERT_OK(after);
   EXPECT_NE(after->address, before->address);
   EXPECT_EQ(after->prot, kProtRead);
-  EXPECT_ERRNO(domain->translate(iova + kPageSize, kProtWrite), EPERM);
+  EXPECT_ERRNO(cache->translate(iova + kPageSize, kProtWrite), EPERM);
   ASSERT_OK((*ioas)->unmap_all());
   ASSERT_OK((*ioas)->detach(domain));
   (void)domain->take_faults();
 }
 
-// Readers hammer a small set of pages (so nearly every lookup is a cache
-// hit) while a writer unmaps them one by one, publishing how many it has
+// Readers, each with its own cache, hammer a small set of pages (so nearly
+// every lookup is a cache hit) while a writer unmaps them one by one, publishing how many it has
 // unmapped after each unmap returns; then maps them all again at new
 // addresses, round after round. A lookup that began after page i's unmap
 // returned must fail with EFAULT, and every translation must be the current
@@ -170,6 +216,8 @@ TEST(IotlbStress, UnmapWhileReadersHit) {
   constexpr int kReaders = 2;
   auto domain = make_domain();
   domain::PageTable& table = domain::page_table_of(*domain);
+  std::vector<std::unique_ptr<TranslationCache>> caches;
+  for (int r = 0; r < kReaders; ++r) caches.push_back(make_cache(domain));
   auto address = [](uint64_t round, uint64_t page) {
     return kHostA + round * (kPages * kPageSize) + page * kPageSize;
   };
@@ -191,7 +239,7 @@ TEST(IotlbStress, UnmapWhileReadersHit) {
         x ^= x << 17;
         const uint64_t page = x % kPages;
         const uint64_t before = state.load(std::memory_order_seq_cst);
-        auto t = domain->translate(kBase + page * kPageSize + 8, kProtRead);
+        auto t = caches[r]->translate(kBase + page * kPageSize + 8, kProtRead);
         const uint64_t after = state.load(std::memory_order_seq_cst);
         lookups.fetch_add(1, std::memory_order_relaxed);
         if (!t.ok()) {

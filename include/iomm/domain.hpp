@@ -65,11 +65,6 @@ struct IOMM_API DomainConfig {
   // IOVA ranges the device cannot use (e.g. an MSI window).
   std::vector<IovaRange> reserved;
   size_t fault_log_capacity = 256;
-  // translate() checks a cache of recent translations (an IOTLB: per thread,
-  // 512 4 KiB entries) before walking the table. Every unmap invalidates it
-  // before it returns, so a translation never outlives its mapping. false:
-  // always walk.
-  bool iotlb = true;
 };
 
 struct IOMM_API Translation {
@@ -125,10 +120,10 @@ class IOMM_API SoftDomain {
 
   [[nodiscard]] const DomainConfig& config() const noexcept;
 
-  // Translate one IOVA for the given access (kProtRead or kProtWrite).
-  // Checks the domain's IOTLB first (DomainConfig::iotlb): a translation
-  // removed by an unmap that returned before this call began is never
-  // returned. Lock-free (not wait-free: a fault is recorded under the fault log's
+  // Translate one IOVA for the given access (kProtRead or kProtWrite) by
+  // walking the table (iomm::TranslationCache puts an IOTLB in front of
+  // it). A translation removed by an unmap that returned before this call
+  // began is never returned. Lock-free (not wait-free: a fault is recorded under the fault log's
   // lock). The walk runs inside an RCU read-side section, because unmaps
   // free the page-table pages they empty after a grace period: the caller's
   // guard if it holds one (then the walk costs no RCU call), else its own,

@@ -2,10 +2,6 @@
 
 namespace iomm::domain {
 
-namespace iotlb {
-constinit thread_local Slot t_slots[kIotlbSlots];
-}  // namespace iotlb
-
 namespace {
 
 std::atomic<uint64_t> g_last_generation{0};

@@ -129,21 +129,45 @@ Status PageTable::map(uint64_t iova, uint64_t address, uint64_t length, uint32_t
                              ((prot & kProtWrite) != 0 ? kWritable : 0) |
                              (static_cast<uint64_t>(host_access) << kHostAccessShift);
   uint64_t done = 0;
+  LeafCounts placed;
   std::shared_lock lk(structure_mu_);
   while (done < length) {
-    Result<uint64_t> placed = map_one_leaf(iova + done, address + done, length - done, leaf_bits);
-    if (!placed.ok()) {
+    Result<uint64_t> size =
+        map_one_leaf(iova + done, address + done, length - done, leaf_bits, &placed);
+    if (!size.ok()) {
       lk.unlock();
+      add_counts(placed);  // the undo subtracts them
       unmap_keeping_tables(iova, done);
-      return placed.error();
+      return size.error();
     }
-    done += placed.value();
+    done += size.value();
   }
+  add_counts(placed);
   return {};
 }
 
+void PageTable::add_counts(const LeafCounts& counts) noexcept {
+  uint64_t bytes = 0;
+  for (unsigned level = 0; level <= kMaxLeafLevel; ++level) {
+    if (counts.leaves[level] == 0) continue;
+    leaves_[level].fetch_add(counts.leaves[level], std::memory_order_relaxed);
+    bytes += counts.leaves[level] * level_size(level);
+  }
+  if (bytes != 0) mapped_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+}
+
+void PageTable::subtract_counts(const LeafCounts& counts) noexcept {
+  uint64_t bytes = 0;
+  for (unsigned level = 0; level <= kMaxLeafLevel; ++level) {
+    if (counts.leaves[level] == 0) continue;
+    leaves_[level].fetch_sub(counts.leaves[level], std::memory_order_relaxed);
+    bytes += counts.leaves[level] * level_size(level);
+  }
+  if (bytes != 0) mapped_bytes_.fetch_sub(bytes, std::memory_order_relaxed);
+}
+
 Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64_t remaining,
-                                         uint64_t leaf_bits) {
+                                         uint64_t leaf_bits, LeafCounts* placed) {
   Table* table = root_;
   for (unsigned level = levels_ - 1;; --level) {
     std::atomic<uint64_t>& slot = table->entries[index_at(iova, level)];
@@ -153,8 +177,7 @@ Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64
     if (entry == 0 && leaf_fits(level, iova, address, remaining) &&
         slot.compare_exchange_strong(entry, address | leaf_bits, std::memory_order_release,
                                      std::memory_order_acquire)) {
-      mapped_bytes_.fetch_add(level_size(level), std::memory_order_relaxed);
-      leaves_[level].fetch_add(1, std::memory_order_relaxed);
+      ++placed->leaves[level];
       return level_size(level);
     }
     if (entry == 0) {
@@ -190,8 +213,10 @@ bool clip(uint64_t iova, uint64_t length, uint64_t covered_last, uint64_t* last)
 uint64_t PageTable::unmap_keeping_tables(uint64_t iova, uint64_t length) noexcept {
   uint64_t last = 0;
   if (!clip(iova, length, covered_last_, &last)) return 0;
+  LeafCounts counts;
   std::shared_lock lk(structure_mu_);
-  const uint64_t cleared = clear_range(root_, levels_ - 1, iova, last);
+  const uint64_t cleared = clear_range(root_, levels_ - 1, iova, last, &counts);
+  subtract_counts(counts);
   // After the leaves are cleared, before the caller waits for readers.
   iotlb_.invalidate();
   return cleared;
@@ -241,8 +266,8 @@ void PageTable::retire_empty(Table* table, unsigned level, uint64_t first, uint6
 // [first, last] lies within the span of table. A leaf only partly inside the
 // range is cleared whole: leaving a translation to memory the caller is
 // about to release would be worse than dropping a neighbour's.
-uint64_t PageTable::clear_range(Table* table, unsigned level, uint64_t first,
-                                uint64_t last) noexcept {
+uint64_t PageTable::clear_range(Table* table, unsigned level, uint64_t first, uint64_t last,
+                                LeafCounts* cleared_leaves) noexcept {
   const unsigned shift = level_shift(level);
   const unsigned table_shift = shift + kBitsPerLevel;
   const uint64_t table_base = table_shift >= 64 ? 0 : first & ~((uint64_t{1} << table_shift) - 1);
@@ -257,12 +282,11 @@ uint64_t PageTable::clear_range(Table* table, unsigned level, uint64_t first,
       const uint64_t slot_first = table_base + (uint64_t{index} << shift);
       const uint64_t slot_last = slot_first + (level_size(level) - 1);
       cleared += clear_range(table_of(entry), level - 1, index == first_index ? first : slot_first,
-                             index == last_index ? last : slot_last);
+                             index == last_index ? last : slot_last, cleared_leaves);
       continue;
     }
     slot.store(0, std::memory_order_release);
-    mapped_bytes_.fetch_sub(level_size(level), std::memory_order_relaxed);
-    leaves_[level].fetch_sub(1, std::memory_order_relaxed);
+    ++cleared_leaves->leaves[level];
     cleared += level_size(level);
   }
   return cleared;

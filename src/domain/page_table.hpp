@@ -19,9 +19,10 @@
 // read (retire_horizon()). So the table count follows what is mapped, and an
 // emptied slot takes a large leaf again.
 //
-// Translation cache: translate() checks the domain's IOTLB (iotlb.hpp)
-// before it walks. Every path that clears or replaces a leaf ends in
-// unmap_keeping_tables(), which invalidates the IOTLB after clearing.
+// Translation caches (iomm::TranslationCache) check the domain's IOTLB
+// generation (iotlb.hpp) before they walk. Every path that clears or
+// replaces a leaf ends in unmap_keeping_tables(), which invalidates it after
+// clearing.
 #pragma once
 
 #include <atomic>
@@ -109,7 +110,8 @@ class PageTable {
   // covers max_bytes. Lets a DMA walk a contiguous range in one descent.
   bool lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const noexcept;
 
-  // The cache in front of lookup() (iotlb.hpp); invalidated by every unmap.
+  // The generation of the caches in front of lookup() (iotlb.hpp); replaced
+  // by every unmap.
   [[nodiscard]] const Iotlb& iotlb() const noexcept { return iotlb_; }
 
   [[nodiscard]] PageTableCounters counters() const noexcept;
@@ -121,13 +123,22 @@ class PageTable {
   };
   PageTable(Table* root, unsigned levels, uint64_t page_sizes);
 
-  // Installs the leaf covering iova (or the first tables on its way) and
-  // returns the leaf size.
+  // Leaves placed or cleared by one call, by level: the shared counters are
+  // updated once per call, not once per leaf (three atomic read-modify-writes
+  // per leaf were a third of attaching 1 GiB of 2 MiB leaves).
+  struct LeafCounts {
+    uint64_t leaves[3] = {};
+  };
+  void add_counts(const LeafCounts& counts) noexcept;
+  void subtract_counts(const LeafCounts& counts) noexcept;
+  // Installs the leaf covering iova (or the first tables on its way), counts
+  // it in placed and returns the leaf size.
   Result<uint64_t> map_one_leaf(uint64_t iova, uint64_t address, uint64_t remaining,
-                                uint64_t leaf_bits);
+                                uint64_t leaf_bits, LeafCounts* placed);
   [[nodiscard]] bool leaf_fits(unsigned level, uint64_t iova, uint64_t address,
                                uint64_t remaining) const noexcept;
-  uint64_t clear_range(Table* table, unsigned level, uint64_t first, uint64_t last) noexcept;
+  uint64_t clear_range(Table* table, unsigned level, uint64_t first, uint64_t last,
+                       LeafCounts* cleared) noexcept;
   // Unlink and retire every table below `table` in [first, last] that is
   // empty. structure_mu_ held exclusively.
   void retire_empty(Table* table, unsigned level, uint64_t first, uint64_t last) noexcept;

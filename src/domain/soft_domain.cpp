@@ -139,9 +139,9 @@ bool copy_to_host(const HostSegments::Segment& segment, const std::byte* buf) no
 // host segments, marks the range in dirty_log (when given) and then calls
 // copy(segment, offset_in_buf) for each segment. Marking comes before
 // the first byte moves: a page reported dirty but not written is harmless,
-// a written page missing from the log is lost by a migration. One RCU read
-// section spans it all, so the collected host pointers stay valid until the
-// last byte has moved. Memory found gone during the copy is recorded as a
+// a written page missing from the log is lost by a migration. The caller's
+// RCU read section spans it all, so the collected host pointers stay valid
+// until the last byte has moved. Memory found gone during the copy is recorded as a
 // host_memory fault at the IOVA of the failing segment.
 template <typename CopyFn>
 Status transfer(const DomainConfig& config, const domain::PageTable& table,
@@ -150,7 +150,6 @@ Status transfer(const DomainConfig& config, const domain::PageTable& table,
   if (length == 0) return {};
   if (!make_range(iova, length)) return Error(EOVERFLOW, "iova + length wraps");
 
-  const RcuReadGuard guard;
   HostSegments segments;
   bool simulated = false;
   uint64_t position = iova;
@@ -256,58 +255,78 @@ SoftDomain::~SoftDomain() = default;
 
 const DomainConfig& SoftDomain::config() const noexcept { return impl_->config; }
 
-Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
+namespace domain {
+
+namespace {
+
+// A miss in an on-demand mapping asks the resolver to translate it again if
+// its memory is back; the resolver runs inside a read-side section.
+[[gnu::noinline]] bool resolve_miss(const std::atomic<MissResolver*>& resolver_slot,
+                                    const PageTable& table, uint64_t iova, Leaf* leaf) {
+  const auto resolve = [&] {
+    MissResolver* resolver = resolver_slot.load(std::memory_order_acquire);
+    return resolver != nullptr && resolver->resolve(iova) && table.lookup(iova, leaf);
+  };
+  if (sync::in_read_section()) return resolve();
+  const RcuReadGuard guard;
+  return resolve();
+}
+
+// translate_leaf, inlined into SoftDomain::translate too (a call less per
+// lookup).
+[[gnu::always_inline]] inline Result<Translation> translate_into(SoftDomain& domain, uint64_t iova,
+                                                                 uint32_t access, Leaf* leaf) {
+  auto& impl = Internals::impl(domain);
   if (!valid_access(access)) return Error(EINVAL, "access must be kProtRead and/or kProtWrite");
-  if (!inside_aperture(impl_->config, iova)) {
-    return record_fault(impl_->faults, iova, access, FaultReason::outside_aperture);
+  if (!inside_aperture(impl.config, iova)) {
+    return record_fault(impl.faults, iova, access, FaultReason::outside_aperture);
   }
-  // The IOTLB first: a hit touches no table, so it needs no read-side
-  // section. The generation is read before the walk, so a walk racing with
-  // an unmap fills a slot that is already stale (domain/iotlb.hpp).
-  const domain::PageTable& table = *impl_->page_table;
-  const bool cached = impl_->config.iotlb;
-  const uint64_t generation = cached ? table.iotlb().generation() : 0;
-  domain::Leaf leaf;
-  bool present = cached && domain::Iotlb::lookup(iova, generation, &leaf);
-  if (!present) {
-    // The walk needs a read-side section (an unmap frees the tables it
-    // empties after a grace period); the caller's, when it holds one, is
-    // enough. The leaf is copied out; the memory behind it stays valid only
-    // under the caller's guard. A miss in an on-demand mapping asks the
-    // resolver to translate it again if its memory is back.
-    const auto walk = [&] {
-      if (table.lookup(iova, &leaf)) return true;
-      domain::MissResolver* resolver = impl_->resolver.load(std::memory_order_acquire);
-      return resolver != nullptr && resolver->resolve(iova) && table.lookup(iova, &leaf);
-    };
-    if (sync::in_read_section()) {
-      present = walk();
-    } else {
-      const RcuReadGuard walk_guard;
-      present = walk();
-    }
-    if (present && cached) domain::Iotlb::fill(iova, generation, leaf);
+  // The walk needs a read-side section (an unmap frees the tables it empties
+  // after a grace period); the caller's, when it holds one, is enough. The
+  // leaf is copied out; the memory behind it stays valid only under the
+  // caller's guard. The walk is inline here and the miss path out of line
+  // (a lambda holding both was compiled as a call per lookup).
+  const PageTable& table = *impl.page_table;
+  bool present = false;
+  if (sync::in_read_section()) {
+    present = table.lookup(iova, leaf);
+  } else {
+    const RcuReadGuard walk_guard;
+    present = table.lookup(iova, leaf);
   }
-  if (!present) {
-    return record_fault(impl_->faults, iova, access, FaultReason::not_present);
-  }
-  if ((leaf.prot & access) != access) {
-    return record_fault(impl_->faults, iova, access, FaultReason::permission);
+  if (!present) present = resolve_miss(impl.resolver, table, iova, leaf);
+  if (!present) return record_fault(impl.faults, iova, access, FaultReason::not_present);
+  if ((leaf->prot & access) != access) {
+    return record_fault(impl.faults, iova, access, FaultReason::permission);
   }
   return Translation{
       .iova = iova,
-      .host = leaf.host_access == mem::HostAccess::none ? nullptr
-                                                        : reinterpret_cast<void*>(leaf.address),
-      .address = leaf.address,
-      .prot = leaf.prot,
-      .leaf_size = leaf.size,
-      .contiguous = leaf.remaining,
+      .host = leaf->host_access == mem::HostAccess::none ? nullptr
+                                                         : reinterpret_cast<void*>(leaf->address),
+      .address = leaf->address,
+      .prot = leaf->prot,
+      .leaf_size = leaf->size,
+      .contiguous = leaf->remaining,
   };
+}
+
+}  // namespace
+
+Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t access, Leaf* leaf) {
+  return translate_into(domain, iova, access, leaf);
+}
+
+}  // namespace domain
+
+Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
+  domain::Leaf leaf;
+  return domain::translate_into(*this, iova, access, &leaf);
 }
 
 Status SoftDomain::dma_read(uint64_t iova, void* buf, size_t length) {
   auto* destination = static_cast<std::byte*>(buf);
-  const RcuReadGuard guard;  // keeps the resolver's IOAS alive
+  // Keeps the resolver's IOAS alive and the host pointers valid (transfer).
+  const RcuReadGuard guard;
   return transfer(impl_->config, *impl_->page_table, impl_->faults,
                   impl_->resolver.load(std::memory_order_acquire), iova, length, kProtRead, nullptr,
                   [destination](const HostSegments::Segment& segment, size_t offset) {

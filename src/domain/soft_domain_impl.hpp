@@ -89,7 +89,12 @@ namespace iomm::domain {
 // keeps it private, so it stays out of the installed API.
 struct Internals {
   static PageTable& page_table(SoftDomain& domain) noexcept { return *domain.impl_->page_table; }
+  static SoftDomain::Impl& impl(SoftDomain& domain) noexcept { return *domain.impl_; }
 };
+
+// SoftDomain::translate, also giving the leaf it found (for the translation
+// caches to fill from). leaf is set when the result is a translation.
+Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t access, Leaf* leaf);
 inline PageTable& page_table_of(SoftDomain& domain) noexcept {
   return Internals::page_table(domain);
 }

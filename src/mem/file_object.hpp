@@ -86,6 +86,9 @@ class FileObject final : public MemObject {
   // window_mu_ held exclusively.
   Status make_writable(int fd);
   void count_discarded(std::byte* addr, uint64_t length) noexcept;
+  // hugetlb only: the file holds every page up to its size, which reaches
+  // range_end (an address in the window).
+  [[nodiscard]] bool holds_every_page(const std::byte* range_end) const noexcept;
 
   const dev_t dev_;
   const ino_t ino_;

@@ -50,7 +50,7 @@ RcuReadGuard::~RcuReadGuard() {
 
 namespace sync {
 
-constinit thread_local unsigned t_read_depth = 0;
+[[gnu::tls_model("initial-exec")]] constinit thread_local unsigned t_read_depth = 0;
 
 void rcu_synchronize() noexcept {
   urcu_bp_synchronize_rcu();

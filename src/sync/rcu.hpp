@@ -8,8 +8,11 @@ namespace iomm::sync {
 // ended. Must not be called inside a read-side section.
 void rcu_synchronize() noexcept;
 
-// How many RcuReadGuards this thread holds. constinit: no TLS wrapper call.
-extern constinit thread_local unsigned t_read_depth;
+// How many RcuReadGuards this thread holds. constinit: no TLS wrapper call;
+// initial-exec: in the shared library (built position-independent) a read
+// is one %fs-relative load instead of a __tls_get_addr call. Four bytes of
+// static TLS, which even a dlopen of the library finds in glibc's reserve.
+[[gnu::tls_model("initial-exec")]] extern constinit thread_local unsigned t_read_depth;
 
 // Whether the calling thread is inside a read-side section already, so a
 // lock-free walk on the hot path (translate) can skip entering its own:
