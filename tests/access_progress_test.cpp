@@ -137,6 +137,52 @@ TEST(UnmapProgress, PinThatNeverLeavesFlightEndsInEdeadlockWithinTheWait) {
   EXPECT_EQ(counters().pinned_bytes, 0U);
 }
 
+// Only accesses whose pins, held or in flight, overlap the range are called:
+// an access whose only pin is stuck locking pages elsewhere is left alone
+// (the fuzzer's report in fuzz/README.md; it used to be called, as any pin in
+// flight counted wherever it was headed).
+TEST(UnmapProgress, PinInFlightElsewhereIsNotCalledBack) {
+  test::UserfaultRegion stuck(kStuckPages * kPageSize);
+  IOMM_NEEDS(stuck.ok(),
+             "userfaultfd for kernel-mode faults (vm.unprivileged_userfaultfd=1 when not root)");
+  test::Memfd mfd(kMiB);
+  auto ioas = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, kMiB), kRW, 0x100000));
+  ASSERT_OK(
+      ioas->map(*MemorySource::from_user(stuck.addr(), kStuckPages * kPageSize), kRW, kStuckIova));
+  RecordAfterPinDriver holder;
+  holder.access = Access::create(ioas, [&](const IovaRange& r) { holder.on_unmap(r); }).value();
+  RecordAfterPinDriver elsewhere;
+  elsewhere.access =
+      Access::create(ioas, [&](const IovaRange& r) { elsewhere.on_unmap(r); }).value();
+  ASSERT_OK(holder.pin(0x100000, kPageSize));
+
+  Status stuck_pin = Error(EINPROGRESS, "");
+  Background pinner([&] { stuck_pin = elsewhere.pin(kStuckIova, kStuckPages * kPageSize); });
+  ASSERT_TRUE(stuck.wait_fault(10000)) << "the pin never faulted";
+  Result<uint64_t> unmapped = Error(EINPROGRESS, "");
+  {
+    Background unmapper([&] { unmapped = ioas->unmap(0x100000, kMiB); });
+    const bool finished = unmapper.finishes_within(5s);
+    if (!finished) stuck.resolve_all();
+    ASSERT_TRUE(finished) << "the unmap waited for a pin of another range";
+  }
+  ASSERT_OK(unmapped);
+  EXPECT_EQ(holder.calls, 1);
+  EXPECT_EQ(holder.access->pin_count(), 0U);
+  EXPECT_EQ(elsewhere.calls, 0);
+
+  stuck.resolve_all();
+  pinner.join();
+  ASSERT_OK(stuck_pin);
+  EXPECT_EQ(elsewhere.access->pin_count(), 1U);
+  // Its own range: now it is called, and unpins.
+  ASSERT_OK(ioas->unmap(kStuckIova, kStuckPages * kPageSize));
+  EXPECT_EQ(elsewhere.calls, 1);
+  EXPECT_EQ(elsewhere.access->pin_count(), 0U);
+  EXPECT_EQ(counters().pinned_bytes, 0U);
+}
+
 // A driver of page pins (type1 vfio_pin_pages style) that drops the pages
 // it holds in an unmapped range.
 struct PagePinDriver {

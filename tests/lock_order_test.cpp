@@ -56,7 +56,7 @@ TEST(LockOrderDeathTest, SameRankTwiceAborts) {
 
 TEST(LockOrder, InOrderTryLocksAndWaitsPass) {
   sync::RankedMutex outer{LockRank::ioas_accesses, "outer"};
-  sync::RankedMutex inner{LockRank::access_callback, "inner"};
+  sync::RankedMutex inner{LockRank::access_pins, "inner"};
   {
     std::lock_guard lo(outer);
     std::lock_guard li(inner);
@@ -94,7 +94,6 @@ TEST(LockOrder, RanksFollowTheDesignDocument) {
       {LockRank::compat_fd_registry, "fd registry's `mu_`"},
       {LockRank::notifier_tree, "`notify::Registry::tree_mu_`"},
       {LockRank::ioas_accesses, "`IoasState::accesses_mu`"},
-      {LockRank::access_callback, "`AccessState::callback_mu`"},
       {LockRank::access_pins, "`AccessState::mu`"},
       {LockRank::access_pages, "`AccessState::page_mu`"},
       {LockRank::ioas_domains, "`IoasState::domains_mu`"},

@@ -286,6 +286,7 @@ void lane_pin(const Plan& plan, Lane& lane, const LaneOp& op) {
   }
   AccessModel& acc = *lane.access;
   std::lock_guard lk(acc.mu);
+  if (len != 0) acc.note_try(range);
   const auto& r = note(acc.access->pin(iova, len, prot));
   if (want != 0) return lane_expect(lane, "pin", r.code(), want, {});
   // A pin of new pages may fault, as in a single-threaded step; ENOMEM only
@@ -556,6 +557,7 @@ void op_round(Reader& in) {
   const int step = iomm::fuzz::g_step_index;
   std::barrier sync(plan.lanes);
   std::vector<std::thread> threads;
+  ++g_round_id;
   g_round_running = true;
   for (int t = 0; t < plan.lanes; ++t) {
     threads.emplace_back([&, t] {

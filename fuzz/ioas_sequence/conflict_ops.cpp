@@ -353,6 +353,7 @@ void run_conflict(Conflict& k, Lane& lane, int i) {
       // Pin and record under the access's lock, which its callback takes.
       AccessModel& acc = *lane.access;
       std::lock_guard lk(acc.mu);
+      if (k.len != 0) acc.note_try({k.range.start, k.range.start + k.len - 1});
       const auto& r = note(acc.access->pin(k.range.start, k.len, k.prot[1]));
       k.got[1] = r.code();
       if (r) acc.pins.emplace_back(k.range.start, k.len);

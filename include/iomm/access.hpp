@@ -11,14 +11,19 @@
 //   address is invalid (Ioas::invalidate_host, live update).
 // - The unmap callback is mandatory. Before an unmap removes a range this
 //   access holds pinned, the callback is called with the range being
-//   unmapped, with no IOAS lock held, from the unmapping thread.
-//   It must unpin every pin it holds that intersects the range before it
-//   returns (it may call unpin() directly). Only accesses whose pins overlap
-//   the range are called. A pin that is still locking pages when the unmap
-//   starts is waited for (Ioas::unmap, IoasOptions::unmap_pin_wait_ms);
-//   after kUnmapNotifyRetries rounds that release nothing, the unmap fails
-//   with EDEADLOCK. While a range is being unmapped, new pins and rw of it
-//   fail with EINVAL.
+//   unmapped (once per contiguous run of the mappings removed), with no IOAS
+//   lock held, from the unmapping thread. It must unpin every pin it holds
+//   that intersects the range before it returns (it may call unpin()
+//   directly). Only accesses whose pins, held or in flight (pin() or
+//   pin_pages() not yet returned), overlap the range are called. A pin that
+//   is still locking pages when the unmap starts is waited for (Ioas::unmap,
+//   IoasOptions::unmap_pin_wait_ms); after kUnmapNotifyRetries rounds that
+//   release nothing, the unmap fails with EDEADLOCK. While a range is being
+//   unmapped, new pins and rw of it fail with EINVAL.
+// - The callback is the access's part of the IOAS's invalidation of the
+//   range (an interval notifier over the IOAS, include/iomm/notifier.hpp):
+//   it runs while that invalidation is open, so it must not wait in
+//   IntervalNotifier::read_begin of a notifier over the range.
 // - Locking: no access or IOAS lock is held while pages are locked, so a
 //   slow pin (a huge range, a page fault served by userfaultfd) does not
 //   hold up unmap notification or dirty reads (lock order: docs/design.md,
@@ -54,8 +59,8 @@ namespace access {
 struct AccessState;
 }
 
-// Called with the inclusive IOVA range being unmapped (the span of the
-// mappings being removed), so the whole 64-bit space is expressible.
+// Called with an inclusive IOVA range being unmapped (a contiguous run of
+// the mappings being removed), so the whole 64-bit space is expressible.
 using UnmapCallback = std::function<void(const IovaRange& range)>;
 
 struct IOMM_API PinnedSegment {

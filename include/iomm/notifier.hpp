@@ -50,7 +50,11 @@
 //   `discard`, `remap`, reported by the userfaultfd monitor; see
 //   iomm/memory_monitor.hpp for which of them arrive after the fact), a
 //   backing file truncated (`truncate`), device memory revoked (`revoke`).
-//   An `unmap` is delivered before any translation of the range is removed.
+//   An `unmap` is delivered before any translation of the range is removed,
+//   and again each round an unmap repeats while accesses still hold pins
+//   there (include/iomm/access.hpp: accesses are notifiers too); an unmap
+//   that then fails (EDEADLOCK) leaves the range mapped, so for notifiers it
+//   was a spurious invalidation.
 //
 // Errors (from the factories)
 // - EINVAL    no callback, or start > last.

@@ -20,42 +20,45 @@ using ioas::IoasState;
 
 namespace access {
 
-bool AccessState::may_pin(const IovaRange& r) const {
-  if (pins_in_flight.load(std::memory_order_acquire) != 0) return true;
-  if (page_pins.load(std::memory_order_acquire) != 0 && page_pins_overlap(r)) return true;
-  std::lock_guard lk(mu);
-  return std::any_of(pins.begin(), pins.end(), [&](const auto& entry) {
-    return IovaRange{entry.first, entry.first + entry.second.length - 1}.overlaps(r);
-  });
+Flight::Flight(AccessState& access, const IovaRange& range) : access_(access), range_(range) {
+  std::lock_guard lk(access_.mu);
+  next_ = access_.flights;
+  if (next_ != nullptr) next_->prev_ = this;
+  access_.flights = this;
+  linked_ = true;
 }
 
-void notify_unmap(IoasState& st, const IovaRange& r) {
-  // A fixed batch keeps this allocation-free; more accesses than that take
-  // further passes.
-  constexpr size_t kBatch = 16;
-  size_t next = 0;
-  for (;;) {
-    AccessState* batch[kBatch];
-    size_t n = 0;
-    {
-      std::lock_guard lk(st.accesses_mu);
-      for (; next < st.accesses.size() && n < kBatch; ++next) {
-        AccessState* a = st.accesses[next];
-        if (!a->may_pin(r)) continue;
-        std::lock_guard cb(a->callback_mu);
-        ++a->callbacks_running;
-        batch[n++] = a;
-      }
-    }
-    if (n == 0) return;
-    for (size_t i = 0; i < n; ++i) {
-      // A driver that does not unpin this round: the unmap must retry.
-      if (!IOMM_INJECT("access.callback")) batch[i]->on_unmap(r);
-      std::lock_guard cb(batch[i]->callback_mu);
-      --batch[i]->callbacks_running;
-      batch[i]->callback_done.notify_all();
-    }
+Flight::~Flight() {
+  if (!linked_) return;
+  std::lock_guard lk(access_.mu);
+  land_locked();
+}
+
+void Flight::land_locked() noexcept {
+  if (prev_ != nullptr) {
+    prev_->next_ = next_;
+  } else {
+    access_.flights = next_;
   }
+  if (next_ != nullptr) next_->prev_ = prev_;
+  linked_ = false;
+}
+
+bool AccessState::may_pin(const IovaRange& r) const {
+  {
+    // Flights and records first, under one hold of mu: a pin unlinks its
+    // flight under the hold that records it. A page pin commits its counts
+    // before its flight lands, so once the flight is gone they are visible.
+    std::lock_guard lk(mu);
+    for (const Flight* f = flights; f != nullptr; f = f->next()) {
+      if (f->range().overlaps(r)) return true;
+    }
+    const bool recorded = std::any_of(pins.begin(), pins.end(), [&](const auto& entry) {
+      return IovaRange{entry.first, entry.first + entry.second.length - 1}.overlaps(r);
+    });
+    if (recorded) return true;
+  }
+  return page_pins.load(std::memory_order_acquire) != 0 && page_pins_overlap(r);
 }
 
 }  // namespace access
@@ -120,6 +123,22 @@ Result<std::shared_ptr<Access>> Access::create(const std::shared_ptr<Ioas>& ioas
   auto state =
       std::unique_ptr<AccessState>(new (std::nothrow) AccessState(ioas, std::move(on_unmap)));
   if (!state || IOMM_INJECT("access.alloc")) return Error(ENOMEM, "out of memory");
+  // Unmap notification: the IOAS's invalidation of a range reaches this
+  // notifier, and the driver is called if the access holds or is pinning
+  // anything there. The driver may sleep (its own lock, unpin), so the
+  // non-blocking pass is refused; live update leaves pinned pages in place
+  // (replace_host refuses mappings with access pins), so only unmaps matter.
+  auto watch = IntervalNotifier::watch_iova(
+      ioas, {0, UINT64_MAX},
+      [a = state.get()](IntervalNotifier&, const Invalidation& inv, uint64_t) {
+        if (inv.cause != InvalidationCause::unmap) return true;
+        if (!inv.blocking) return false;
+        // A driver that does not unpin this round: the unmap must retry.
+        if (a->may_pin(inv.range) && !IOMM_INJECT("access.callback")) a->on_unmap(inv.range);
+        return true;
+      });
+  if (!watch.ok()) return watch.error();
+  state->watch = std::move(watch).value();
   IoasState& st = ioas::state_of(*ioas);
   {
     std::unique_lock tree(st.tree_mu);
@@ -157,10 +176,7 @@ Access::~Access() {
     std::lock_guard lk(st.accesses_mu);
     std::erase(st.accesses, state_.get());
   }
-  {
-    std::unique_lock cb(state_->callback_mu);
-    state_->callback_done.wait(cb, [&] { return state_->callbacks_running == 0; });
-  }
+  state_->watch.reset();  // waits for a callback running on another thread
   for (const auto& [iova, record] : state_->pins)
     release_slices(record.slices, record.slices.size());
   access::release_all_page_pins(*state_);
@@ -177,13 +193,9 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
   const IovaRange range = *make_range(iova, length);
   IoasState& st = ioas::state_of(*state_->ioas);
 
-  // Counted in flight before the checks, so an unmap that starts after them
-  // knows to call us.
-  state_->pins_in_flight.fetch_add(1, std::memory_order_acq_rel);
-  struct InFlight {
-    AccessState& s;
-    ~InFlight() { s.pins_in_flight.fetch_sub(1, std::memory_order_acq_rel); }
-  } in_flight{*state_};
+  // In flight before the checks, so an unmap of an overlapping range that
+  // starts after them calls us.
+  access::Flight flight(*state_, range);
 
   access::PinRecord record{length, {}};
   std::vector<PinnedSegment> segments;
@@ -219,6 +231,7 @@ Result<std::vector<PinnedSegment>> Access::pin(uint64_t iova, uint64_t length, u
       std::lock_guard lk(state_->mu);
       auto recorded = state_->pins.emplace(iova, std::move(record));
       state_->pinned_bytes += length;
+      flight.land_locked();
       // Under mu: an unpin from the callback cannot free the record yet.
       leave_flight(st, recorded->second.slices);
       return segments;

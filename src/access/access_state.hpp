@@ -1,8 +1,8 @@
-// Internal state of an access and the unmap notification protocol.
+// Internal state of an access. Its unmap callback is driven by an interval
+// notifier over the whole IOVA space of its IOAS (see access.cpp).
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -12,11 +12,8 @@
 
 #include "ioas/area.hpp"
 #include "iomm/access.hpp"
+#include "iomm/notifier.hpp"
 #include "sync/ranked_mutex.hpp"
-
-namespace iomm::ioas {
-struct IoasState;
-}
 
 namespace iomm::access {
 
@@ -31,23 +28,49 @@ struct PinRecord {
   std::vector<PinSlice> slices;
 };
 
+struct AccessState;
+
+// A pin (range or pages) between the start of its checks and its record (or
+// its failure): an unmap of a range it overlaps calls the access, since the
+// pin may land there. Lives on the pinning thread's stack, linked into
+// AccessState::flights under mu, so pinning allocates nothing for it.
+class Flight {
+ public:
+  Flight(AccessState& access, const IovaRange& range);
+  ~Flight();
+  Flight(const Flight&) = delete;
+  Flight& operator=(const Flight&) = delete;
+
+  // Unlink now; AccessState::mu held (the pin records itself under the same
+  // hold, so an unmap sees it either in flight or recorded).
+  void land_locked() noexcept;
+
+  [[nodiscard]] const IovaRange& range() const noexcept { return range_; }
+  [[nodiscard]] const Flight* next() const noexcept { return next_; }
+
+ private:
+  AccessState& access_;
+  const IovaRange range_;
+  Flight* prev_ = nullptr;
+  Flight* next_ = nullptr;
+  bool linked_ = false;
+};
+
 struct AccessState {
   AccessState(std::shared_ptr<Ioas> io, UnmapCallback cb)
       : ioas(std::move(io)), on_unmap(std::move(cb)) {}
 
   const std::shared_ptr<Ioas> ioas;
   const UnmapCallback on_unmap;
+  // Over the whole IOVA space of ioas: every unmap's invalidation reaches it,
+  // and its callback calls on_unmap when may_pin(range). Destroyed (waiting
+  // for a running callback) before the access's pins are released.
+  std::unique_ptr<IntervalNotifier> watch;
 
   mutable sync::RankedMutex mu{sync::LockRank::access_pins, "AccessState::mu"};
   std::multimap<uint64_t, PinRecord> pins;  // by iova; guarded by mu
   uint64_t pinned_bytes = 0;                // guarded by mu
-  // Pins past their checks but not yet recorded: an unmap must call us.
-  std::atomic<uint32_t> pins_in_flight{0};
-
-  // Callbacks running now; raised under the IOAS's accesses_mu.
-  sync::RankedMutex callback_mu{sync::LockRank::access_callback, "AccessState::callback_mu"};
-  sync::CondVar callback_done;
-  uint32_t callbacks_running = 0;  // guarded by callback_mu
+  Flight* flights = nullptr;                // pins in flight; guarded by mu
 
   // Per-page pins (pin_pages): a reference count per IOVA page, in chunks
   // of kChunkPages keyed by iova >> (12 + kChunkShift). The backing pin store
@@ -70,7 +93,8 @@ struct AccessState {
   std::map<uint64_t, PageChunk> page_chunks;  // guarded by page_mu
   std::atomic<uint64_t> page_pins{0};         // pages with a non-zero count
 
-  // Whether this access may hold pins in r.
+  // Whether this access holds, or is pinning, anything in r: a pin record, a
+  // pin in flight or a page pin overlapping it.
   [[nodiscard]] bool may_pin(const IovaRange& r) const;
   // Whether a page pin lies in r (takes page_mu).
   [[nodiscard]] bool page_pins_overlap(const IovaRange& r) const;
@@ -83,9 +107,5 @@ void release_all_page_pins(AccessState& a) noexcept;
 // pinned, by range or by page.
 void collect_pinned(const AccessState& a, uint64_t first_page, uint64_t npages,
                     std::span<uint64_t> out);
-
-// Call the unmap callback of every access of the IOAS that may hold pins in
-// r, with no IOAS lock held.
-void notify_unmap(ioas::IoasState& st, const IovaRange& r);
 
 }  // namespace iomm::access

@@ -114,11 +114,8 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
   }
   AccessState& as = *state_;
   IoasState& st = ioas::state_of(*as.ioas);
-  as.pins_in_flight.fetch_add(1, std::memory_order_acq_rel);
-  struct InFlight {
-    AccessState& s;
-    ~InFlight() { s.pins_in_flight.fetch_sub(1, std::memory_order_acq_rel); }
-  } in_flight{as};
+  // Lands (unlinks) once step 3 has committed or undone the counts.
+  const access::Flight flight(as, {iova, iova + (npages << kPageShift) - 1});
 
   auto page_iova = [&](uint64_t i) { return iova + (i << kPageShift); };
   auto ref_of = [&](uint64_t i) -> uint32_t& {

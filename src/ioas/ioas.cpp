@@ -211,27 +211,44 @@ struct Victims {
   }
 };
 
-// Ask accesses to drop their pins on the victims until none remain. Only
-// rounds without progress count toward kUnmapNotifyRetries: a round that
-// released pins is progress, and while a pin of the victims is still in
-// flight (locking pages, e.g. a 1 GiB mlock) the loop sleeps until some pin
-// leaves flight, bounded in all by options.unmap_pin_wait_ms. A driver that
-// unpins in its callback finishes in one round with no wait; one that never
-// unpins gets kUnmapNotifyRetries calls and EDEADLOCK, after about 0.1 s of
+// Deliver the unmap of the victims to the IOAS's notifiers, one delivery per
+// contiguous run.
+void deliver_unmap(notify::Window& window, const Victims& victims) noexcept {
+  for (const Area* run = victims.head; run != nullptr;) {
+    IovaRange span = run->range;
+    const Area* next = run->next_victim;
+    for (; next != nullptr && span.last != UINT64_MAX && next->range.start == span.last + 1;
+         next = next->next_victim) {
+      span.last = next->range.last;
+    }
+    window.deliver(span, InvalidationCause::unmap);
+    run = next;
+  }
+}
+
+// Invalidate the victims until no access holds pins on them. Every access
+// is a notifier over the whole IOVA space whose callback asks its driver to
+// unpin (src/access/access.cpp), so one delivery tells consumers and
+// accesses alike; it repeats only while access pins remain. Only rounds
+// without progress count toward kUnmapNotifyRetries: a round that released
+// pins is progress, and while a pin of the victims is still in flight
+// (locking pages, e.g. a 1 GiB mlock) the loop sleeps until some pin leaves
+// flight, bounded in all by options.unmap_pin_wait_ms. A driver that unpins
+// in its callback finishes in one round with no wait; one that never unpins
+// gets kUnmapNotifyRetries calls and EDEADLOCK, after about 0.1 s of
 // back-off. Every round either lowers the victims' pin count (which no new
 // pin can raise: the areas are removing), consumes a flight exit (bounded by
 // the wait deadline) or counts as idle, so the loop is bounded.
-bool drain_access_pins(IoasState& st, const Victims& victims) {
-  const IovaRange span{victims.head->range.start, victims.tail->range.last};
+bool invalidate_victims(IoasState& st, const Victims& victims, notify::Window& window) {
   const auto deadline =
       std::chrono::steady_clock::now() + std::chrono::milliseconds(st.options.unmap_pin_wait_ms);
   uint64_t pins = victims.access_pins();
   int idle_rounds = 0;
-  while (pins != 0) {
+  for (;;) {
     // Read before the flight counts: a pin leaving flight after this read
     // is seen by the wait below.
     const uint64_t exits = st.flight_exit_count();
-    access::notify_unmap(st, span);
+    deliver_unmap(window, victims);
     const uint64_t left = victims.access_pins();
     if (left == 0) return true;
     if (victims.any_in_flight()) {
@@ -252,7 +269,6 @@ bool drain_access_pins(IoasState& st, const Victims& victims) {
     }
     pins = left;
   }
-  return true;
 }
 
 // Where an unmap reports the dirty bits of what it removes: bit i of bits
@@ -288,8 +304,8 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
   }
   if (victims.head == nullptr) return uint64_t{0};
 
-  // Pages accesses hold pinned count as dirty (read_and_clear_dirty); the drain
-  // below unpins them, so take them now. Reported only if the unmap succeeds.
+  // Pages accesses hold pinned count as dirty (read_and_clear_dirty); their
+  // unmap callbacks below unpin them, so take them now. Reported only if the unmap succeeds.
   if (dirty != nullptr && dirty->base_page <= victims.tail->range.last >> kPageShift) {
     const uint64_t last_page = victims.tail->range.last >> kPageShift;
     std::lock_guard lk(st.accesses_mu);
@@ -298,29 +314,18 @@ Result<uint64_t> remove_range(IoasState& st, const IovaRange& r, const DirtyOut*
     }
   }
 
-  if (!drain_access_pins(st, victims)) {
+  // Consumers and accesses hear of it before any translation goes. The
+  // invalidation ends after the areas are erased (or put back, on failure),
+  // so a read_begin meanwhile waits and then finds the range unmapped (or
+  // mapped again: a failed unmap is a spurious invalidation).
+  notify::Window window(st.notifiers);
+  if (!invalidate_victims(st, victims, window)) {
     std::unique_lock tree(st.tree_mu);
     victims.each([](Area& a) { a.state = AreaState::live; });
     return Error(EDEADLOCK, "an access kept pins in " + describe(r) + " after " +
                                 std::to_string(kUnmapNotifyRetries) +
                                 " unmap notifications without progress, or a pin stayed in "
                                 "flight past the unmap's wait");
-  }
-
-  // Interval notifiers over the victims hear of it before any translation
-  // goes (each contiguous run once); their invalidation ends after the
-  // areas are erased, so a read_begin meanwhile waits and then finds the
-  // range unmapped.
-  notify::Window window(st.notifiers);
-  for (const Area* run = victims.head; run != nullptr;) {
-    IovaRange span = run->range;
-    const Area* next = run->next_victim;
-    for (; next != nullptr && span.last != UINT64_MAX && next->range.start == span.last + 1;
-         next = next->next_victim) {
-      span.last = next->range.last;
-    }
-    window.deliver(span, InvalidationCause::unmap);
-    run = next;
   }
 
   // On-demand areas stop following their source (waiting for a callback

@@ -38,9 +38,8 @@ enum class LockRank : uint16_t {
   compat_fd_registry = 21,    //    FdRegistry::mu_
   notifier_tree = 30,         // 3. notify::Registry::tree_mu_
   ioas_accesses = 40,         // 4. IoasState::accesses_mu
-  access_callback = 50,       // 5. AccessState::callback_mu
-  access_pins = 51,           //    AccessState::mu
-  access_pages = 52,          //    AccessState::page_mu
+  access_pins = 50,           // 5. AccessState::mu
+  access_pages = 51,          //    AccessState::page_mu
   ioas_domains = 60,          // 6. IoasState::domains_mu
   ioas_tree = 70,             // 7. IoasState::tree_mu
   on_demand_fill = 75,        // 7b. ioas::OnDemand::mu
