@@ -72,8 +72,15 @@ Status image_io(int fd, BlkScratch& scratch, uint64_t pos, uint64_t total, bool 
   size_t first = 0;
   while (total > 0) {
     const int count = static_cast<int>(std::min<size_t>(scratch.iov.size() - first, IOV_MAX));
-    const ssize_t n = to_guest ? ::preadv(fd, &scratch.iov[first], count, static_cast<off_t>(pos))
-                               : ::pwritev(fd, &scratch.iov[first], count, static_cast<off_t>(pos));
+    const iovec& one = scratch.iov[first];
+    const auto at = static_cast<off_t>(pos);
+    // One run (the common case) skips the kernel's copy of the iovec array.
+    ssize_t n = 0;
+    if (count == 1)
+      n = to_guest ? ::pread(fd, one.iov_base, one.iov_len, at)
+                   : ::pwrite(fd, one.iov_base, one.iov_len, at);
+    else
+      n = to_guest ? ::preadv(fd, &one, count, at) : ::pwritev(fd, &one, count, at);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       const int err = errno;
