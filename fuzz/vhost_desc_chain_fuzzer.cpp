@@ -111,8 +111,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const BlkImage& image = (flags & 2) != 0 ? *fx.image_ro : *fx.image;
   std::vector<uint8_t> before(kImageSize);
   FUZZ_CHECK(::pread(image.fd(), before.data(), kImageSize, 0) == kImageSize, "pread");
-  std::vector<uint8_t> bounce;
-  auto done = execute_blk_request(image, space, chain, false, bounce);
+  BlkScratch scratch;
+  auto done = execute_blk_request(image, space, chain, false, scratch);
   FUZZ_CHECK(done.ok(), "execute without retry failed: %s",
              done.ok() ? "" : done.error().describe().c_str());
   FUZZ_CHECK(done->used_len <= chain.writable_bytes, "used %u > writable %llu", done->used_len,

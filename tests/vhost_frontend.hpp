@@ -5,7 +5,9 @@
 // sends INVALIDATEs. Failures throw std::runtime_error (a test failure).
 #pragma once
 
+#include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -14,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <mutex>
 #include <set>
@@ -46,6 +49,11 @@ struct FrontendOptions {
   bool event_idx = true;
   bool indirect = true;
   uint64_t mem_size = 8ULL << 20;
+  // Seal guest memory against shrinking and growing, as QEMU's
+  // memory-backend-memfd does by default (seal=on); the back end then
+  // reads the rings through plain pointers. false: a file that may shrink
+  // (every ring access a guarded copy).
+  bool seal = true;
   // Answer misses for mapped pages (false: let them time out).
   bool serve_misses = true;
   // Bytes mapped per UPDATE answering a miss (a power of two).
@@ -65,6 +73,8 @@ class Frontend {
   Frontend(UniqueFd sock, FrontendOptions o) : sock_(std::move(sock)), o_(o) {
     fd_ = UniqueFd(::memfd_create("guest", MFD_CLOEXEC | MFD_ALLOW_SEALING));
     fe_check(fd_.valid() && ::ftruncate(fd_.get(), static_cast<off_t>(o_.mem_size)) == 0, "memfd");
+    if (o_.seal)
+      fe_check(::fcntl(fd_.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) == 0, "seal");
     void* p = ::mmap(nullptr, o_.mem_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
     fe_check(p != MAP_FAILED, "mmap");
     mem_ = static_cast<uint8_t*>(p);
@@ -457,6 +467,14 @@ class BackendThread {
     (void)ignored;
   }
   UniqueFd take_socket() { return std::move(mine_); }
+  // The CPU time the back end's thread has used so far, in nanoseconds.
+  uint64_t cpu_ns() {
+    clockid_t clock{};
+    fe_check(::pthread_getcpuclockid(thread_.native_handle(), &clock) == 0, "pthread clock");
+    timespec ts{};
+    fe_check(::clock_gettime(clock, &ts) == 0, "clock_gettime");
+    return static_cast<uint64_t>(ts.tv_sec) * 1000000000ULL + static_cast<uint64_t>(ts.tv_nsec);
+  }
   // Stop (if still running) and return how run() ended.
   Status stop() {
     if (thread_.joinable()) {

@@ -1,6 +1,7 @@
 #include "vhost/address_space.hpp"
 
 #include <cstdlib>
+#include <new>
 
 namespace iomm::vhost {
 
@@ -14,6 +15,24 @@ Result<AddressSpace> AddressSpace::create() {
   auto access = Access::create(*ioas, [](const IovaRange&) {});
   if (!access) return std::move(access).error();
   return AddressSpace(std::move(*ioas), std::move(*access));
+}
+
+Result<uint64_t> AddressSpace::map(const MemorySource& source, uint32_t prot, uint64_t iova) const {
+  if (source.kind() != SourceKind::file)
+    return Error(EINVAL, "guest memory must be a file the front end sent");
+  return ioas_->map(source, prot, iova);
+}
+
+Status AddressSpace::segments(uint64_t addr, uint64_t length, bool device_writes,
+                              std::vector<Ioas::HostSegment>& out) const {
+  auto segs = ioas_->host_segments(addr, length, device_writes ? kProtWrite : kProtRead);
+  if (!segs) return note(std::move(segs).error(), addr, length, device_writes);
+  try {
+    out.insert(out.end(), segs->begin(), segs->end());
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  return {};
 }
 
 }  // namespace iomm::vhost

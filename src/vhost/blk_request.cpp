@@ -1,10 +1,13 @@
 #include "vhost/blk_request.hpp"
 
+#include <limits.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <new>
 
 #include "vhost/protocol.hpp"
 
@@ -30,6 +33,71 @@ Status copy_segments(const AddressSpace& space, const DescChain& chain, bool wri
     buf += take;
     n -= take;
     offset = 0;
+  }
+  return {};
+}
+
+// The host runs of the chain's bytes [offset, offset + n) of one direction,
+// in chain order, as iovecs in scratch.iov; nothing is touched.
+Status gather(const AddressSpace& space, const DescChain& chain, bool writable, uint64_t offset,
+              uint64_t n, BlkScratch& scratch) {
+  scratch.runs.clear();
+  scratch.iov.clear();
+  for (const BufferSegment& s : chain.segments) {
+    if (n == 0) break;
+    if (s.device_writable != writable) continue;
+    if (offset >= s.len) {
+      offset -= s.len;
+      continue;
+    }
+    const uint64_t take = std::min<uint64_t>(n, s.len - offset);
+    if (Status st = space.segments(s.addr + offset, take, writable, scratch.runs); !st) return st;
+    n -= take;
+    offset = 0;
+  }
+  try {
+    for (const Ioas::HostSegment& r : scratch.runs)
+      scratch.iov.push_back(iovec{r.host, static_cast<size_t>(r.length)});
+  } catch (const std::bad_alloc&) {
+    return Error(ENOMEM, "out of memory");
+  }
+  return {};
+}
+
+// preadv/pwritev of `total` bytes at `pos` of the image between it and
+// scratch.iov, resuming after short counts. A page of guest memory that is
+// gone (a truncated memory file) fails the call with EFAULT: the kernel
+// does not raise SIGBUS for its own accesses.
+Status image_io(int fd, BlkScratch& scratch, uint64_t pos, uint64_t total, bool to_guest) {
+  size_t first = 0;
+  while (total > 0) {
+    const int count = static_cast<int>(std::min<size_t>(scratch.iov.size() - first, IOV_MAX));
+    const iovec& one = scratch.iov[first];
+    const auto at = static_cast<off_t>(pos);
+    // One run (the common case) skips the kernel's copy of the iovec array.
+    ssize_t n = 0;
+    if (count == 1)
+      n = to_guest ? ::pread(fd, one.iov_base, one.iov_len, at)
+                   : ::pwrite(fd, one.iov_base, one.iov_len, at);
+    else
+      n = to_guest ? ::preadv(fd, &one, count, at) : ::pwritev(fd, &one, count, at);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      return Error(err, std::string(to_guest ? "preadv" : "pwritev") + ": " + std::strerror(err) +
+                            (err == EFAULT ? " (guest memory gone: a memory file shrank?)" : ""));
+    }
+    if (n == 0)
+      return Error(EIO, to_guest ? "preadv: the image ended early (shrunk?)"
+                                 : "pwritev: the image took no more bytes");
+    auto left = static_cast<uint64_t>(n);
+    total -= left;
+    pos += left;
+    while (left > 0 && left >= scratch.iov[first].iov_len) left -= scratch.iov[first++].iov_len;
+    if (left > 0) {
+      scratch.iov[first].iov_base = static_cast<uint8_t*>(scratch.iov[first].iov_base) + left;
+      scratch.iov[first].iov_len -= left;
+    }
   }
   return {};
 }
@@ -60,7 +128,7 @@ Status check_range(const BlkImage& image, uint64_t sector, uint64_t bytes) {
 }
 
 Result<Outcome> run(const BlkImage& image, const AddressSpace& space, const DescChain& chain,
-                    bool retry_on_miss, std::vector<uint8_t>& bounce) {
+                    bool retry_on_miss, BlkScratch& scratch) {
   BlkOutHdr hdr;
   if (chain.readable_bytes < sizeof(hdr)) return fail("request without a 16-byte header");
   if (Status s = copy_segments(space, chain, false, 0, reinterpret_cast<uint8_t*>(&hdr),
@@ -72,18 +140,10 @@ Result<Outcome> run(const BlkImage& image, const AddressSpace& space, const Desc
     case kBlkTIn: {
       if (Status s = check_range(image, hdr.sector, in_bytes); !s)
         return fail("read: " + s.error().message());
-      bounce.resize(in_bytes);
-      uint64_t done = 0;
-      while (done < in_bytes) {
-        const ssize_t n = ::pread(image.fd(), bounce.data() + done, in_bytes - done,
-                                  static_cast<off_t>(hdr.sector * kSectorSize + done));
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return fail(std::string("pread: ") + std::strerror(errno));
-        if (n == 0) return fail("pread: the image ended early (shrunk?)");
-        done += static_cast<uint64_t>(n);
-      }
-      if (Status s = copy_segments(space, chain, true, 0, bounce.data(), in_bytes, true); !s)
-        return guest_error(s, retry_on_miss, "writing read data to guest memory");
+      if (Status s = gather(space, chain, true, 0, in_bytes, scratch); !s)
+        return guest_error(s, retry_on_miss, "the read buffers");
+      if (Status s = image_io(image.fd(), scratch, hdr.sector * kSectorSize, in_bytes, true); !s)
+        return fail("read: " + s.error().message());
       return Outcome{kBlkSOk, in_bytes, {}};
     }
     case kBlkTOut: {
@@ -91,19 +151,10 @@ Result<Outcome> run(const BlkImage& image, const AddressSpace& space, const Desc
       const uint64_t out_bytes = chain.readable_bytes - sizeof(hdr);
       if (Status s = check_range(image, hdr.sector, out_bytes); !s)
         return fail("write: " + s.error().message());
-      bounce.resize(out_bytes);
-      if (Status s =
-              copy_segments(space, chain, false, sizeof(hdr), bounce.data(), out_bytes, false);
-          !s)
-        return guest_error(s, retry_on_miss, "reading write data from guest memory");
-      uint64_t done = 0;
-      while (done < out_bytes) {
-        const ssize_t n = ::pwrite(image.fd(), bounce.data() + done, out_bytes - done,
-                                   static_cast<off_t>(hdr.sector * kSectorSize + done));
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return fail(std::string("pwrite: ") + std::strerror(n < 0 ? errno : EIO));
-        done += static_cast<uint64_t>(n);
-      }
+      if (Status s = gather(space, chain, false, sizeof(hdr), out_bytes, scratch); !s)
+        return guest_error(s, retry_on_miss, "the write buffers");
+      if (Status s = image_io(image.fd(), scratch, hdr.sector * kSectorSize, out_bytes, false); !s)
+        return fail("write: " + s.error().message());
       return Outcome{};
     }
     case kBlkTFlush: {
@@ -127,10 +178,10 @@ Result<Outcome> run(const BlkImage& image, const AddressSpace& space, const Desc
 
 Result<BlkCompletion> execute_blk_request(const BlkImage& image, const AddressSpace& space,
                                           const DescChain& chain, bool retry_on_miss,
-                                          std::vector<uint8_t>& bounce) {
+                                          BlkScratch& scratch) {
   if (chain.writable_bytes == 0)
     return BlkCompletion{0, kBlkSIoerr, "request without a writable status byte"};
-  auto outcome = run(image, space, chain, retry_on_miss, bounce);
+  auto outcome = run(image, space, chain, retry_on_miss, scratch);
   if (!outcome) return std::move(outcome).error();
   uint8_t status = outcome->status;
   if (Status s = copy_segments(space, chain, true, chain.writable_bytes - 1, &status, 1, true);

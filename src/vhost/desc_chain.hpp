@@ -26,7 +26,6 @@
 #include "iomm/result.hpp"
 #include "iomm/vring_cache.hpp"
 #include "vhost/address_space.hpp"
-#include "vhost/vring.hpp"
 
 namespace iomm::vhost {
 

@@ -50,7 +50,7 @@ Status Iotlb::update(const MemoryTable& table, uint64_t iova, uint64_t size, uin
   std::vector<uint64_t> done;
   for (const UaddrPiece& p : *pieces) {
     const MemorySource slice = p.region->source.slice(p.offset, p.length);
-    auto mapped = space_.ioas().map(slice, prot, at);
+    auto mapped = space_.map(slice, prot, at);
     if (!mapped) {
       for (uint64_t start : done) {
         auto r = space_.ioas().unmap(start, entries_.at(start).last - start + 1);

@@ -53,7 +53,7 @@ Result<MemoryTable> MemoryTable::create(std::span<const MemRegion> regions,
         MemorySource::from_file(fds[i].get(), r.mmap_offset, r.memory_size, FileSeal::allow_shrink);
     if (!source) return std::move(source).error();
     const uint32_t prot = source->writable() ? (kProtRead | kProtWrite) : kProtRead;
-    auto mapped = space->ioas().map(*source, prot, r.guest_phys_addr);
+    auto mapped = space->map(*source, prot, r.guest_phys_addr);
     if (!mapped)
       return Error(mapped.code(), "memory region at guest-physical " + hex(r.guest_phys_addr) +
                                       ": " + mapped.error().message());

@@ -7,11 +7,12 @@
 //   mapping of each file alive) and its GPA address space; the received fds
 //   are closed once the sources are made (the sources hold their own).
 //   Dropping the table releases everything; nothing was pinned or charged.
-// - Seals: regions are taken with FileSeal::allow_shrink. QEMU's memfd backend seals
-//   its memfds against shrinking, but a memory-backend-file (or another
-//   front end) need not, and the back end never pins: every access is a
-//   guarded copy through the Ioas, so a file shrunk under it gives EFAULT
-//   (a failed request), never SIGBUS.
+// - Seals: regions are taken with FileSeal::allow_shrink. QEMU's memfd
+//   backend seals its memfds against shrinking, but a memory-backend-file
+//   (or another front end) need not, and the back end never pins: ring
+//   accesses to such a file are guarded copies and data buffers are only
+//   handed to preadv/pwritev (see address_space.hpp), so a file shrunk under
+//   it gives EFAULT (a failed request), never SIGBUS.
 // - create() is all-or-nothing. Errors: EINVAL more than kMaxMemRegions, a
 //   fd count different from the region count, a zero-sized region, regions
 //   overlapping in guest-physical or front-end address space, a region the

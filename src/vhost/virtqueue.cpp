@@ -14,18 +14,25 @@ bool need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx) {
   return static_cast<uint16_t>(new_idx - event - 1) < static_cast<uint16_t>(new_idx - old_idx);
 }
 
+void add_ring_stats(VringCacheStats& to, const VringCacheStats& r) noexcept {
+  to.fast_accesses += r.fast_accesses;
+  to.slow_accesses += r.slow_accesses;
+  to.invalidations += r.invalidations;
+  to.revalidations += r.revalidations;
+}
+
 }  // namespace
 
 void Virtqueue::set_num(uint16_t num) {
   num_ = num;
-  ring_.reset();
+  drop_ring();
   broken_ = false;
 }
 
 void Virtqueue::set_addr(const VringAddr& addr) {
   addr_ = addr;
   addr_set_ = true;
-  ring_.reset();
+  drop_ring();
   broken_ = false;
 }
 
@@ -45,7 +52,7 @@ void Virtqueue::set_kick(UniqueFd fd) {
 uint16_t Virtqueue::stop() {
   started_ = false;
   kick_.reset();
-  ring_.reset();
+  drop_ring();
   miss_deadline_.reset();
   fail_next_miss_ = false;
   return last_avail_;
@@ -74,8 +81,20 @@ void Virtqueue::log(const QueueContext& ctx, const std::string& what) const {
 void Virtqueue::brk(const QueueContext& ctx, const std::string& why) {
   log(ctx, "stopped processing: " + why);
   broken_ = true;
-  ring_.reset();
+  drop_ring();
   miss_deadline_.reset();
+}
+
+void Virtqueue::drop_ring() noexcept {
+  if (!ring_) return;
+  add_ring_stats(stats_.ring, ring_->stats());
+  ring_.reset();
+}
+
+QueueStats Virtqueue::stats() const noexcept {
+  QueueStats s = stats_;
+  if (ring_) add_ring_stats(s.ring, ring_->stats());
+  return s;
 }
 
 Status Virtqueue::ensure_ring(const QueueContext& ctx) {
@@ -83,41 +102,65 @@ Status Virtqueue::ensure_ring(const QueueContext& ctx) {
   VringLayout layout;
   layout.size = num_;
   layout.event_idx = ctx.event_idx;
+  const AddressSpace* space = nullptr;
   if (ctx.iotlb != nullptr) {
     layout.desc_iova = addr_.desc;
     layout.avail_iova = addr_.avail;
     layout.used_iova = addr_.used;
-    auto ring = Vring::create(ctx.iotlb->space(), layout);
-    if (!ring) return std::move(ring).error();
-    ring_.emplace(std::move(*ring));
-    return {};
+    space = &ctx.iotlb->space();
+  } else {
+    // Without ACCESS_PLATFORM the ring addresses are the front end's
+    // virtual addresses; the descriptors carry guest-physical ones.
+    auto desc = ctx.table->uaddr_to_gpa(addr_.desc);
+    auto avail = ctx.table->uaddr_to_gpa(addr_.avail);
+    auto used = ctx.table->uaddr_to_gpa(addr_.used);
+    if (!desc || !avail || !used) return Error(EFAULT, "ring addresses outside guest memory");
+    layout.desc_iova = *desc;
+    layout.avail_iova = *avail;
+    layout.used_iova = *used;
+    space = &ctx.table->gpa_space();
   }
-  // Without ACCESS_PLATFORM the ring addresses are the front end's virtual
-  // addresses; the descriptors carry guest-physical ones.
-  auto desc = ctx.table->uaddr_to_gpa(addr_.desc);
-  auto avail = ctx.table->uaddr_to_gpa(addr_.avail);
-  auto used = ctx.table->uaddr_to_gpa(addr_.used);
-  if (!desc || !avail || !used) return Error(EFAULT, "ring addresses outside guest memory");
-  layout.desc_iova = *desc;
-  layout.avail_iova = *avail;
-  layout.used_iova = *used;
-  auto ring = Vring::create(ctx.table->gpa_space(), layout);
+  auto ring = VringCache::create(space->ioas_ptr(), layout);
   if (!ring) return std::move(ring).error();
-  ring_.emplace(std::move(*ring));
+  ring_ = std::move(*ring);
   return {};
 }
 
+std::optional<IotlbMissRequest> Virtqueue::ring_missing(const QueueContext& ctx) const {
+  const VringLayout& l = ring_->layout();
+  const uint64_t event = l.event_idx ? 2 : 0;
+  // The cache maps the used ring read-write (it reads used_idx too).
+  const struct {
+    uint64_t addr, length;
+    uint8_t perm;
+  } rings[3] = {
+      {l.desc_iova, 16ULL * l.size, kAccessRo},
+      {l.avail_iova, 4 + 2ULL * l.size + event, kAccessRo},
+      {l.used_iova, 4 + 8ULL * l.size + event, kAccessRw},
+  };
+  for (const auto& r : rings) {
+    if (auto at = ctx.iotlb->first_missing(r.addr, r.length, r.perm))
+      return IotlbMissRequest{*at, r.perm};
+  }
+  return std::nullopt;
+}
+
 std::optional<IotlbMissRequest> Virtqueue::access_failed(const QueueContext& ctx, const Status& s,
-                                                         const char* what) {
-  if (s.code() == ENOENT && ctx.iotlb != nullptr) {
-    const AddressSpace::Fault& f = ctx.iotlb->space().last_fault();
-    const uint8_t perm = f.write ? kAccessWo : kAccessRo;
-    if (auto missing = ctx.iotlb->first_missing(f.addr, f.length, perm)) {
-      if (!fail_next_miss_) {
-        if (!miss_deadline_) miss_deadline_ = Clock::now() + ctx.miss_timeout;
-        ++stats_.misses;
-        return IotlbMissRequest{*missing, perm};
-      }
+                                                         const char* what,
+                                                         const AddressSpace::Fault* fault) {
+  if ((s.code() == ENOENT || s.code() == EPERM) && ctx.iotlb != nullptr && !fail_next_miss_) {
+    // The rings first: a chain's error may be the descriptor table's, and
+    // whatever failed, the rings are needed to go on.
+    std::optional<IotlbMissRequest> missing = ring_missing(ctx);
+    if (!missing && fault != nullptr) {
+      const uint8_t perm = fault->write ? kAccessWo : kAccessRo;
+      if (auto at = ctx.iotlb->first_missing(fault->addr, fault->length, perm))
+        missing = IotlbMissRequest{*at, perm};
+    }
+    if (missing) {
+      if (!miss_deadline_) miss_deadline_ = Clock::now() + ctx.miss_timeout;
+      ++stats_.misses;
+      return missing;
     }
   }
   brk(ctx, std::string(what) + ": " + s.error().describe());
@@ -150,14 +193,14 @@ std::optional<IotlbMissRequest> Virtqueue::process(const QueueContext& ctx) {
     brk(ctx, "rings unusable: " + s.error().describe());
     return std::nullopt;
   }
-  Vring& ring = *ring_;
+  VringCache& ring = *ring_;
   const uint16_t old_used = used_idx_;
   const AddressSpace& space = ctx.iotlb != nullptr ? ctx.iotlb->space() : ctx.table->gpa_space();
   std::optional<IotlbMissRequest> miss;
   for (;;) {
     auto avail = ring.avail_idx();
     if (!avail) {
-      miss = access_failed(ctx, avail.error(), "reading the available index");
+      miss = access_failed(ctx, avail.error(), "reading the available index", nullptr);
       break;
     }
     if (static_cast<uint16_t>(*avail - last_avail_) > num_) {
@@ -168,7 +211,7 @@ std::optional<IotlbMissRequest> Virtqueue::process(const QueueContext& ctx) {
     if (*avail == last_avail_) {
       if (!ctx.event_idx) break;
       if (Status s = ring.set_avail_event(last_avail_); !s) {
-        miss = access_failed(ctx, s, "writing avail_event");
+        miss = access_failed(ctx, s, "writing avail_event", nullptr);
         break;
       }
       auto again = ring.avail_idx();
@@ -179,7 +222,7 @@ std::optional<IotlbMissRequest> Virtqueue::process(const QueueContext& ctx) {
     while (last_avail_ != *avail) {
       auto head = ring.avail_entry(last_avail_);
       if (!head) {
-        miss = access_failed(ctx, head.error(), "reading the available ring");
+        miss = access_failed(ctx, head.error(), "reading the available ring", nullptr);
         stop = true;
         break;
       }
@@ -193,7 +236,7 @@ std::optional<IotlbMissRequest> Virtqueue::process(const QueueContext& ctx) {
       const bool retry_on_miss = ctx.iotlb != nullptr && !fail_next_miss_;
       if (Status s = read_chain(ring, space, *head, ctx.indirect, chain_); !s) {
         if (s.code() == ENOENT && retry_on_miss) {
-          miss = access_failed(ctx, s, "reading a descriptor");
+          miss = access_failed(ctx, s, "reading a descriptor", &space.last_fault());
           stop = true;
           break;
         }
@@ -201,9 +244,9 @@ std::optional<IotlbMissRequest> Virtqueue::process(const QueueContext& ctx) {
                      " refused: " + s.error().describe());
         ++stats_.errors;
       } else {
-        auto done = execute_blk_request(*ctx.image, space, chain_, retry_on_miss, bounce_);
+        auto done = execute_blk_request(*ctx.image, space, chain_, retry_on_miss, scratch_);
         if (!done) {
-          miss = access_failed(ctx, done.error(), "a request buffer");
+          miss = access_failed(ctx, done.error(), "a request buffer", &space.last_fault());
           stop = true;
           break;
         }
@@ -215,12 +258,12 @@ std::optional<IotlbMissRequest> Virtqueue::process(const QueueContext& ctx) {
       }
       fail_next_miss_ = false;
       if (Status s = ring.set_used_entry(used_idx_, *head, used_len); !s) {
-        miss = access_failed(ctx, s, "writing the used ring");
+        miss = access_failed(ctx, s, "writing the used ring", nullptr);
         stop = true;
         break;
       }
       if (Status s = ring.set_used_idx(static_cast<uint16_t>(used_idx_ + 1)); !s) {
-        miss = access_failed(ctx, s, "writing the used index");
+        miss = access_failed(ctx, s, "writing the used index", nullptr);
         stop = true;
         break;
       }

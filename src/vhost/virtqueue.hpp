@@ -14,6 +14,14 @@
 //   deadline; after the deadline the request that missed completes with
 //   VIRTIO_BLK_S_IOERR (or, if the ring itself cannot be reached, the queue
 //   breaks).
+// - The rings are read and written through iomm::VringCache over the
+//   Ioas of the queue's address space (the memory table's, in
+//   guest-physical addresses; the IOTLB's, in IOVAs): plain loads and
+//   stores through cached pointers where the memory is sealed against
+//   shrinking, guarded copies otherwise. An IOTLB INVALIDATE is an unmap of
+//   that Ioas, which invalidates the cached pointers through the cache's
+//   interval notifiers; the queue takes no step of its own. A ring the
+//   IOTLB does not hold reads as ENOENT: a miss, as for buffers.
 // - A malformed chain completes with used length 0 (nothing written); a
 //   queue whose ring cannot be used (addresses outside guest memory,
 //   misaligned, an available index that jumps past the queue size, a head
@@ -25,18 +33,20 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "iomm/vring_cache.hpp"
 #include "vhost/address_space.hpp"
 #include "vhost/blk_image.hpp"
+#include "vhost/blk_request.hpp"
 #include "vhost/desc_chain.hpp"
 #include "vhost/iotlb.hpp"
 #include "vhost/memory_table.hpp"
 #include "vhost/protocol.hpp"
 #include "vhost/unique_fd.hpp"
-#include "vhost/vring.hpp"
 
 namespace iomm::vhost {
 
@@ -63,6 +73,8 @@ struct QueueStats {
   uint64_t errors = 0;  // completed with a status other than OK, or malformed
   uint64_t misses = 0;
   uint64_t notifications = 0;
+  // The ring caches' figures, over every cache the queue has had.
+  VringCacheStats ring;
 };
 
 class Virtqueue {
@@ -81,7 +93,7 @@ class Virtqueue {
   // GET_VRING_BASE: stop the ring and return the next available index.
   uint16_t stop();
   // The memory behind the rings changed (new table, IOTLB reset).
-  void forget_ring() noexcept { ring_.reset(); }
+  void forget_ring() noexcept { drop_ring(); }
   // Everything back to the state of a new connection.
   void reset();
 
@@ -91,7 +103,7 @@ class Virtqueue {
   [[nodiscard]] std::optional<Clock::time_point> miss_deadline() const noexcept {
     return miss_deadline_;
   }
-  [[nodiscard]] const QueueStats& stats() const noexcept { return stats_; }
+  [[nodiscard]] QueueStats stats() const noexcept;
   [[nodiscard]] uint16_t index() const noexcept { return index_; }
 
   // Drain the kick eventfd and process, unless stalled on a miss.
@@ -105,9 +117,15 @@ class Virtqueue {
   void log(const QueueContext& ctx, const std::string& what) const;
   void brk(const QueueContext& ctx, const std::string& why);
   Status ensure_ring(const QueueContext& ctx);
+  void drop_ring() noexcept;
   // A failed ring or buffer access: a miss to ask for, or a broken queue.
+  // `fault` names the buffer range that failed, nullptr for a ring access
+  // (the cache does not say which field: the first part of the rings the
+  // IOTLB lacks is asked for).
   std::optional<IotlbMissRequest> access_failed(const QueueContext& ctx, const Status& s,
-                                                const char* what);
+                                                const char* what, const AddressSpace::Fault* fault);
+  // The first address of the rings the IOTLB does not hold (IOTLB mode).
+  std::optional<IotlbMissRequest> ring_missing(const QueueContext& ctx) const;
   void notify(const QueueContext& ctx, uint16_t old_used);
 
   uint16_t index_;
@@ -120,11 +138,11 @@ class Virtqueue {
   bool enabled_ = false;
   bool started_ = false;
   bool broken_ = false;
-  std::optional<Vring> ring_;
+  std::unique_ptr<VringCache> ring_;
   std::optional<Clock::time_point> miss_deadline_;
   bool fail_next_miss_ = false;  // the deadline passed: the next miss fails its request
   DescChain chain_;
-  std::vector<uint8_t> bounce_;
+  BlkScratch scratch_;
   QueueStats stats_;
 };
 
