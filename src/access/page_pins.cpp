@@ -149,9 +149,20 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
   uint64_t fresh_count = 0;
   uint64_t checked = 0;  // pages counted in step 1
   bool held = false;     // the blocks of the range are held busy
+  // The fresh pages' area counts are raised once per run of one area (under
+  // tree_mu, before it is dropped), not once per page.
+  const Area* run_area = nullptr;
+  uint64_t run_fresh = 0;
+  auto count_run = [&] {
+    if (run_fresh == 0) return;
+    run_area->access_pins.fetch_add(run_fresh, std::memory_order_acq_rel);
+    run_area->pins_in_flight.fetch_add(run_fresh, std::memory_order_acq_rel);
+    run_fresh = 0;
+  };
   // Undo step 1 for pages [0, checked), page_mu held. No page reaches count
   // 0 here, because nothing else changed the counts since step 1.
   auto undo_checked = [&] {
+    count_run();
     for (uint64_t i = 0; i < checked; ++i) {
       if (fresh[i] != 0) {
         areas[i]->access_pins.fetch_sub(1, std::memory_order_release);
@@ -202,12 +213,16 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
       if (counts.get(first_page + checked) == 0) {
         fresh[checked] = 1;
         ++fresh_count;
-        a->access_pins.fetch_add(1, std::memory_order_acq_rel);
-        a->pins_in_flight.fetch_add(1, std::memory_order_acq_rel);
+        if (a != run_area) {
+          count_run();
+          run_area = a;
+        }
+        ++run_fresh;
       } else {
         counts.add(first_page + checked);
       }
     }
+    count_run();
   } catch (const std::bad_alloc&) {
     undo_checked();
     return Error(ENOMEM, "out of memory");
@@ -245,6 +260,13 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
   uint64_t counted = 0;  // pages whose count this call took from 0
   {
     access::RunReleaser rel;
+    const Area* flight_area = nullptr;  // fresh pages leave flight per run of one area
+    uint64_t flight_pages = 0;
+    auto leave_flight = [&] {
+      if (flight_pages != 0)
+        flight_area->pins_in_flight.fetch_sub(flight_pages, std::memory_order_acq_rel);
+      flight_pages = 0;
+    };
     for (uint64_t i = 0; i < npages; ++i) {
       const Area& a = *areas[i];
       const uint64_t page = first_page + i;
@@ -257,19 +279,29 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
         }
         continue;
       }
-      a.pins_in_flight.fetch_sub(1, std::memory_order_acq_rel);
       if (!result) {
+        a.pins_in_flight.fetch_sub(1, std::memory_order_acq_rel);
         if (i < done) {
           rel.add(&a, page_iova(i));
         } else {
           a.access_pins.fetch_sub(1, std::memory_order_release);
         }
-      } else if (counts.add(page) == 0) {
+        continue;
+      }
+      // A page leaves flight before its area's access_pins can drop.
+      if (&a != flight_area) {
+        leave_flight();
+        flight_area = &a;
+      }
+      ++flight_pages;
+      if (counts.add(page) == 0) {
         ++counted;
       } else {
+        leave_flight();
         rel.add(&a, page_iova(i));  // pinned by another call meanwhile
       }
     }
+    leave_flight();
   }
   if (result) {
     for (uint64_t i = 0; i < npages; ++i) {

@@ -126,7 +126,7 @@ uint32_t PageCounts::sub(uint64_t index, uint32_t delta) noexcept {
   }
   if (after == 0) {
     b.bits[i >> 6] &= ~(uint64_t{1} << (i & 63));
-    erase_if_idle(it);
+    if (b.bits[i >> 6] == 0) erase_if_idle(it);  // otherwise the block still counts
   }
   return after;
 }
