@@ -57,7 +57,11 @@ def judge(t, rows):
         r["status"] = "MISSING"
         return r
     if "counter" in t:
-        r["row"] = f"{a.get(t['counter'], float('nan')):.1f} {t['counter']}"
+        value = a.get(t["counter"], float("nan"))
+        r["row"] = f"{value:.1f} {t['counter']}"
+        if "max" in t:
+            r["target"] = f"≤ {t['max']} {t['counter']}"
+            r["status"] = "met" if value <= t["max"] else "MISSED"  # NaN (no counter) misses
         return r
     r["row"] = fmt(a[clock])
     if "max_ns" in t:

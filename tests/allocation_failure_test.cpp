@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "iomm/access.hpp"
+#include "iomm/accounting.hpp"
+#include "iomm/domain.hpp"
 #include "test_support.hpp"
 
 namespace {
@@ -186,6 +188,49 @@ TEST(AllocationFailure, PinsAttachAndCopyAreEnomemOrDone) {
           EXPECT_OK(other->unmap_all());
         }
       });
+}
+
+// Per-page pins taken in runs (one pin store call per run) and dropped page
+// by page, in any pattern, with segment pins of a domain over some of them:
+// no unpin allocates (every allocation would fail here).
+TEST(AllocationFailure, UnpinPagesNeverAllocates) {
+  test::WithoutIpcLock charged;
+  ASSERT_OK(set_memlock_limit(AccountMode::per_process, 0, 64 << 20));
+  test::Memfd mfd(4 << 20);
+  auto ioas = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 2 << 20), kRW, 0x400000));
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 2 << 20, 2 << 20), kRW, 0x600000));
+  auto access = Access::create(ioas, [](const IovaRange&) {}).value();
+  std::vector<void*> host(512);
+  for (bool with_domain : {false, true}) {
+    std::shared_ptr<SoftDomain> domain;
+    if (with_domain) {
+      domain = SoftDomain::create({}).value();
+      ASSERT_OK(ioas->attach(domain));
+    }
+    ASSERT_OK(access->pin_pages(0x500000, 512, kRW, host.data()));  // across both mappings
+    ASSERT_OK(access->pin_pages(0x5FE000, 4, kRW, host.data()));    // counts of 2
+    const uint64_t pinned = counters().pinned_bytes;
+    allocation_failed = false;
+    allocations_left = 0;
+    for (uint64_t i = 0; i < 512; i += 3) {
+      EXPECT_OK(access->unpin_pages(0x500000 + i * kPageSize, 1));
+    }
+    EXPECT_OK(access->unpin_pages(0x5FE000, 4));
+    for (uint64_t i = 0; i < 512; ++i) {
+      if (i % 3 != 0) EXPECT_OK(access->unpin_pages(0x500000 + i * kPageSize, 1));
+    }
+    allocations_left = -1;
+    EXPECT_FALSE(allocation_failed);
+    EXPECT_EQ(access->page_pinned_count(), 0U);
+    EXPECT_EQ(pinned, with_domain ? uint64_t{4 << 20} : uint64_t{2 << 20});
+    EXPECT_EQ(counters().pinned_bytes, with_domain ? uint64_t{4 << 20} : 0U);
+    if (with_domain) {
+      ASSERT_OK(ioas->detach(domain));
+    }
+    EXPECT_EQ(counters().pinned_bytes, 0U);
+    EXPECT_EQ(counters().charged_bytes, 0U);
+  }
 }
 
 TEST(AllocationFailure, SetMemlockLimitForANewOwnerIsEnomemOrSet) {

@@ -13,6 +13,7 @@
 #include "ioas/area.hpp"
 #include "iomm/access.hpp"
 #include "iomm/notifier.hpp"
+#include "mem/page_counts.hpp"
 #include "sync/ranked_mutex.hpp"
 
 namespace iomm::access {
@@ -72,26 +73,15 @@ struct AccessState {
   uint64_t pinned_bytes = 0;                // guarded by mu
   Flight* flights = nullptr;                // pins in flight; guarded by mu
 
-  // Per-page pins (pin_pages): a reference count per IOVA page, in chunks
-  // of kChunkPages keyed by iova >> (12 + kChunkShift). The backing pin store
-  // holds one pin per page with a non-zero count. Guarded by page_mu, which
-  // is never held while pages are locked (lock order: docs/design.md).
-  static constexpr unsigned kChunkShift = 4;
-  static constexpr unsigned kChunkPages = 1U << kChunkShift;
-  struct PageChunk {
-    uint32_t refs[kChunkPages] = {};
-    uint32_t busy = 0;  // pin_pages calls between their check and commit
-    [[nodiscard]] bool idle() const noexcept {
-      if (busy != 0) return false;
-      for (uint32_t r : refs) {
-        if (r != 0) return false;
-      }
-      return true;
-    }
-  };
+  // Per-page pins (pin_pages): a reference count per IOVA page (indexed by
+  // iova >> 12). Each page with a non-zero count holds one 4 KiB page pin of
+  // its backing object (MemObject::pin_pages). Guarded by page_mu, which is
+  // never held while pages are locked (lock order: docs/design.md); a
+  // pin_pages call holds the blocks of its range busy while it pins without
+  // page_mu, so a concurrent unpin cannot free them.
   mutable sync::RankedMutex page_mu{sync::LockRank::access_pages, "AccessState::page_mu"};
-  std::map<uint64_t, PageChunk> page_chunks;  // guarded by page_mu
-  std::atomic<uint64_t> page_pins{0};         // pages with a non-zero count
+  mem::PageCounts page_counts;         // guarded by page_mu
+  std::atomic<uint64_t> page_pins{0};  // pages with a non-zero count
 
   // Whether this access holds, or is pinning, anything in r: a pin record, a
   // pin in flight or a page pin overlapping it.

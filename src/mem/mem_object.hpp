@@ -21,6 +21,7 @@
 #include "iomm/source.hpp"
 #include "mem/host_access.hpp"
 #include "mem/interval_counts.hpp"
+#include "mem/page_counts.hpp"
 #include "notify/registry.hpp"
 #include "sync/ranked_mutex.hpp"
 
@@ -72,6 +73,18 @@ class MemObject {
   // Drop one pin taken by pin() with the same arguments. Never fails.
   void unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept;
 
+  // Per-page pins (an access's pin_pages): like pin(), but counted per 4 KiB
+  // page in PageCounts instead of as a segment, so that any 4 KiB page of
+  // the range can later be dropped on its own by unpin_pages() with no
+  // allocation, and a page pinned alone costs a bit, not a segment. A
+  // granule is locked while its segment count or its page count is
+  // non-zero, and charged to an owner while either of that owner's counts
+  // is. Same errors as pin().
+  Status pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length, bool write);
+  // Drop pages pinned by pin_pages() (any page-aligned part of them, in any
+  // grouping). Never fails, never allocates.
+  void unpin_pages(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept;
+
   // Interval notifiers over this object's offsets (IntervalNotifier::
   // watch_source from any source of it; notify::invalidate_source).
   [[nodiscard]] notify::Registry& notifiers() const noexcept { return notifiers_; }
@@ -93,10 +106,31 @@ class MemObject {
     uint64_t first;
     uint64_t last;
   };
+  // A pin_pages/unpin_pages call doing syscalls without mu_ on granules
+  // [first, last]: other calls touching them wait. Lives on the caller's
+  // stack, so unpin_pages needs no allocation to register it.
+  struct PageOp {
+    uint64_t first;
+    uint64_t last;
+    PageOp* next;
+  };
   // Runs are handled in fixed batches so unpin never allocates.
   static constexpr size_t kRunBatch = 32;
   size_t collect_runs(uint64_t op, uint64_t first, uint64_t last,
                       std::span<Range> runs) const noexcept;
+  // Runs in [from, last] of granules with no segment count whose page count
+  // is what pin_pages(offset, length) just raised it to (raised) or zero.
+  size_t collect_page_runs(uint64_t from, uint64_t last, uint64_t offset, uint64_t length,
+                           bool raised, std::span<Range> runs) const noexcept;
+  // Granules in [first, last] with a page count in pages, among the
+  // segments of counts (covering the range) whose count is `count`.
+  static uint64_t paged_where(const IntervalCounts& counts, const PageCounts* pages, uint64_t first,
+                              uint64_t last, uint64_t count) noexcept;
+  [[nodiscard]] bool page_op_overlaps(uint64_t first, uint64_t last) const noexcept;
+  void finish_page_unlock(uint64_t first, uint64_t last, uint64_t offset, uint64_t length,
+                          std::unique_lock<sync::RankedMutex>& lk) noexcept;
+  [[nodiscard]] uint32_t pages_in(uint64_t granule, uint64_t offset,
+                                  uint64_t length) const noexcept;
   void finish_unlock(uint64_t op, uint64_t first, uint64_t last,
                      std::unique_lock<sync::RankedMutex>& lk) noexcept;
   void account_physical(uint64_t granules, bool pinned) const noexcept;
@@ -109,6 +143,11 @@ class MemObject {
   uint64_t next_op_ = 1;
   IntervalCounts physical_;
   std::map<acct::Owner*, IntervalCounts> charged_;
+  // Page counts (pin_pages) per granule, in 4 KiB pages: physical, and per
+  // owner for charges.
+  PageCounts paged_;
+  std::map<acct::Owner*, PageCounts> paged_charged_;
+  PageOp* page_ops_ = nullptr;
   mutable notify::Registry notifiers_;
 };
 

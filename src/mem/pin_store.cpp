@@ -14,6 +14,11 @@
 //   what this call did.
 // Unpin mirrors it, releasing memory before returning the charge, and needs
 // no allocation because pin left the boundaries in place.
+// Granules that also have a page count (pin_pages, page_pin_store.cpp) are
+// locked and charged by that side: the segment side neither counts them as
+// newly pinned or charged nor locks or unlocks them, and waits while a page
+// call works on its range.
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <new>
@@ -70,18 +75,46 @@ void MemObject::account_physical(uint64_t granules, bool pinned) const noexcept 
 size_t MemObject::collect_runs(uint64_t op, uint64_t first, uint64_t last,
                                std::span<Range> runs) const noexcept {
   size_t n = 0;
-  for (auto it = physical_.segments().lower_bound(first);
-       it != physical_.segments().end() && it->first <= last; ++it) {
-    if (it->second.pending_op != op) continue;
-    if (n > 0 && runs[n - 1].last + 1 == it->first) {
-      runs[n - 1].last = it->second.last;
-    } else if (n < runs.size()) {
-      runs[n++] = {it->first, it->second.last};
-    } else {
-      break;
+  const auto& segs = physical_.segments();
+  auto it = segs.upper_bound(first);
+  if (it != segs.begin()) --it;
+  for (; it != segs.end() && it->first <= last; ++it) {
+    if (it->second.pending_op != op || it->second.last < first) continue;
+    const uint64_t hi = std::min(it->second.last, last);
+    for (uint64_t g = std::max(it->first, first); g <= hi;) {
+      const uint64_t lo = paged_.empty() ? g : paged_.next(g, hi, true);
+      if (lo > hi) break;
+      const uint64_t end = paged_.empty() ? hi : paged_.next(lo, hi, false) - 1;
+      if (n > 0 && runs[n - 1].last + 1 == lo) {
+        runs[n - 1].last = end;
+      } else if (n < runs.size()) {
+        runs[n++] = {lo, end};
+      } else {
+        return n;
+      }
+      g = end + 1;
     }
   }
   return n;
+}
+
+uint64_t MemObject::paged_where(const IntervalCounts& counts, const PageCounts* pages,
+                                uint64_t first, uint64_t last, uint64_t count) noexcept {
+  if (pages == nullptr || pages->empty()) return 0;
+  uint64_t n = 0;
+  for (auto it = counts.segments().lower_bound(first);
+       it != counts.segments().end() && it->first <= last; ++it) {
+    if (it->second.count != count) continue;
+    pages->for_each_nonzero(it->first, std::min(it->second.last, last), [&](uint64_t) { ++n; });
+  }
+  return n;
+}
+
+bool MemObject::page_op_overlaps(uint64_t first, uint64_t last) const noexcept {
+  for (const PageOp* p = page_ops_; p != nullptr; p = p->next) {
+    if (p->first <= last && first <= p->last) return true;
+  }
+  return false;
 }
 
 Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool write) {
@@ -92,7 +125,8 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
   if (!charged()) owner = nullptr;
 
   std::unique_lock lk(mu_);
-  unpended_.wait(lk, [&] { return !physical_.any_pending(first, last); });
+  unpended_.wait(
+      lk, [&] { return !physical_.any_pending(first, last) && !page_op_overlaps(first, last); });
 
   IntervalCounts* charges = nullptr;
   try {
@@ -106,8 +140,14 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
     return Error(ENOMEM, "out of memory for pin bookkeeping");
   }
 
+  const PageCounts* paged_charges = nullptr;
   if (charges != nullptr) {
-    if (Status st = owner->charge(charges->zero_pages(first, last) * granule_pages); !st) {
+    if (auto it = paged_charged_.find(owner); it != paged_charged_.end()) {
+      paged_charges = &it->second;
+    }
+    const uint64_t fresh =
+        charges->zero_pages(first, last) - paged_where(*charges, paged_charges, first, last, 0);
+    if (Status st = owner->charge(fresh * granule_pages); !st) {
       charges->erase_zeros(first, last);
       if (charges->empty()) charged_.erase(owner);
       physical_.erase_zeros(first, last);
@@ -116,7 +156,8 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
     charges->add(first, last, +1, 0);
   }
   const uint64_t op = next_op_++;
-  const uint64_t newly_pinned = physical_.add(first, last, +1, op);
+  const uint64_t newly_pinned =
+      physical_.add(first, last, +1, op) - paged_where(physical_, &paged_, first, last, 1);
 
   // Lock every run this op moved from 0 to 1, without mu_. The pending marks
   // keep those segments ours while the rest of the map changes.
@@ -161,7 +202,9 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
     if (failed_at > first) finish_unlock(op, first, failed_at - 1, lk);
     physical_.erase_zeros(first, last);
     if (charges != nullptr) {
-      const uint64_t released = charges->add(first, last, -1, 0) * granule_pages;
+      const uint64_t crossed = charges->add(first, last, -1, 0);
+      const uint64_t released =
+          (crossed - paged_where(*charges, paged_charges, first, last, 0)) * granule_pages;
       charges->erase_zeros(first, last);
       if (charges->empty()) charged_.erase(owner);
       owner->uncharge(released);
@@ -178,8 +221,10 @@ void MemObject::unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noex
   if (!charged()) owner = nullptr;
 
   std::unique_lock lk(mu_);
+  unpended_.wait(lk, [&] { return !page_op_overlaps(first, last); });
   const uint64_t op = next_op_++;
-  const uint64_t released = physical_.add(first, last, -1, op);
+  const uint64_t released =
+      physical_.add(first, last, -1, op) - paged_where(physical_, &paged_, first, last, 0);
   finish_unlock(op, first, last, lk);
   account_physical(released, false);
 
@@ -188,7 +233,11 @@ void MemObject::unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noex
     auto it = charged_.find(owner);
     IOMM_CHECK(it != charged_.end(), "unpin without a charge");
     const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
-    const uint64_t uncharged = it->second.add(first, last, -1, 0) * granule_pages;
+    const PageCounts* paged_charges = nullptr;
+    if (auto p = paged_charged_.find(owner); p != paged_charged_.end()) paged_charges = &p->second;
+    const uint64_t crossed = it->second.add(first, last, -1, 0);
+    const uint64_t uncharged =
+        (crossed - paged_where(it->second, paged_charges, first, last, 0)) * granule_pages;
     it->second.erase_zeros(first, last);
     if (it->second.empty()) charged_.erase(it);
     owner->uncharge(uncharged);
@@ -196,28 +245,32 @@ void MemObject::unpin(acct::Owner* owner, uint64_t offset, uint64_t length) noex
   unpended_.notify_all();
 }
 
-// Unlock, in batches and without mu_, every run this op took to zero, then
-// erase those segments. Enters and leaves with lk held; never allocates.
+// Unlock, in batches and without mu_, every run this op took to zero (but
+// granules with a page count), then erase those segments. Enters and leaves
+// with lk held; never allocates.
 void MemObject::finish_unlock(uint64_t op, uint64_t first, uint64_t last,
                               std::unique_lock<sync::RankedMutex>& lk) noexcept {
-  for (;;) {
+  for (uint64_t cursor = first; cursor <= last;) {
     std::array<Range, kRunBatch> runs{};
-    const size_t n = collect_runs(op, first, last, runs);
-    if (n == 0) return;
+    const size_t n = collect_runs(op, cursor, last, runs);
+    if (n == 0) break;
     lk.unlock();
     for (size_t i = 0; i < n; ++i) unlock_granules(runs[i].first, runs[i].last);
     lk.lock();
-    for (size_t i = 0; i < n; ++i) {
-      auto& segs = physical_.segments();
-      for (auto it = segs.lower_bound(runs[i].first);
-           it != segs.end() && it->first <= runs[i].last;) {
-        IOMM_CHECK(it->second.pending_op == op && it->second.count == 0,
-                   "failed pin unwinds a segment it does not own");
-        it = segs.erase(it);
-      }
-    }
-    unpended_.notify_all();
+    cursor = runs[n - 1].last + 1;
   }
+  auto& segs = physical_.segments();
+  auto it = segs.upper_bound(first);
+  if (it != segs.begin()) --it;
+  while (it != segs.end() && it->first <= last) {
+    if (it->second.pending_op == op && it->second.last >= first) {
+      IOMM_CHECK(it->second.count == 0, "failed pin unwinds a segment it does not own");
+      it = segs.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  unpended_.notify_all();
 }
 
 }  // namespace iomm::mem

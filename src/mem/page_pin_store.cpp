@@ -1,0 +1,250 @@
+// MemObject::pin_pages / unpin_pages: pins counted per 4 KiB page (an
+// access's per-page pins), next to the segment counts of pin_store.cpp.
+//
+// A run of pages pinned by one call is counted page by page in PageCounts
+// (a bit per page, counts only above 1), so dropping any page of it later
+// needs no allocation and a lone page costs no segment. The protocol is
+// pin()'s (see pin_store.cpp): under mu_, wait until nothing else works on
+// the range, make the counts ready (the only allocation), charge the owner
+// for the granules neither of its counts holds, raise the counts; without
+// mu_, lock the granules no count held before; under mu_, finish or undo.
+// While a call works without mu_, its range is listed in page_ops_ (a node
+// on its own stack) and every other pin or unpin touching it waits.
+#include <algorithm>
+#include <array>
+#include <new>
+
+#include "acct/owner.hpp"
+#include "core/check.hpp"
+#include "fault/inject.hpp"
+#include "mem/mem_object.hpp"
+
+namespace iomm::mem {
+
+namespace {
+
+// Call f(lo, hi) for each maximal part of [first, last] where counts (if
+// any) has no non-zero segment; stop when f returns false.
+template <typename F>
+void for_each_zero_zone(const IntervalCounts* counts, uint64_t first, uint64_t last, F&& f) {
+  uint64_t g = first;
+  if (counts != nullptr) {
+    const auto& segs = counts->segments();
+    auto it = segs.upper_bound(first);
+    if (it != segs.begin()) --it;
+    for (; g <= last && it != segs.end() && it->first <= last; ++it) {
+      if (it->second.last < g) continue;
+      if (it->first > g && !f(g, it->first - 1)) return;
+      const uint64_t hi = std::min(it->second.last, last);
+      if (it->second.count == 0 && !f(std::max(it->first, g), hi)) return;
+      g = hi + 1;
+    }
+  }
+  if (g <= last) f(g, last);
+}
+
+}  // namespace
+
+uint32_t MemObject::pages_in(uint64_t granule, uint64_t offset, uint64_t length) const noexcept {
+  const uint64_t start = std::max(granule << page_shift_, offset);
+  const uint64_t end = std::min((granule + 1) << page_shift_, offset + length);
+  return static_cast<uint32_t>((end - start) >> kPageShift);
+}
+
+size_t MemObject::collect_page_runs(uint64_t from, uint64_t last, uint64_t offset, uint64_t length,
+                                    bool raised, std::span<Range> runs) const noexcept {
+  size_t n = 0;
+  for_each_zero_zone(&physical_, from, last, [&](uint64_t lo, uint64_t hi) {
+    for (uint64_t g = lo; g <= hi; ++g) {
+      if (paged_.get(g) != (raised ? pages_in(g, offset, length) : 0)) continue;
+      if (n > 0 && runs[n - 1].last + 1 == g) {
+        runs[n - 1].last = g;
+      } else if (n < runs.size()) {
+        runs[n++] = {g, g};
+      } else {
+        return false;
+      }
+    }
+    return true;
+  });
+  return n;
+}
+
+// Unlock, in batches and without mu_, the granules of [first, last] that no
+// count holds any more. Enters and leaves with lk held and the range listed
+// in page_ops_; never allocates.
+void MemObject::finish_page_unlock(uint64_t first, uint64_t last, uint64_t offset, uint64_t length,
+                                   std::unique_lock<sync::RankedMutex>& lk) noexcept {
+  for (uint64_t cursor = first; cursor <= last;) {
+    std::array<Range, kRunBatch> runs{};
+    const size_t n = collect_page_runs(cursor, last, offset, length, false, runs);
+    if (n == 0) return;
+    lk.unlock();
+    for (size_t i = 0; i < n; ++i) unlock_granules(runs[i].first, runs[i].last);
+    lk.lock();
+    cursor = runs[n - 1].last + 1;
+  }
+}
+
+Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length, bool write) {
+  IOMM_CHECK(length > 0 && (offset | length) % kPageSize == 0, "page pin not page aligned");
+  const uint64_t first = offset >> page_shift_;
+  const uint64_t last = (offset + length - 1) >> page_shift_;
+  const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
+  const auto most = static_cast<uint32_t>(std::min(granule_pages, length >> kPageShift));
+  if (!charged()) owner = nullptr;
+
+  std::unique_lock lk(mu_);
+  unpended_.wait(
+      lk, [&] { return !physical_.any_pending(first, last) && !page_op_overlaps(first, last); });
+
+  PageCounts* charges = nullptr;
+  auto trim = [&] {
+    paged_.trim(first, last);
+    if (charges != nullptr) {
+      charges->trim(first, last);
+      if (charges->empty()) paged_charged_.erase(owner);
+    }
+  };
+  try {
+    if (IOMM_INJECT("mem.pin_pages_bookkeeping")) throw std::bad_alloc();
+    paged_.prepare(first, last, most);
+    if (owner != nullptr) {
+      charges = &paged_charged_[owner];
+      charges->prepare(first, last, most);
+    }
+  } catch (const std::bad_alloc&) {
+    trim();
+    return Error(ENOMEM, "out of memory for pin bookkeeping");
+  }
+
+  // Granules this owner is charged for by neither count yet.
+  uint64_t fresh_charges = 0;
+  if (charges != nullptr) {
+    auto seg = charged_.find(owner);
+    for_each_zero_zone(seg == charged_.end() ? nullptr : &seg->second, first, last,
+                       [&](uint64_t lo, uint64_t hi) {
+                         for (uint64_t g = lo; g <= hi; ++g) fresh_charges += charges->get(g) == 0;
+                         return true;
+                       });
+    if (Status st = owner->charge(fresh_charges * granule_pages); !st) {
+      trim();
+      return st;
+    }
+  }
+  for (uint64_t g = first; g <= last; ++g) {
+    const uint32_t n = pages_in(g, offset, length);
+    paged_.add(g, n);
+    if (charges != nullptr) charges->add(g, n);
+  }
+  uint64_t newly_locked = 0;
+  for_each_zero_zone(&physical_, first, last, [&](uint64_t lo, uint64_t hi) {
+    for (uint64_t g = lo; g <= hi; ++g)
+      newly_locked += paged_.get(g) == pages_in(g, offset, length);
+    return true;
+  });
+
+  PageOp op{first, last, page_ops_};
+  page_ops_ = &op;
+  auto unlist = [&] {
+    PageOp** p = &page_ops_;
+    while (*p != &op) p = &(*p)->next;
+    *p = op.next;
+  };
+
+  Status result;
+  uint64_t failed_at = last + 1;  // first granule not locked on failure
+  for (uint64_t cursor = first; result && cursor <= last;) {
+    std::array<Range, kRunBatch> runs{};
+    const size_t n = collect_page_runs(cursor, last, offset, length, true, runs);
+    if (n == 0) break;
+    lk.unlock();
+    for (size_t i = 0; i < n && result; ++i) {
+      result = lock_granules(runs[i].first, runs[i].last, write);
+      if (!result) failed_at = runs[i].first;
+    }
+    lk.lock();
+    cursor = runs[n - 1].last + 1;
+  }
+  // Granules another pin had locked were made resident for its access, not
+  // necessarily for writing.
+  if (result && write && newly_locked < last - first + 1) {
+    lk.unlock();
+    result = confirm_writable(first, last);
+    lk.lock();
+  }
+
+  if (result) {
+    account_physical(newly_locked, true);
+  } else {
+    // Undo exactly this call: unlock what it locked, lower its counts,
+    // return its charge.
+    if (failed_at > first) finish_page_unlock(first, failed_at - 1, offset, length, lk);
+    for (uint64_t g = first; g <= last; ++g) {
+      const uint32_t n = pages_in(g, offset, length);
+      paged_.sub(g, n);
+      if (charges != nullptr) charges->sub(g, n);
+    }
+    trim();
+    if (charges != nullptr) owner->uncharge(fresh_charges * granule_pages);
+  }
+  unlist();
+  unpended_.notify_all();
+  return result;
+}
+
+void MemObject::unpin_pages(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept {
+  IOMM_CHECK(length > 0 && (offset | length) % kPageSize == 0, "page unpin not page aligned");
+  const uint64_t first = offset >> page_shift_;
+  const uint64_t last = (offset + length - 1) >> page_shift_;
+  const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
+  if (!charged()) owner = nullptr;
+
+  std::unique_lock lk(mu_);
+  unpended_.wait(
+      lk, [&] { return !physical_.any_pending(first, last) && !page_op_overlaps(first, last); });
+
+  PageCounts* charges = nullptr;
+  if (owner != nullptr) {
+    auto it = paged_charged_.find(owner);
+    IOMM_CHECK(it != paged_charged_.end(), "page unpin without a charge");
+    charges = &it->second;
+  }
+  for (uint64_t g = first; g <= last; ++g) {
+    const uint32_t n = pages_in(g, offset, length);
+    paged_.sub(g, n);
+    if (charges != nullptr) charges->sub(g, n);
+  }
+  // Every granule of the range was held, so a zero count now is one this
+  // call dropped.
+  uint64_t released = 0;
+  for_each_zero_zone(&physical_, first, last, [&](uint64_t lo, uint64_t hi) {
+    for (uint64_t g = lo; g <= hi; ++g) released += paged_.get(g) == 0;
+    return true;
+  });
+  uint64_t uncharged = 0;
+  if (charges != nullptr) {
+    auto seg = charged_.find(owner);
+    for_each_zero_zone(seg == charged_.end() ? nullptr : &seg->second, first, last,
+                       [&](uint64_t lo, uint64_t hi) {
+                         for (uint64_t g = lo; g <= hi; ++g) uncharged += charges->get(g) == 0;
+                         return true;
+                       });
+    if (charges->empty()) paged_charged_.erase(owner);
+  }
+
+  if (released != 0) {
+    PageOp op{first, last, page_ops_};
+    page_ops_ = &op;
+    finish_page_unlock(first, last, offset, length, lk);
+    PageOp** p = &page_ops_;
+    while (*p != &op) p = &(*p)->next;
+    *p = op.next;
+    account_physical(released, false);
+  }
+  // Memory first, then the charge (teardown order).
+  if (owner != nullptr) owner->uncharge(uncharged * granule_pages);
+  unpended_.notify_all();
+}
+
+}  // namespace iomm::mem
