@@ -93,6 +93,9 @@ struct BatchView {
   // Each ring's host address when the batch holds cached pointers and the
   // ring is one host run; null otherwise (the access goes out of line).
   std::array<std::byte*, 3> base{};
+  uint16_t mask = 0;  // size - 1
+  uint16_t size = 0;
+  bool event_idx = false;
   // The batch holds invalidations off (it found the pointers valid).
   bool held = false;
 };
@@ -172,8 +175,10 @@ class IOMM_API VringCache {
 // mean what the cache's accessors of the same name mean.
 class IOMM_API VringCache::Batch {
  public:
-  explicit Batch(VringCache& cache);
-  ~Batch();  // closes: a waiting invalidation may proceed
+  // Inline, with the accessors: a batch whose address never escapes lives
+  // in registers for the length of the pass.
+  explicit Batch(VringCache& cache) : state_(cache.state_.get()), view_(open(*state_)) {}
+  ~Batch() { close(*state_, view_.held, fast_); }  // a waiting invalidation may proceed
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
@@ -184,20 +189,21 @@ class IOMM_API VringCache::Batch {
   Result<uint16_t> avail_flags() { return load16<__ATOMIC_RELAXED>(vring::kAvailRing, 0); }
   Result<uint16_t> avail_idx() { return load16<__ATOMIC_ACQUIRE>(vring::kAvailRing, 2); }
   Result<uint16_t> avail_entry(uint16_t slot) {
-    return load16<__ATOMIC_RELAXED>(vring::kAvailRing, vring::kRingHeader + 2ULL * (slot & mask_));
+    return load16<__ATOMIC_RELAXED>(vring::kAvailRing,
+                                    vring::kRingHeader + 2ULL * (slot & view_.mask));
   }
   Result<uint16_t> used_event() {
-    if (!event_idx_) return no_event_idx();
-    return load16<__ATOMIC_RELAXED>(vring::kAvailRing, vring::kRingHeader + 2ULL * size_);
+    if (!view_.event_idx) return no_event_idx();
+    return load16<__ATOMIC_RELAXED>(vring::kAvailRing, vring::kRingHeader + 2ULL * view_.size);
   }
 
   Result<VringDesc> desc(uint16_t index) {
-    if (index >= size_) return bad_index();
+    if (index >= view_.size) return bad_index();
     // Masked as well as checked: the index comes from the guest, and the
     // mask holds under speculation too.
-    const uint64_t offset = vring::kDescBytes * (index & mask_);
+    const uint64_t offset = vring::kDescBytes * (index & view_.mask);
     const std::byte* p = view_.base[vring::kDescRing];
-    if (p == nullptr) return desc_out_of_line(offset);
+    if (p == nullptr) return desc_out_of_line(*state_, count(), offset);
     p += offset;
     ++fast_;
     VringDesc d;
@@ -209,9 +215,9 @@ class IOMM_API VringCache::Batch {
   }
 
   Status set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
-    const uint64_t offset = vring::kRingHeader + vring::kUsedElemBytes * (slot & mask_);
+    const uint64_t offset = vring::kRingHeader + vring::kUsedElemBytes * (slot & view_.mask);
     std::byte* p = view_.base[vring::kUsedRing];
-    if (p == nullptr) return used_entry_out_of_line(offset, id, len);
+    if (p == nullptr) return used_entry_out_of_line(*state_, count(), offset, id, len);
     p += offset;
     ++fast_;
     __atomic_store_n(reinterpret_cast<uint32_t*>(p), id, __ATOMIC_RELAXED);
@@ -224,42 +230,60 @@ class IOMM_API VringCache::Batch {
     return store16<__ATOMIC_RELAXED>(vring::kUsedRing, 0, flags);
   }
   Status set_avail_event(uint16_t idx) {
-    if (!event_idx_) return no_event_idx();
+    if (!view_.event_idx) return no_event_idx();
     return store16<__ATOMIC_RELAXED>(vring::kUsedRing,
-                                     vring::kRingHeader + vring::kUsedElemBytes * size_, idx);
+                                     vring::kRingHeader + vring::kUsedElemBytes * view_.size, idx);
   }
 
  private:
   template <int Order>
   Result<uint16_t> load16(vring::RingId ring, uint64_t offset) {
     const std::byte* p = view_.base[ring];
-    if (p == nullptr) return load16_out_of_line(ring, offset, Order == __ATOMIC_ACQUIRE);
+    if (p == nullptr) {
+      return load16_out_of_line(*state_, count(), ring, offset, Order == __ATOMIC_ACQUIRE);
+    }
     ++fast_;
     return __atomic_load_n(reinterpret_cast<const uint16_t*>(p + offset), Order);
   }
   template <int Order>
   Status store16(vring::RingId ring, uint64_t offset, uint16_t v) {
     std::byte* p = view_.base[ring];
-    if (p == nullptr) return store16_out_of_line(ring, offset, v, Order == __ATOMIC_RELEASE);
+    if (p == nullptr) {
+      return store16_out_of_line(*state_, count(), ring, offset, v, Order == __ATOMIC_RELEASE);
+    }
     ++fast_;
     __atomic_store_n(reinterpret_cast<uint16_t*>(p + offset), v, Order);
     return {};
   }
 
+  // An access that goes out of line: through the cached pointers when the
+  // batch (or an outer one) holds them, else a guarded copy. Counted here
+  // when held.
+  bool count() noexcept {
+    if (view_.held) ++fast_;
+    return view_.held;
+  }
+
+  // Static, taking nothing of the batch by address, so that the batch's
+  // fields can stay in registers.
+  static vring::BatchView open(vring::CacheState& state);
+  static void close(vring::CacheState& state, bool held, uint64_t fast) noexcept;
   // Rings over several runs (with cached pointers) and guarded copies.
-  Result<uint16_t> load16_out_of_line(vring::RingId ring, uint64_t offset, bool acquire);
-  Status store16_out_of_line(vring::RingId ring, uint64_t offset, uint16_t v, bool release);
-  Result<VringDesc> desc_out_of_line(uint64_t offset);
-  Status used_entry_out_of_line(uint64_t offset, uint32_t id, uint32_t len);
+  static Result<uint16_t> load16_out_of_line(vring::CacheState& state, bool held,
+                                             vring::RingId ring, uint64_t offset, bool acquire);
+  static Status store16_out_of_line(vring::CacheState& state, bool held, vring::RingId ring,
+                                    uint64_t offset, uint16_t v, bool release);
+  static Result<VringDesc> desc_out_of_line(vring::CacheState& state, bool held, uint64_t offset);
+  static Status used_entry_out_of_line(vring::CacheState& state, bool held, uint64_t offset,
+                                       uint32_t id, uint32_t len);
   static Error bad_index();
   static Error no_event_idx();
 
   vring::CacheState* state_;
   vring::BatchView view_;
-  uint16_t mask_;
-  uint16_t size_;
-  bool event_idx_;
   uint64_t fast_ = 0;  // accesses through cached pointers, counted when closed
 };
+
+inline VringCache::Batch VringCache::batch() { return Batch(*this); }
 
 }  // namespace iomm

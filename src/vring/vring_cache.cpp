@@ -197,6 +197,9 @@ struct CacheState {
 
   BatchView open() {
     BatchView v;
+    v.mask = mask;
+    v.size = layout.size;
+    v.event_idx = layout.event_idx;
     const uint32_t depth = hold.load(std::memory_order_relaxed);
     if (depth != 0) {
       // Nested in a batch of this thread that holds the pointers: they stay
@@ -215,15 +218,19 @@ struct CacheState {
     return v;
   }
 
-  void close(const BatchView& v, uint64_t fast) noexcept {
-    if (v.held) leave();
+  void close(bool held, uint64_t fast) noexcept {
+    if (held) leave();
     if (fast != 0) add(fast_count, fast);
   }
 
-  // Whether an out-of-line access may use the cached segments: its batch,
-  // or an outer one of this thread, holds them.
-  [[nodiscard]] bool held(const BatchView& v) const noexcept {
-    return v.held || hold.load(std::memory_order_relaxed) != 0;
+  // Whether an out-of-line access may use the cached segments: its batch
+  // holds them (and counted the access), or an outer batch of this thread
+  // does (counted here).
+  bool use_cached(bool held) noexcept {
+    if (held) return true;
+    if (hold.load(std::memory_order_relaxed) == 0) return false;
+    add(fast_count, 1);
+    return true;
   }
 
   // Where `n` bytes at `offset` of the ring live, if in one run.
@@ -369,8 +376,6 @@ VringCache::~VringCache() {
   for (auto& ring : state_->rings) ring.notifier.reset();
 }
 
-VringCache::Batch VringCache::batch() { return Batch(*this); }
-
 Result<uint16_t> VringCache::avail_flags() { return Batch(*this).avail_flags(); }
 Result<uint16_t> VringCache::avail_idx() { return Batch(*this).avail_idx(); }
 Result<uint16_t> VringCache::avail_entry(uint16_t slot) { return Batch(*this).avail_entry(slot); }
@@ -396,14 +401,11 @@ VringCacheStats VringCache::stats() const noexcept {
       s.revalidations.load(std::memory_order_relaxed), s.refusals.load(std::memory_order_relaxed)};
 }
 
-VringCache::Batch::Batch(VringCache& cache)
-    : state_(cache.state_.get()),
-      view_(state_->open()),
-      mask_(state_->mask),
-      size_(state_->layout.size),
-      event_idx_(state_->layout.event_idx) {}
+vring::BatchView VringCache::Batch::open(CacheState& state) { return state.open(); }
 
-VringCache::Batch::~Batch() { state_->close(view_, fast_); }
+void VringCache::Batch::close(CacheState& state, bool held, uint64_t fast) noexcept {
+  state.close(held, fast);
+}
 
 Error VringCache::Batch::bad_index() { return {EINVAL, "descriptor index past the queue size"}; }
 
@@ -415,11 +417,10 @@ Error VringCache::Batch::no_event_idx() {
 // (the field through its run's pointer, or run by run when a boundary cuts
 // it), else a guarded copy.
 
-Result<uint16_t> VringCache::Batch::load16_out_of_line(RingId ring, uint64_t offset, bool acquire) {
-  CacheState& s = *state_;
+Result<uint16_t> VringCache::Batch::load16_out_of_line(CacheState& s, bool held, RingId ring,
+                                                       uint64_t offset, bool acquire) {
   uint16_t v = 0;
-  if (s.held(view_)) {
-    ++fast_;
+  if (s.use_cached(held)) {
     if (const std::byte* p = s.locate(ring, offset, sizeof(v)); p != nullptr) {
       return acquire ? __atomic_load_n(reinterpret_cast<const uint16_t*>(p), __ATOMIC_ACQUIRE)
                      : __atomic_load_n(reinterpret_cast<const uint16_t*>(p), __ATOMIC_RELAXED);
@@ -432,12 +433,10 @@ Result<uint16_t> VringCache::Batch::load16_out_of_line(RingId ring, uint64_t off
   return v;
 }
 
-Status VringCache::Batch::store16_out_of_line(RingId ring, uint64_t offset, uint16_t v,
-                                              bool release) {
-  CacheState& s = *state_;
+Status VringCache::Batch::store16_out_of_line(CacheState& s, bool held, RingId ring,
+                                              uint64_t offset, uint16_t v, bool release) {
   if (release) std::atomic_thread_fence(std::memory_order_release);
-  if (!s.held(view_)) return s.slow(ring, offset, &v, sizeof(v), true);
-  ++fast_;
+  if (!s.use_cached(held)) return s.slow(ring, offset, &v, sizeof(v), true);
   if (std::byte* p = s.locate(ring, offset, sizeof(v)); p != nullptr) {
     __atomic_store_n(reinterpret_cast<uint16_t*>(p), v, __ATOMIC_RELAXED);
   } else {
@@ -446,12 +445,10 @@ Status VringCache::Batch::store16_out_of_line(RingId ring, uint64_t offset, uint
   return {};
 }
 
-Result<VringDesc> VringCache::Batch::desc_out_of_line(uint64_t offset) {
-  CacheState& s = *state_;
+Result<VringDesc> VringCache::Batch::desc_out_of_line(CacheState& s, bool held, uint64_t offset) {
   VringDesc d;
   std::array<std::byte, vring::kDescBytes> raw{};
-  if (s.held(view_)) {
-    ++fast_;
+  if (s.use_cached(held)) {
     if (const std::byte* p = s.locate(kDescRing, offset, raw.size()); p != nullptr) {
       d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
       d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
@@ -470,11 +467,10 @@ Result<VringDesc> VringCache::Batch::desc_out_of_line(uint64_t offset) {
   return d;
 }
 
-Status VringCache::Batch::used_entry_out_of_line(uint64_t offset, uint32_t id, uint32_t len) {
-  CacheState& s = *state_;
+Status VringCache::Batch::used_entry_out_of_line(CacheState& s, bool held, uint64_t offset,
+                                                 uint32_t id, uint32_t len) {
   std::array<uint32_t, 2> elem{id, len};
-  if (!s.held(view_)) return s.slow(kUsedRing, offset, elem.data(), sizeof(elem), true);
-  ++fast_;
+  if (!s.use_cached(held)) return s.slow(kUsedRing, offset, elem.data(), sizeof(elem), true);
   if (std::byte* p = s.locate(kUsedRing, offset, sizeof(elem)); p != nullptr) {
     __atomic_store_n(reinterpret_cast<uint32_t*>(p), id, __ATOMIC_RELAXED);
     __atomic_store_n(reinterpret_cast<uint32_t*>(p + 4), len, __ATOMIC_RELAXED);
