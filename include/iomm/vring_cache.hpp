@@ -6,38 +6,69 @@
 // - Ownership: the cache is a unique_ptr owned by the ring's consumer (one
 //   data-path thread per ring). It keeps the Ioas alive and owns the three
 //   IntervalNotifiers over the rings' IOVA ranges. It pins nothing and
-//   charges nothing.
+//   charges nothing. A Batch borrows the cache: destroy it first.
 // - Addresses are IOVAs of the given Ioas (for vhost-user: the IOTLB's IOVA
 //   space, or an Ioas mapping the front end's addresses). A ring may span
 //   several mappings; each contiguous host run is cached separately.
-// - Fast path: every accessor below is a plain load or store through the
-//   cached pointer (acquire/release where the virtio spec orders them), with
-//   no translation, no lock and no system call, inside an RCU read section.
+// - Batches: a back end opens one VringCache::Batch per pass over the ring
+//   (read avail->idx, the entries and descriptors, write used entries and
+//   used->idx) and pays the validity handshake once, when it opens. While a
+//   batch that found the pointers valid (Batch::cached()) is open, its
+//   accessors are inline plain loads and stores through the cached
+//   pointers (`__atomic`, acquire/release where the virtio spec orders
+//   them), with no translation, no lock, no system call and no check of
+//   the pointers' validity: the batch itself holds off invalidation.
+//   A batch must be short and must not be held across a blocking wait: no
+//   I/O on the request's buffers, no sleep, no waiting for another thread
+//   or for the memory monitor, no lock another thread may hold while it
+//   unmaps or invalidates (that thread waits in the cache's callback for
+//   the batch to close: a deadlock), and no map or unmap of the Ioas from
+//   the data-path thread. Close it before processing a request and open a
+//   new one for the used entry. Opening and closing cost a few loads and
+//   stores, no fence instruction where membarrier(2) is available.
+// - The cache's own accessors (VringCache::avail_idx() etc.) are one-access
+//   batches: each pays the handshake. Calling them, or opening a batch,
+//   while a batch is open on the same thread is allowed (a nested batch
+//   uses the outer one's pointers); one data-path thread per cache.
 // - Invalidation: a notifier callback marks the ring's pointers invalid. In
-//   non-blocking mode it refuses (returns false) while the data path is
-//   inside an access; in blocking mode it waits for that access (a grace
-//   period), so no access uses a pointer after the callback returns. The
-//   data path then falls back to translated, guarded copies through the
-//   Ioas, and re-validates (looks the rings up again under the read_begin /
-//   read_retry protocol) on a later access once the mappings are back.
-// - Memory that is not the library's own mapping (user memory) is never
-//   accessed through plain pointers: it is always copied with guarded
-//   copies, and a copy that raced with an invalidation is discarded and
-//   reported as EFAULT.
-// - Not thread-safe on the data path: one thread per cache. The
-//   invalidating thread may be any thread.
+//   non-blocking mode it refuses (returns false: the kernel's EAGAIN) while
+//   a batch that uses cached pointers is open; in blocking mode it waits
+//   until that batch is closed (yielding, then sleeping in 100 us steps),
+//   so no access uses a pointer after the callback returns. The wait is
+//   bounded by the batch, which the rule above keeps short; a batch that
+//   holds an invalidation off for 10 s is a broken caller and aborts with a
+//   message (IOMM_CHECK), never a silent hang. An invalidation is seen
+//   between batches only: a batch open with cached pointers reads and
+//   writes the memory that was mapped when it opened, to its end.
+// - Fallback: a batch opened while the pointers are invalid first
+//   re-validates (looks the rings up again under the read_begin /
+//   read_retry protocol: once the mappings are back, the batch uses cached
+//   pointers); if that fails, each of its accesses is a translated, guarded
+//   copy through the Ioas that checks the notifier's sequence around the
+//   copy: a copy that raced with an invalidation is discarded and reported
+//   as EFAULT. Such a batch does not hold invalidations off.
+// - Memory that is not the library's own mapping (user memory, files that
+//   may shrink) is never accessed through plain pointers: it is always
+//   copied with guarded copies.
+// - Threads: not thread-safe on the data path (one thread per cache and
+//   its batches). The invalidating thread may be any thread. stats() and
+//   cached() may be called from any thread.
 //
-// Errors
+// Errors (accessors of the cache and of a batch)
 // - ENOENT    part of a ring is not mapped in the Ioas (an IOTLB miss: the
-//             caller may ask for the mapping and retry).
+//             caller may ask for the mapping and retry, in a new batch).
 // - EFAULT    the memory behind a mapping is gone (unmapped, truncated), or a
 //             copy raced with an invalidation.
 // - EPERM     the used ring is mapped without write permission.
-// - EINVAL    (create) size not a power of two in [1, 32768], misaligned
-//             ring addresses (desc 16, avail 2, used 4), a ring range that
-//             wraps.
+// - EINVAL    a descriptor index >= size; used_event / set_avail_event
+//             without event_idx; (create) size not a power of two in
+//             [1, 32768], misaligned ring addresses (desc 16, avail 2, used
+//             4), a ring range that wraps.
+// Opening a batch cannot fail: errors are reported by its accesses.
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 
@@ -50,7 +81,25 @@ class Ioas;
 
 namespace vring {
 struct CacheState;
-}
+
+// Internal to the cache and its batches: the rings' byte layout and what an
+// open batch reads through.
+enum RingId : size_t { kDescRing = 0, kAvailRing = 1, kUsedRing = 2 };
+inline constexpr uint64_t kDescBytes = 16;
+inline constexpr uint64_t kUsedElemBytes = 8;
+inline constexpr uint64_t kRingHeader = 4;  // flags, idx
+
+struct BatchView {
+  // Each ring's host address when the batch holds cached pointers and the
+  // ring is one host run; null otherwise (the access goes out of line).
+  std::array<std::byte*, 3> base{};
+  uint16_t mask = 0;  // size - 1
+  uint16_t size = 0;
+  bool event_idx = false;
+  // The batch holds invalidations off (it found the pointers valid).
+  bool held = false;
+};
+}  // namespace vring
 
 // One descriptor of a split virtqueue (virtio 1.x, little-endian).
 struct VringDesc {
@@ -78,16 +127,25 @@ struct VringCacheStats {
   uint64_t slow_accesses = 0;  // translated copies
   uint64_t invalidations = 0;
   uint64_t revalidations = 0;  // pointers re-established
+  // Non-blocking callbacks refused because a batch held the pointers (the
+  // invalidation then waited for it in blocking mode).
+  uint64_t refusals = 0;
 };
 
 class IOMM_API VringCache {
  public:
+  class Batch;
+
   static Result<std::unique_ptr<VringCache>> create(const std::shared_ptr<Ioas>& ioas,
                                                     const VringLayout& layout);
   ~VringCache();
   VringCache(const VringCache&) = delete;
   VringCache& operator=(const VringCache&) = delete;
 
+  // Opens a batch: one pass over the ring (see the contract above).
+  [[nodiscard]] Batch batch();
+
+  // One-access batches, for callers that touch the ring once in a while.
   // Available ring.
   Result<uint16_t> avail_flags();
   Result<uint16_t> avail_idx();                 // acquire: entries up to it are visible
@@ -103,7 +161,7 @@ class IOMM_API VringCache {
   Status set_avail_event(uint16_t idx);  // needs event_idx
 
   [[nodiscard]] const VringLayout& layout() const noexcept;
-  // Whether the next access can use cached pointers (all three rings valid).
+  // Whether the next batch can use cached pointers (all three rings valid).
   [[nodiscard]] bool cached() const noexcept;
   [[nodiscard]] VringCacheStats stats() const noexcept;
 
@@ -111,5 +169,121 @@ class IOMM_API VringCache {
   explicit VringCache(std::unique_ptr<vring::CacheState> state);
   std::unique_ptr<vring::CacheState> state_;
 };
+
+// One pass over the ring with one validity handshake. Data-path thread
+// only; not movable (it lives in the scope of the pass). The accessors
+// mean what the cache's accessors of the same name mean.
+class IOMM_API VringCache::Batch {
+ public:
+  // Inline, with the accessors: a batch whose address never escapes lives
+  // in registers for the length of the pass.
+  explicit Batch(VringCache& cache) : state_(cache.state_.get()), view_(open(*state_)) {}
+  ~Batch() { close(*state_, view_.held, fast_); }  // a waiting invalidation may proceed
+  Batch(const Batch&) = delete;
+  Batch& operator=(const Batch&) = delete;
+
+  // Whether this batch reads and writes through cached pointers (and holds
+  // invalidations off); false: every access is a guarded copy.
+  [[nodiscard]] bool cached() const noexcept { return view_.held; }
+
+  Result<uint16_t> avail_flags() { return load16<__ATOMIC_RELAXED>(vring::kAvailRing, 0); }
+  Result<uint16_t> avail_idx() { return load16<__ATOMIC_ACQUIRE>(vring::kAvailRing, 2); }
+  Result<uint16_t> avail_entry(uint16_t slot) {
+    return load16<__ATOMIC_RELAXED>(vring::kAvailRing,
+                                    vring::kRingHeader + 2ULL * (slot & view_.mask));
+  }
+  Result<uint16_t> used_event() {
+    if (!view_.event_idx) return no_event_idx();
+    return load16<__ATOMIC_RELAXED>(vring::kAvailRing, vring::kRingHeader + 2ULL * view_.size);
+  }
+
+  Result<VringDesc> desc(uint16_t index) {
+    if (index >= view_.size) return bad_index();
+    // Masked as well as checked: the index comes from the guest, and the
+    // mask holds under speculation too.
+    const uint64_t offset = vring::kDescBytes * (index & view_.mask);
+    const std::byte* p = view_.base[vring::kDescRing];
+    if (p == nullptr) return desc_out_of_line(*state_, count(), offset);
+    p += offset;
+    ++fast_;
+    VringDesc d;
+    d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
+    d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
+    d.flags = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 12), __ATOMIC_RELAXED);
+    d.next = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 14), __ATOMIC_RELAXED);
+    return d;
+  }
+
+  Status set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
+    const uint64_t offset = vring::kRingHeader + vring::kUsedElemBytes * (slot & view_.mask);
+    std::byte* p = view_.base[vring::kUsedRing];
+    if (p == nullptr) return used_entry_out_of_line(*state_, count(), offset, id, len);
+    p += offset;
+    ++fast_;
+    __atomic_store_n(reinterpret_cast<uint32_t*>(p), id, __ATOMIC_RELAXED);
+    __atomic_store_n(reinterpret_cast<uint32_t*>(p + 4), len, __ATOMIC_RELAXED);
+    return {};
+  }
+  Status set_used_idx(uint16_t idx) { return store16<__ATOMIC_RELEASE>(vring::kUsedRing, 2, idx); }
+  Result<uint16_t> used_idx() { return load16<__ATOMIC_RELAXED>(vring::kUsedRing, 2); }
+  Status set_used_flags(uint16_t flags) {
+    return store16<__ATOMIC_RELAXED>(vring::kUsedRing, 0, flags);
+  }
+  Status set_avail_event(uint16_t idx) {
+    if (!view_.event_idx) return no_event_idx();
+    return store16<__ATOMIC_RELAXED>(vring::kUsedRing,
+                                     vring::kRingHeader + vring::kUsedElemBytes * view_.size, idx);
+  }
+
+ private:
+  template <int Order>
+  Result<uint16_t> load16(vring::RingId ring, uint64_t offset) {
+    const std::byte* p = view_.base[ring];
+    if (p == nullptr) {
+      return load16_out_of_line(*state_, count(), ring, offset, Order == __ATOMIC_ACQUIRE);
+    }
+    ++fast_;
+    return __atomic_load_n(reinterpret_cast<const uint16_t*>(p + offset), Order);
+  }
+  template <int Order>
+  Status store16(vring::RingId ring, uint64_t offset, uint16_t v) {
+    std::byte* p = view_.base[ring];
+    if (p == nullptr) {
+      return store16_out_of_line(*state_, count(), ring, offset, v, Order == __ATOMIC_RELEASE);
+    }
+    ++fast_;
+    __atomic_store_n(reinterpret_cast<uint16_t*>(p + offset), v, Order);
+    return {};
+  }
+
+  // An access that goes out of line: through the cached pointers when the
+  // batch (or an outer one) holds them, else a guarded copy. Counted here
+  // when held.
+  bool count() noexcept {
+    if (view_.held) ++fast_;
+    return view_.held;
+  }
+
+  // Static, taking nothing of the batch by address, so that the batch's
+  // fields can stay in registers.
+  static vring::BatchView open(vring::CacheState& state);
+  static void close(vring::CacheState& state, bool held, uint64_t fast) noexcept;
+  // Rings over several runs (with cached pointers) and guarded copies.
+  static Result<uint16_t> load16_out_of_line(vring::CacheState& state, bool held,
+                                             vring::RingId ring, uint64_t offset, bool acquire);
+  static Status store16_out_of_line(vring::CacheState& state, bool held, vring::RingId ring,
+                                    uint64_t offset, uint16_t v, bool release);
+  static Result<VringDesc> desc_out_of_line(vring::CacheState& state, bool held, uint64_t offset);
+  static Status used_entry_out_of_line(vring::CacheState& state, bool held, uint64_t offset,
+                                       uint32_t id, uint32_t len);
+  static Error bad_index();
+  static Error no_event_idx();
+
+  vring::CacheState* state_;
+  vring::BatchView view_;
+  uint64_t fast_ = 0;  // accesses through cached pointers, counted when closed
+};
+
+inline VringCache::Batch VringCache::batch() { return Batch(*this); }
 
 }  // namespace iomm

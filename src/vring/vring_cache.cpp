@@ -1,8 +1,10 @@
 #include "iomm/vring_cache.hpp"
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <cstddef>
 #include <cstring>
 #include <mutex>
@@ -11,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/check.hpp"
 #include "iomm/ioas.hpp"
 #include "iomm/notifier.hpp"
 #include "iomm/range.hpp"
@@ -29,11 +32,6 @@ namespace vring {
 
 namespace {
 
-enum RingId : size_t { kDesc = 0, kAvail = 1, kUsed = 2 };
-
-constexpr uint64_t kDescBytes = 16;
-constexpr uint64_t kUsedElemBytes = 8;
-
 struct Segment {
   uint64_t offset;  // from the ring's start
   uint64_t length;
@@ -44,7 +42,8 @@ struct Ring {
   uint64_t iova = 0;
   uint64_t bytes = 0;
   uint32_t prot = 0;
-  // Data path only: filled by revalidation, read by fast accesses.
+  // Data path only: filled by revalidation (with no batch holding them),
+  // read by batches.
   std::vector<Segment> segments;
   std::byte* whole = nullptr;  // the ring in one run (the common case)
   std::unique_ptr<IntervalNotifier> notifier;
@@ -57,6 +56,14 @@ Error ring_error(Error e) {
   return Error(EFAULT, "the ring's memory cannot be reached: " + e.describe());
 }
 
+// How long a blocking callback yields before it sleeps, how long it sleeps
+// between looks, and how long a batch may hold it off before the caller is
+// declared broken (a batch is one pass over the ring with no blocking wait
+// in it: microseconds).
+constexpr int kYieldSpins = 100;
+constexpr auto kHoldPoll = std::chrono::microseconds(100);
+constexpr auto kHoldLimit = std::chrono::seconds(10);
+
 }  // namespace
 
 struct CacheState {
@@ -65,10 +72,12 @@ struct CacheState {
   uint16_t mask = 0;
   bool asymmetric = false;  // membarrier pairs with a compiler barrier
 
-  // The handshake with the callbacks (Dekker): the data path sets `busy`,
-  // fences, then reads `valid`; a callback clears `valid` (and stamps the
-  // notifier), fences, then reads `busy`. One of them sees the other.
-  std::atomic<bool> busy{false};
+  // The handshake with the callbacks (Dekker): the data path raises `hold`
+  // (the depth of open batches holding the pointers, and of guarded copies
+  // in progress), fences, then reads `valid`; a callback clears `valid`
+  // (and stamps the notifier), fences, then reads `hold`. One of them sees
+  // the other. Only the data-path thread writes `hold`.
+  std::atomic<uint32_t> hold{0};
   std::atomic<bool> valid{false};
   // Orders a revalidation's read_retry and publication against the
   // callbacks' set_seq.
@@ -78,6 +87,7 @@ struct CacheState {
   std::atomic<uint64_t> slow_count{0};
   std::atomic<uint64_t> invalidations{0};
   std::atomic<uint64_t> revalidations{0};
+  std::atomic<uint64_t> refusals{0};
 
   std::array<Ring, 3> rings;
   // Data path only: the rings were found in memory that cannot be cached,
@@ -85,16 +95,18 @@ struct CacheState {
   bool uncacheable = false;
   std::array<uint64_t, 3> uncacheable_seqs{};
 
-  static void bump(std::atomic<uint64_t>& c) noexcept {
+  static void add(std::atomic<uint64_t>& c, uint64_t n) noexcept {
     // One writer (the data path): no locked add.
-    c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
   }
 
   void enter() noexcept {
-    busy.store(true, std::memory_order_relaxed);
+    hold.store(hold.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     sync::light_fence(asymmetric);
   }
-  void leave() noexcept { busy.store(false, std::memory_order_release); }
+  void leave() noexcept {
+    hold.store(hold.load(std::memory_order_relaxed) - 1, std::memory_order_release);
+  }
 
   bool invalidate(IntervalNotifier& n, const Invalidation& inv, uint64_t seq) {
     std::unique_lock lk(mu, std::try_to_lock);
@@ -108,16 +120,37 @@ struct CacheState {
     valid.store(false, std::memory_order_relaxed);
     lk.unlock();
     sync::heavy_fence(asymmetric);
-    if (busy.load(std::memory_order_acquire)) {
-      if (!inv.blocking) return false;
-      // An access is a few loads or one short copy that takes no lock.
-      while (busy.load(std::memory_order_acquire)) std::this_thread::yield();
+    if (hold.load(std::memory_order_acquire) != 0) {
+      if (!inv.blocking) {
+        refusals.fetch_add(1, std::memory_order_relaxed);
+        return false;
+      }
+      wait_for_release();
     }
     invalidations.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
 
+  // Blocking mode: until the batch (or guarded copy) in progress ends. It
+  // takes no lock and waits for nothing, by the contract, so this ends
+  // unless the caller broke it, which is reported rather than hung on.
+  void wait_for_release() const {
+    const auto deadline = std::chrono::steady_clock::now() + kHoldLimit;
+    for (int spins = 0; hold.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < kYieldSpins) {
+        std::this_thread::yield();
+        continue;
+      }
+      IOMM_CHECK(std::chrono::steady_clock::now() < deadline,
+                 "a VringCache batch held an invalidation off for 10 s (a batch must not be "
+                 "held across a blocking wait)");
+      std::this_thread::sleep_for(kHoldPoll);
+    }
+  }
+
   // Look the rings up again under the read_begin / read_retry protocol.
+  // Only with no batch holding the pointers (read_begin waits for an
+  // invalidation, which may be waiting for that batch).
   bool revalidate() {
     // Rings in memory that cannot be cached stay so until their mapping
     // changes, which invalidates: until then, do not look again.
@@ -141,7 +174,7 @@ struct CacheState {
         }
       }
     } catch (const std::bad_alloc&) {
-      return false;  // stays on the slow path
+      return false;  // stays on guarded copies
     }
     uncacheable = false;
     std::lock_guard lk(mu);
@@ -151,7 +184,7 @@ struct CacheState {
       rings[r].whole = rings[r].segments.size() == 1 ? rings[r].segments[0].host : nullptr;
     }
     valid.store(true, std::memory_order_release);
-    bump(revalidations);
+    add(revalidations, 1);
     return true;
   }
 
@@ -162,8 +195,47 @@ struct CacheState {
     return false;
   }
 
+  BatchView open() {
+    BatchView v;
+    v.mask = mask;
+    v.size = layout.size;
+    v.event_idx = layout.event_idx;
+    const uint32_t depth = hold.load(std::memory_order_relaxed);
+    if (depth != 0) {
+      // Nested in a batch of this thread that holds the pointers: they stay
+      // valid until that one closes, whatever `valid` says now.
+      hold.store(depth + 1, std::memory_order_relaxed);
+    } else {
+      if (!valid.load(std::memory_order_relaxed) && !revalidate()) return v;
+      enter();
+      if (!valid.load(std::memory_order_acquire)) {
+        leave();
+        return v;
+      }
+    }
+    v.held = true;
+    for (size_t r = 0; r < rings.size(); ++r) v.base[r] = rings[r].whole;
+    return v;
+  }
+
+  void close(bool held, uint64_t fast) noexcept {
+    if (held) leave();
+    if (fast != 0) add(fast_count, fast);
+  }
+
+  // Whether an out-of-line access may use the cached segments: its batch
+  // holds them (and counted the access), or an outer batch of this thread
+  // does (counted here).
+  bool use_cached(bool held) noexcept {
+    if (held) return true;
+    if (hold.load(std::memory_order_relaxed) == 0) return false;
+    add(fast_count, 1);
+    return true;
+  }
+
   // Where `n` bytes at `offset` of the ring live, if in one run.
-  static std::byte* locate(const Ring& ring, uint64_t offset, uint64_t n) noexcept {
+  [[nodiscard]] std::byte* locate(RingId r, uint64_t offset, uint64_t n) const noexcept {
+    const Ring& ring = rings[r];
     if (ring.whole != nullptr) return ring.whole + offset;
     for (const Segment& s : ring.segments) {
       if (offset >= s.offset && offset - s.offset < s.length) {
@@ -173,30 +245,29 @@ struct CacheState {
     return nullptr;
   }
 
-  // Runs `access` on the field's host address inside the handshake; false
-  // when the pointers are not valid (or the field straddles two runs).
-  template <typename F>
-  bool fast(RingId r, uint64_t offset, uint64_t n, F&& access) {
-    if (!valid.load(std::memory_order_relaxed) && !revalidate()) return false;
-    enter();
-    if (!valid.load(std::memory_order_acquire)) {
-      leave();
-      return false;
+  // A field cut by the boundary of two runs, copied run by run through the
+  // cached pointers (held: the runs are all library-mapped and valid).
+  void cut_copy(RingId r, uint64_t offset, void* buf, uint64_t n, bool write) const noexcept {
+    auto* cursor = static_cast<std::byte*>(buf);
+    for (const Segment& s : rings[r].segments) {
+      if (n == 0) break;
+      if (offset >= s.offset + s.length) continue;
+      const uint64_t in = offset - s.offset;
+      const uint64_t len = std::min(n, s.length - in);
+      if (write) {
+        std::memcpy(s.host + in, cursor, len);
+      } else {
+        std::memcpy(cursor, s.host + in, len);
+      }
+      cursor += len;
+      offset += len;
+      n -= len;
     }
-    std::byte* p = locate(rings[r], offset, n);
-    if (p == nullptr) {
-      leave();
-      return false;
-    }
-    access(p);
-    leave();
-    bump(fast_count);
-    return true;
   }
 
-  // A translated, guarded copy of one field. It runs inside the handshake
-  // too, so a blocking callback waits for it and a copy that started after
-  // an invalidation began sees the new sequence and touches nothing; after
+  // A translated, guarded copy of one field. It raises `hold` too, so a
+  // blocking callback waits for it and a copy that started after an
+  // invalidation began sees the new sequence and touches nothing; after
   // it, for user memory, the monitor's pending events are settled and the
   // sequence checked again: a copy that raced is EFAULT.
   Status slow(RingId r, uint64_t offset, void* buf, size_t n, bool write) {
@@ -233,41 +304,18 @@ struct CacheState {
     if (ring.notifier->read_retry(seq)) {
       return Error(EFAULT, "the ring was invalidated during the access");
     }
-    bump(slow_count);
+    add(slow_count, 1);
     return {};
-  }
-
-  // Order: __ATOMIC_RELAXED, __ATOMIC_ACQUIRE (loads), __ATOMIC_RELEASE
-  // (stores).
-  template <typename T, int Order = __ATOMIC_RELAXED>
-  Result<T> load(RingId r, uint64_t offset) {
-    T v{};
-    if (fast(r, offset, sizeof(T),
-             [&](std::byte* p) { v = __atomic_load_n(reinterpret_cast<T*>(p), Order); })) {
-      return v;
-    }
-    if (Status s = slow(r, offset, &v, sizeof(T), false); !s) return s.error();
-    if constexpr (Order == __ATOMIC_ACQUIRE) std::atomic_thread_fence(std::memory_order_acquire);
-    return v;
-  }
-
-  template <typename T, int Order = __ATOMIC_RELAXED>
-  Status store(RingId r, uint64_t offset, T v) {
-    if (fast(r, offset, sizeof(T),
-             [&](std::byte* p) { __atomic_store_n(reinterpret_cast<T*>(p), v, Order); })) {
-      return {};
-    }
-    if constexpr (Order == __ATOMIC_RELEASE) std::atomic_thread_fence(std::memory_order_release);
-    return slow(r, offset, &v, sizeof(T), true);
   }
 };
 
 }  // namespace vring
 
 using vring::CacheState;
-using vring::kAvail;
-using vring::kDesc;
-using vring::kUsed;
+using vring::kAvailRing;
+using vring::kDescRing;
+using vring::kUsedRing;
+using vring::RingId;
 
 Result<std::unique_ptr<VringCache>> VringCache::create(const std::shared_ptr<Ioas>& ioas,
                                                        const VringLayout& layout) {
@@ -281,8 +329,9 @@ Result<std::unique_ptr<VringCache>> VringCache::create(const std::shared_ptr<Ioa
     return Error(EINVAL, "misaligned ring (descriptors 16, available ring 2, used ring 4)");
   }
   const uint64_t event = layout.event_idx ? 2 : 0;
-  const std::array<uint64_t, 3> bytes{vring::kDescBytes * size, 4 + 2ULL * size + event,
-                                      4 + vring::kUsedElemBytes * size + event};
+  const std::array<uint64_t, 3> bytes{vring::kDescBytes * size,
+                                      vring::kRingHeader + 2ULL * size + event,
+                                      vring::kRingHeader + vring::kUsedElemBytes * size + event};
   const std::array<uint64_t, 3> iovas{layout.desc_iova, layout.avail_iova, layout.used_iova};
   const std::array<uint32_t, 3> prots{kProtRead, kProtRead, kProtRead | kProtWrite};
   std::unique_ptr<CacheState> state;
@@ -327,72 +376,18 @@ VringCache::~VringCache() {
   for (auto& ring : state_->rings) ring.notifier.reset();
 }
 
-Result<uint16_t> VringCache::avail_flags() { return state_->load<uint16_t>(kAvail, 0); }
-
-Result<uint16_t> VringCache::avail_idx() {
-  return state_->load<uint16_t, __ATOMIC_ACQUIRE>(kAvail, 2);
-}
-
-Result<uint16_t> VringCache::avail_entry(uint16_t slot) {
-  return state_->load<uint16_t>(kAvail, 4 + 2ULL * (slot & state_->mask));
-}
-
-Result<uint16_t> VringCache::used_event() {
-  if (!state_->layout.event_idx) return Error(EINVAL, "VIRTIO_RING_F_EVENT_IDX not negotiated");
-  return state_->load<uint16_t>(kAvail, 4 + 2ULL * state_->layout.size);
-}
-
-Result<VringDesc> VringCache::desc(uint16_t index) {
-  if (index >= state_->layout.size) return Error(EINVAL, "descriptor index past the queue size");
-  // Masked as well as checked: the index comes from the guest, and the mask
-  // holds under speculation too.
-  const uint64_t base = vring::kDescBytes * (index & state_->mask);
-  VringDesc d;
-  auto& s = *state_;
-  if (s.fast(kDesc, base, vring::kDescBytes, [&](std::byte* p) {
-        d.addr = __atomic_load_n(reinterpret_cast<uint64_t*>(p), __ATOMIC_RELAXED);
-        d.len = __atomic_load_n(reinterpret_cast<uint32_t*>(p + 8), __ATOMIC_RELAXED);
-        d.flags = __atomic_load_n(reinterpret_cast<uint16_t*>(p + 12), __ATOMIC_RELAXED);
-        d.next = __atomic_load_n(reinterpret_cast<uint16_t*>(p + 14), __ATOMIC_RELAXED);
-      })) {
-    return d;
-  }
-  std::array<std::byte, vring::kDescBytes> raw{};
-  if (Status st = s.slow(kDesc, base, raw.data(), raw.size(), false); !st) return st.error();
-  std::memcpy(&d.addr, raw.data(), 8);
-  std::memcpy(&d.len, raw.data() + 8, 4);
-  std::memcpy(&d.flags, raw.data() + 12, 2);
-  std::memcpy(&d.next, raw.data() + 14, 2);
-  return d;
-}
-
+Result<uint16_t> VringCache::avail_flags() { return Batch(*this).avail_flags(); }
+Result<uint16_t> VringCache::avail_idx() { return Batch(*this).avail_idx(); }
+Result<uint16_t> VringCache::avail_entry(uint16_t slot) { return Batch(*this).avail_entry(slot); }
+Result<uint16_t> VringCache::used_event() { return Batch(*this).used_event(); }
+Result<VringDesc> VringCache::desc(uint16_t index) { return Batch(*this).desc(index); }
 Status VringCache::set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
-  const uint64_t base = 4 + vring::kUsedElemBytes * (slot & state_->mask);
-  auto& s = *state_;
-  if (s.fast(kUsed, base, vring::kUsedElemBytes, [&](std::byte* p) {
-        __atomic_store_n(reinterpret_cast<uint32_t*>(p), id, __ATOMIC_RELAXED);
-        __atomic_store_n(reinterpret_cast<uint32_t*>(p + 4), len, __ATOMIC_RELAXED);
-      })) {
-    return {};
-  }
-  std::array<uint32_t, 2> elem{id, len};
-  return s.slow(kUsed, base, elem.data(), sizeof(elem), true);
+  return Batch(*this).set_used_entry(slot, id, len);
 }
-
-Status VringCache::set_used_idx(uint16_t idx) {
-  return state_->store<uint16_t, __ATOMIC_RELEASE>(kUsed, 2, idx);
-}
-
-Result<uint16_t> VringCache::used_idx() { return state_->load<uint16_t>(kUsed, 2); }
-
-Status VringCache::set_used_flags(uint16_t flags) {
-  return state_->store<uint16_t>(kUsed, 0, flags);
-}
-
-Status VringCache::set_avail_event(uint16_t idx) {
-  if (!state_->layout.event_idx) return Error(EINVAL, "VIRTIO_RING_F_EVENT_IDX not negotiated");
-  return state_->store<uint16_t>(kUsed, 4 + vring::kUsedElemBytes * state_->layout.size, idx);
-}
+Status VringCache::set_used_idx(uint16_t idx) { return Batch(*this).set_used_idx(idx); }
+Result<uint16_t> VringCache::used_idx() { return Batch(*this).used_idx(); }
+Status VringCache::set_used_flags(uint16_t flags) { return Batch(*this).set_used_flags(flags); }
+Status VringCache::set_avail_event(uint16_t idx) { return Batch(*this).set_avail_event(idx); }
 
 const VringLayout& VringCache::layout() const noexcept { return state_->layout; }
 
@@ -400,10 +395,89 @@ bool VringCache::cached() const noexcept { return state_->valid.load(std::memory
 
 VringCacheStats VringCache::stats() const noexcept {
   const auto& s = *state_;
-  return {s.fast_count.load(std::memory_order_relaxed),
-          s.slow_count.load(std::memory_order_relaxed),
-          s.invalidations.load(std::memory_order_relaxed),
-          s.revalidations.load(std::memory_order_relaxed)};
+  return {
+      s.fast_count.load(std::memory_order_relaxed), s.slow_count.load(std::memory_order_relaxed),
+      s.invalidations.load(std::memory_order_relaxed),
+      s.revalidations.load(std::memory_order_relaxed), s.refusals.load(std::memory_order_relaxed)};
+}
+
+vring::BatchView VringCache::Batch::open(CacheState& state) { return state.open(); }
+
+void VringCache::Batch::close(CacheState& state, bool held, uint64_t fast) noexcept {
+  state.close(held, fast);
+}
+
+Error VringCache::Batch::bad_index() { return {EINVAL, "descriptor index past the queue size"}; }
+
+Error VringCache::Batch::no_event_idx() {
+  return {EINVAL, "VIRTIO_RING_F_EVENT_IDX not negotiated"};
+}
+
+// The out-of-line accesses: a held batch over a ring of several runs
+// (the field through its run's pointer, or run by run when a boundary cuts
+// it), else a guarded copy.
+
+Result<uint16_t> VringCache::Batch::load16_out_of_line(CacheState& s, bool held, RingId ring,
+                                                       uint64_t offset, bool acquire) {
+  uint16_t v = 0;
+  if (s.use_cached(held)) {
+    if (const std::byte* p = s.locate(ring, offset, sizeof(v)); p != nullptr) {
+      return acquire ? __atomic_load_n(reinterpret_cast<const uint16_t*>(p), __ATOMIC_ACQUIRE)
+                     : __atomic_load_n(reinterpret_cast<const uint16_t*>(p), __ATOMIC_RELAXED);
+    }
+    s.cut_copy(ring, offset, &v, sizeof(v), false);
+  } else if (Status st = s.slow(ring, offset, &v, sizeof(v), false); !st) {
+    return st.error();
+  }
+  if (acquire) std::atomic_thread_fence(std::memory_order_acquire);
+  return v;
+}
+
+Status VringCache::Batch::store16_out_of_line(CacheState& s, bool held, RingId ring,
+                                              uint64_t offset, uint16_t v, bool release) {
+  if (release) std::atomic_thread_fence(std::memory_order_release);
+  if (!s.use_cached(held)) return s.slow(ring, offset, &v, sizeof(v), true);
+  if (std::byte* p = s.locate(ring, offset, sizeof(v)); p != nullptr) {
+    __atomic_store_n(reinterpret_cast<uint16_t*>(p), v, __ATOMIC_RELAXED);
+  } else {
+    s.cut_copy(ring, offset, &v, sizeof(v), true);
+  }
+  return {};
+}
+
+Result<VringDesc> VringCache::Batch::desc_out_of_line(CacheState& s, bool held, uint64_t offset) {
+  VringDesc d;
+  std::array<std::byte, vring::kDescBytes> raw{};
+  if (s.use_cached(held)) {
+    if (const std::byte* p = s.locate(kDescRing, offset, raw.size()); p != nullptr) {
+      d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
+      d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
+      d.flags = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 12), __ATOMIC_RELAXED);
+      d.next = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 14), __ATOMIC_RELAXED);
+      return d;
+    }
+    s.cut_copy(kDescRing, offset, raw.data(), raw.size(), false);
+  } else if (Status st = s.slow(kDescRing, offset, raw.data(), raw.size(), false); !st) {
+    return st.error();
+  }
+  std::memcpy(&d.addr, raw.data(), 8);
+  std::memcpy(&d.len, raw.data() + 8, 4);
+  std::memcpy(&d.flags, raw.data() + 12, 2);
+  std::memcpy(&d.next, raw.data() + 14, 2);
+  return d;
+}
+
+Status VringCache::Batch::used_entry_out_of_line(CacheState& s, bool held, uint64_t offset,
+                                                 uint32_t id, uint32_t len) {
+  std::array<uint32_t, 2> elem{id, len};
+  if (!s.use_cached(held)) return s.slow(kUsedRing, offset, elem.data(), sizeof(elem), true);
+  if (std::byte* p = s.locate(kUsedRing, offset, sizeof(elem)); p != nullptr) {
+    __atomic_store_n(reinterpret_cast<uint32_t*>(p), id, __ATOMIC_RELAXED);
+    __atomic_store_n(reinterpret_cast<uint32_t*>(p + 4), len, __ATOMIC_RELAXED);
+  } else {
+    s.cut_copy(kUsedRing, offset, elem.data(), sizeof(elem), true);
+  }
+  return {};
 }
 
 }  // namespace iomm
