@@ -32,10 +32,11 @@ int fail(const char* step) {
 int main() {
   std::printf("iomm %s\n", IOMM_VERSION_STRING);
   constexpr uint64_t kSize = 4 << 20;
-  const int fd = memfd_create("guest-memory", MFD_CLOEXEC);
+  const int fd = memfd_create("guest-memory", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0 || ftruncate(fd, kSize) != 0) return fail("memfd");
 
-  auto guest = iomm::MemorySource::from_file(fd, 0, kSize);
+  // Sealed against shrinking, so the library's mapping cannot lose pages.
+  auto guest = iomm::MemorySource::from_file(fd, 0, kSize, iomm::FileSeal::apply);
   if (!guest) return fail("from_file", guest.error());
   auto ioas = iomm::Ioas::create({.account_mode = iomm::AccountMode::per_process});
   if (!ioas) return fail("Ioas::create", ioas.error());

@@ -44,6 +44,16 @@ void Flight::land_locked() noexcept {
   linked_ = false;
 }
 
+bool AccessState::holds_nothing_in(const IovaRange& r) const noexcept {
+  std::unique_lock lk(mu, std::try_to_lock);
+  if (!lk.owns_lock() || flights != nullptr) return false;
+  const bool recorded = std::any_of(pins.begin(), pins.end(), [&](const auto& entry) {
+    return IovaRange{entry.first, entry.first + entry.second.length - 1}.overlaps(r);
+  });
+  // Page pins commit their counts before their flight lands (may_pin).
+  return !recorded && page_pins.load(std::memory_order_acquire) == 0;
+}
+
 bool AccessState::may_pin(const IovaRange& r) const {
   {
     // Flights and records first, under one hold of mu: a pin unlinks its
@@ -132,7 +142,11 @@ Result<std::shared_ptr<Access>> Access::create(const std::shared_ptr<Ioas>& ioas
       ioas, {0, UINT64_MAX},
       [a = state.get()](IntervalNotifier&, const Invalidation& inv, uint64_t) {
         if (inv.cause != InvalidationCause::unmap) return true;
-        if (!inv.blocking) return false;
+        // An access that holds nothing there is done without sleeping, so
+        // it never waits for the blocking pass (and whoever destroys it
+        // meanwhile, perhaps under a lock another driver's callback takes,
+        // does not wait for that callback).
+        if (!inv.blocking) return a->holds_nothing_in(inv.range);
         // A driver that does not unpin this round: the unmap must retry.
         if (a->may_pin(inv.range) && !IOMM_INJECT("access.callback")) a->on_unmap(inv.range);
         return true;

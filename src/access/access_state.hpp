@@ -86,6 +86,9 @@ struct AccessState {
   // Whether this access holds, or is pinning, anything in r: a pin record, a
   // pin in flight or a page pin overlapping it.
   [[nodiscard]] bool may_pin(const IovaRange& r) const;
+  // Whether it certainly holds and is pinning nothing in r, decided without
+  // sleeping: false when it may, or when mu is busy (try-lock).
+  [[nodiscard]] bool holds_nothing_in(const IovaRange& r) const noexcept;
   // Whether a page pin lies in r (takes page_mu).
   [[nodiscard]] bool page_pins_overlap(const IovaRange& r) const;
 };

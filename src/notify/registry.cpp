@@ -116,26 +116,32 @@ void Registry::deliver(uint64_t seq, const IovaRange& r, InvalidationCause cause
     const size_t n = pick(r, seq, resume, cursor, batch, kBatch);
     if (n == 0) return;
     resume = true;
+    // Taken while every node of the batch is held: a node released below
+    // may be removed and freed at once.
+    cursor = ByStart::key(batch[n - 1]);
+    // Each node is released as soon as its own callbacks are done, so
+    // removing a notifier waits only for its own callback, never for
+    // another's (which may wait for a lock the remover holds).
+    const auto release = [](Node& node) noexcept {
+      node.invalidations.fetch_add(1, std::memory_order_relaxed);
+      std::lock_guard lk(node.mu);
+      if (--node.busy == 0) node.idle.notify_all();
+    };
     for (size_t i = 0; i < n; ++i) {
       Node& node = *batch[i];
       const Invalidation inv{
           {std::max(r.start, node.range.start), std::min(r.last, node.range.last)}, cause, false};
       refused[i] = !node.callback(*node.notifier, inv, seq);
+      if (!refused[i]) release(node);
     }
     for (size_t i = 0; i < n; ++i) {
+      if (!refused[i]) continue;
       Node& node = *batch[i];
-      if (refused[i]) {
-        const Invalidation inv{
-            {std::max(r.start, node.range.start), std::min(r.last, node.range.last)}, cause, true};
-        IOMM_CHECK(node.callback(*node.notifier, inv, seq),
-                   "a blocking invalidation callback returned false");
-      }
-      node.invalidations.fetch_add(1, std::memory_order_relaxed);
-    }
-    cursor = ByStart::key(batch[n - 1]);
-    for (size_t i = 0; i < n; ++i) {
-      std::lock_guard lk(batch[i]->mu);
-      if (--batch[i]->busy == 0) batch[i]->idle.notify_all();
+      const Invalidation inv{
+          {std::max(r.start, node.range.start), std::min(r.last, node.range.last)}, cause, true};
+      IOMM_CHECK(node.callback(*node.notifier, inv, seq),
+                 "a blocking invalidation callback returned false");
+      release(node);
     }
   }
 }

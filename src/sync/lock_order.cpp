@@ -18,7 +18,7 @@ struct Held {
 // Deeper nesting than this is itself a bug; a fixed array keeps the check
 // allocation-free (it runs on paths that must not fail).
 constexpr int kMaxHeld = 32;
-constinit thread_local Held t_held[kMaxHeld];
+constinit thread_local Held t_held[kMaxHeld] = {};
 constinit thread_local int t_count = 0;
 
 [[noreturn]] void die(const char* what, const char* name, LockRank rank, const Held* other) {

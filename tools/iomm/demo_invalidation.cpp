@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -49,25 +50,38 @@ void expect(bool ok, const std::string& what) {
   if (!ok) throw Failure("unexpected: " + what);
 }
 
-// What a notifier's callback saw (the demo is single-threaded apart from the
-// monitor thread, which runs the callbacks of the memory events).
-struct Fired {
-  std::vector<Invalidation> seen;
-  std::string last() const {
-    if (seen.empty()) return "nothing";
-    const Invalidation& inv = seen.back();
+// What a notifier's callback saw. The monitor thread runs the callbacks of
+// memory events, so the record is read and written under a lock.
+class Fired {
+ public:
+  void add(const Invalidation& inv) {
+    const std::lock_guard lock(mu_);
+    seen_.push_back(inv);
+  }
+  [[nodiscard]] std::vector<Invalidation> seen() const {
+    const std::lock_guard lock(mu_);
+    return seen_;
+  }
+  [[nodiscard]] std::string last() const {
+    const std::vector<Invalidation> all = seen();
+    if (all.empty()) return "nothing";
+    const Invalidation& inv = all.back();
     char text[96];
     std::snprintf(text, sizeof text, "%s [%#llx, %#llx]", to_string(inv.cause),
                   static_cast<unsigned long long>(inv.range.start),
                   static_cast<unsigned long long>(inv.range.last));
     return text;
   }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<Invalidation> seen_;
 };
 
 InvalidateCallback record_into(Fired& fired) {
   return [&fired](IntervalNotifier& n, const Invalidation& inv, uint64_t seq) {
     n.set_seq(seq);
-    fired.seen.push_back(inv);
+    fired.add(inv);
     return true;
   };
 }
@@ -112,14 +126,16 @@ void run() {
     throw Failure(std::string("madvise: ") + errno_text(errno));
   }
   must(monitor::settle_user_copies(), "settle");
-  expect(on_user.seen.size() == 1 && on_user.seen[0].cause == InvalidationCause::discard &&
-             on_user.seen[0].range.start == base + kPage,
+  const auto after_discard = on_user.seen();
+  expect(after_discard.size() == 1 && after_discard[0].cause == InvalidationCause::discard &&
+             after_discard[0].range.start == base + kPage,
          "the discard reached the notifier");
   step(1, "madvise(DONTNEED) of watched memory", "notifier fired: " + on_user.last());
   munmap(static_cast<char*>(mem) + 2 * kPage, 2 * kPage);
   must(monitor::settle_user_copies(), "settle");
-  expect(on_user.seen.size() == 2 && on_user.seen[1].cause == InvalidationCause::munmap &&
-             on_user.seen[1].range.start == base + 2 * kPage,
+  const auto after_munmap = on_user.seen();
+  expect(after_munmap.size() == 2 && after_munmap[1].cause == InvalidationCause::munmap &&
+             after_munmap[1].range.start == base + 2 * kPage,
          "the munmap reached the notifier");
   step(2, "munmap of watched memory", "notifier fired: " + on_user.last());
   char byte = 0;
@@ -144,7 +160,8 @@ void run() {
   expect(cache->cached() && must(cache->desc(3), "desc").len == 1, "the cache validated");
   step(4, "ring cache over the mapping", "cached pointers, descriptor 3 from the first file");
   must(ioas->unmap(kIova, 3 * kPage), "Ioas::unmap");
-  expect(on_iova.seen.size() == 1 && on_iova.seen[0].cause == InvalidationCause::unmap,
+  const auto after_unmap = on_iova.seen();
+  expect(after_unmap.size() == 1 && after_unmap[0].cause == InvalidationCause::unmap,
          "the IOAS unmap reached the notifier");
   step(5, "Ioas::unmap of the ring", "notifier fired: " + on_iova.last());
   const auto missing = cache->desc(3);

@@ -39,11 +39,12 @@ class VfioDemo {
         info.iova_ranges.size());
     std::printf(kRow, "#", "step", "maps", "kernel maps", "iomm pinned", "VmLck", "note");
 
-    const int fd = memfd_create("iomm-demo-guest", MFD_CLOEXEC);
+    const int fd = memfd_create("iomm-demo-guest", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0 || ftruncate(fd, static_cast<off_t>(o_.size)) != 0) {
       throw DemoFailure(std::string("memfd: ") + errno_text(errno));
     }
-    source_ = must(MemorySource::from_file(fd, 0, o_.size), "MemorySource::from_file");
+    source_ =
+        must(MemorySource::from_file(fd, 0, o_.size, FileSeal::apply), "MemorySource::from_file");
     close(fd);
     ioas_ = must(Ioas::create(), "Ioas::create");
     base_vmlck_ = process_vmlck_bytes();
