@@ -91,7 +91,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const AddressSpace& space = fx.table->gpa_space();
   const Status s = read_chain(ring, space, head, (flags & 1) != 0, chain);
   if (!s) {
-    FUZZ_CHECK_ERRNO(s, "read_chain", EINVAL, ENOENT, EFAULT, EPERM);
+    FUZZ_CHECK_ERRNO(s, "read_chain", EINVAL, ENOENT, EFAULT, EPERM, EOVERFLOW);
     return 0;
   }
   FUZZ_CHECK(chain.segments.size() <= 32768U, "chain of %zu segments", chain.segments.size());

@@ -181,7 +181,10 @@ Status BlkBackend::on_set_mem_table(Message& msg) {
         std::to_string(h.nregions) + " regions, at most " + std::to_string(kMaxMemRegions));
   if (Status s = expect_size(msg, sizeof(h) + h.nregions * sizeof(MemRegion)); !s) return s;
   std::vector<MemRegion> regions(h.nregions);
-  std::memcpy(regions.data(), msg.payload.data() + sizeof(h), h.nregions * sizeof(MemRegion));
+  // An empty table is valid; memcpy must not see its null data().
+  if (h.nregions != 0) {
+    std::memcpy(regions.data(), msg.payload.data() + sizeof(h), h.nregions * sizeof(MemRegion));
+  }
   // The old rings and IOTLB entries point into the old table: drop them
   // first, so nothing uses memory the front end may have unmapped.
   for (Virtqueue& q : queues_) q.forget_ring();

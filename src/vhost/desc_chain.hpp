@@ -16,7 +16,8 @@
 //   of 16 or longer than the queue, indirect without
 //   VIRTIO_RING_F_INDIRECT_DESC, readable after writable, too many bytes);
 //   errors of reading the ring or the table (ENOENT unmapped or an IOTLB
-//   miss: the space's last_fault() names it; EPERM; EFAULT).
+//   miss: the space's last_fault() names it; EPERM; EFAULT; EOVERFLOW an
+//   indirect table whose address range wraps).
 // - `out` is reused across calls (its vectors keep their capacity).
 #pragma once
 
