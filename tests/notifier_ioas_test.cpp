@@ -171,6 +171,36 @@ TEST_F(NotifierIoas, HostSegmentsErrors) {
   EXPECT_ERRNO(ioas->host_segments(0x1000000, 4096, kProtRead), ENXIO);
 }
 
+// The appending form keeps what the caller's vector held: runs merge only
+// within one call, and a failure part way leaves the vector as it was.
+TEST_F(NotifierIoas, HostSegmentsAppendKeepsTheCallersRuns) {
+  std::vector<Ioas::HostSegment> out;
+  ASSERT_OK(ioas->host_segments(0x200000, 4096, kProtRead, out));
+  // Contiguous with the first run in IOVA and host memory, but another call.
+  ASSERT_OK(ioas->host_segments(0x201000, 4096, kProtRead, out));
+  ASSERT_EQ(out.size(), 2U);
+  EXPECT_EQ(out[1].iova, 0x201000U);
+  EXPECT_EQ(out[1].length, 4096U);
+  EXPECT_EQ(out[1].host, static_cast<std::byte*>(low.host_address()) + 4096);
+  const std::vector<Ioas::HostSegment> before = out;
+  auto same = [&] {
+    if (out.size() != before.size()) return false;
+    for (size_t i = 0; i < out.size(); ++i)
+      if (out[i].iova != before[i].iova || out[i].length != before[i].length ||
+          out[i].host != before[i].host || out[i].library_mapped != before[i].library_mapped)
+        return false;
+    return true;
+  };
+  // The writable mapping, then the read-only one: EPERM after a run.
+  EXPECT_ERRNO(ioas->host_segments(0x3ff000, 8192, kRW, out), EPERM);
+  EXPECT_TRUE(same());
+  // Mapped, then a hole: ENOENT after a run.
+  EXPECT_ERRNO(ioas->host_segments(0x4ff000, 8192, kProtRead, out), ENOENT);
+  EXPECT_TRUE(same());
+  EXPECT_ERRNO(ioas->host_segments(0x200000, 0, kProtRead, out), EINVAL);
+  EXPECT_TRUE(same());
+}
+
 TEST_F(NotifierIoas, UserMemorySegmentsAreNotLibraryMapped) {
   std::vector<std::byte> buf(2 * 4096 + 4096);
   auto* aligned = reinterpret_cast<std::byte*>((reinterpret_cast<uintptr_t>(buf.data()) + 4095) &

@@ -55,6 +55,22 @@ struct Image {
   std::optional<BlkImage> blk;
 };
 
+// A back end on its own thread and a test front end connected to it and
+// set up; finish() closes the front end and checks the back end saw it go.
+struct Session {
+  explicit Session(FrontendOptions o = {}, BlkBackendOptions b = {})
+      : be(*image.blk, std::move(b)), fe(be.take_socket(), o) {
+    fe.setup();
+  }
+  void finish() {
+    fe.close();
+    EXPECT_EQ(be.join().code(), ECONNRESET) << be.all_logs();
+  }
+  Image image;
+  BackendThread be;
+  Frontend fe;
+};
+
 class VhostBlk : public ::testing::TestWithParam<bool> {
  protected:
   void start(FrontendOptions o = {}, BlkBackendOptions b = {}, bool read_only = false) {
@@ -225,10 +241,8 @@ TEST_P(VhostBlk, BadRequestsFailWithIoerr) {
 // last buffer is outside writes nothing (it is never a partial write
 // reported as done, nor a partial write at all).
 TEST(VhostBlkBadInput, BuffersOutsideGuestMemory) {
-  Image image;
-  BackendThread be(*image.blk, {});
-  Frontend fe(be.take_socket(), {});
-  fe.setup();
+  Session session;
+  auto& [image, be, fe] = session;
   const uint16_t h = fe.take_desc(0), d = fe.take_desc(0), s = fe.take_desc(0);
   const uint64_t hdr = fe.alloc(16), st = fe.alloc(1);
   *reinterpret_cast<BlkOutHdr*>(fe.host(hdr)) = BlkOutHdr{kBlkTIn, 0, 0};
@@ -254,18 +268,15 @@ TEST(VhostBlkBadInput, BuffersOutsideGuestMemory) {
   EXPECT_EQ(*fe.host(st), kBlkSIoerr);
   EXPECT_EQ(image.read(0, 1)[0], pattern(0));
   EXPECT_TRUE(be.logged("the write buffers")) << be.all_logs();
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
 }
 
 // Malformed chains complete with used length 0 and the queue goes on.
 TEST(VhostBlkBadInput, MalformedChains) {
-  Image image;
-  BackendThread be(*image.blk, {});
   FrontendOptions o;
   o.queue_size = 16;
-  Frontend fe(be.take_socket(), o);
-  fe.setup();
+  Session session(o);
+  auto& [image, be, fe] = session;
   const uint64_t hdr = fe.alloc(16), st = fe.alloc(1), table = fe.alloc(16 * 32, 16);
   *reinterpret_cast<BlkOutHdr*>(fe.host(hdr)) = BlkOutHdr{kBlkTIn, 0, 0};
   const uint16_t a = fe.take_desc(0), b = fe.take_desc(0);
@@ -312,16 +323,13 @@ TEST(VhostBlkBadInput, MalformedChains) {
   const uint16_t head = fe.submit(0, kBlkTIn, 1, buf, 512);
   fe.wait(0, 1);
   EXPECT_EQ(fe.status(0, head), kBlkSOk);
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
 }
 
 // A ring the driver corrupts stops the queue (logged), not the back end.
 TEST(VhostBlkBadInput, CorruptAvailRingBreaksOnlyTheQueue) {
-  Image image;
-  BackendThread be(*image.blk, {});
-  Frontend fe(be.take_socket(), {});
-  fe.setup();
+  Session session;
+  auto& [image, be, fe] = session;
   fe.avail_ring(0)[2] = 1000;  // head out of range
   fe.publish(0, 1000);
   EXPECT_EQ(fe.get_u64(Request::get_queue_num), 1U);
@@ -332,8 +340,7 @@ TEST(VhostBlkBadInput, CorruptAvailRingBreaksOnlyTheQueue) {
   EXPECT_TRUE(be.logged("names descriptor 1000")) << be.all_logs();
   EXPECT_EQ(fe.get_u64(Request::get_queue_num), 1U);
   EXPECT_EQ(fe.used_idx(0), 0);
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
 }
 
 // Each protocol violation closes the connection with a logged reason.
@@ -458,27 +465,23 @@ FrontendOptions iotlb_options() {
 }
 
 TEST(VhostBlkIotlb, RingsAndBuffersArriveThroughMisses) {
-  Image image;
-  BackendThread be(*image.blk, {});
-  Frontend fe(be.take_socket(), iotlb_options());
-  fe.setup();  // SET_VRING_ADDR names IOVAs the IOTLB does not hold yet
+  // setup()'s SET_VRING_ADDR names IOVAs the IOTLB does not hold yet.
+  Session session(iotlb_options());
+  auto& [image, be, fe] = session;
   const uint64_t buf = fe.alloc(4096, 4096);
   const uint16_t head = fe.submit(0, kBlkTIn, 8, buf, 4096);
   fe.wait(0, 1);
   EXPECT_EQ(fe.status(0, head), kBlkSOk);
   EXPECT_EQ(0, std::memcmp(fe.host(buf), image.read(8 * 512, 4096).data(), 4096));
   EXPECT_GE(fe.misses(), 4U);  // avail, desc, header, data, status, used
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
   EXPECT_EQ(be.stats().misses_sent, fe.misses());
   EXPECT_EQ(be.stats().iotlb_updates, fe.misses());
 }
 
 TEST(VhostBlkIotlb, InvalidationDuringIo) {
-  Image image;
-  BackendThread be(*image.blk, {});
-  Frontend fe(be.take_socket(), iotlb_options());
-  fe.setup();
+  Session session(iotlb_options());
+  auto& [image, be, fe] = session;
   std::mt19937 rng(3);
   for (int round = 0; round < 4; ++round) {
     std::vector<std::tuple<uint16_t, uint64_t, uint64_t>> reqs;
@@ -496,8 +499,7 @@ TEST(VhostBlkIotlb, InvalidationDuringIo) {
       EXPECT_EQ(0, std::memcmp(fe.host(buf), image.read(sector * 512, 4096).data(), 4096));
     }
   }
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
   EXPECT_GT(be.stats().iotlb_invalidations, 0U);
   // The INVALIDATEs reached the ring cache through its notifiers (an unmap
   // of the IOTLB's Ioas), and it cached the rings again after each.
@@ -535,10 +537,8 @@ TEST_P(VhostBlk, RingsThroughTheCache) {
 // cache drops its pointers, the queue misses on the rings and goes on once
 // they are back.
 TEST(VhostBlkIotlb, RingInvalidationBetweenRequests) {
-  Image image;
-  BackendThread be(*image.blk, {});
-  Frontend fe(be.take_socket(), iotlb_options());
-  fe.setup();
+  Session session(iotlb_options());
+  auto& [image, be, fe] = session;
   const uint64_t buf = fe.alloc(4096, 4096);
   uint16_t head = fe.submit(0, kBlkTIn, 8, buf, 4096);
   fe.wait(0, 1);
@@ -551,8 +551,7 @@ TEST(VhostBlkIotlb, RingInvalidationBetweenRequests) {
   EXPECT_EQ(fe.status(0, head), kBlkSOk);
   EXPECT_EQ(0, std::memcmp(fe.host(buf), image.read(16 * 512, 4096).data(), 4096));
   EXPECT_GE(fe.misses(), misses + 3);  // desc, avail and used again
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
   const QueueStats q = be.queue_stats().at(0);
   EXPECT_GE(q.ring.invalidations, 1U);
   EXPECT_GE(q.ring.revalidations, 2U);
@@ -563,10 +562,8 @@ TEST(VhostBlkIotlb, RingInvalidationBetweenRequests) {
 // A buffer whose IOVA pages map to guest pages in reverse order: two host
 // runs, each gets its own part of the image.
 TEST(VhostBlkDirect, BufferOverNonContiguousRuns) {
-  Image image;
-  BackendThread be(*image.blk, {});
-  Frontend fe(be.take_socket(), iotlb_options());
-  fe.setup();
+  Session session(iotlb_options());
+  auto& [image, be, fe] = session;
   const uint64_t buf = fe.alloc(8192, 4096);
   ASSERT_EQ(fe.update(fe.dev(buf), 4096, fe.uaddr(buf + 4096), kAccessRw), 0U);
   ASSERT_EQ(fe.update(fe.dev(buf) + 4096, 4096, fe.uaddr(buf), kAccessRw), 0U);
@@ -583,17 +580,14 @@ TEST(VhostBlkDirect, BufferOverNonContiguousRuns) {
   ASSERT_EQ(fe.status(0, head), kBlkSOk);
   EXPECT_EQ(image.read(40 * 512, 4096), std::vector<uint8_t>(4096, 0xb2));
   EXPECT_EQ(image.read(40 * 512 + 4096, 4096), std::vector<uint8_t>(4096, 0xa1));
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
 }
 
 // A read whose buffer runs past the end of guest memory fails before any
 // byte moves: the part inside guest memory keeps its contents.
 TEST(VhostBlkDirect, ReadBufferPastGuestMemoryMovesNothing) {
-  Image image;
-  BackendThread be(*image.blk, {});
-  Frontend fe(be.take_socket(), {});
-  fe.setup();
+  Session session;
+  auto& [image, be, fe] = session;
   const uint64_t last_page = kGpaBase + fe.options().mem_size - 4096;
   std::memset(fe.host(last_page), 0x5c, 4096);
   const uint16_t head = fe.submit(0, kBlkTIn, 0, last_page, 8192);
@@ -603,8 +597,7 @@ TEST(VhostBlkDirect, ReadBufferPastGuestMemoryMovesNothing) {
   EXPECT_EQ(std::vector<uint8_t>(fe.host(last_page), fe.host(last_page) + 4096),
             std::vector<uint8_t>(4096, 0x5c));
   EXPECT_TRUE(be.logged("the read buffers")) << be.all_logs();
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
 }
 
 // --- guest memory that shrinks ----------------------------------------------
@@ -662,12 +655,10 @@ TEST_P(VhostBlk, ShrunkGuestMemoryFailsTheRequest) {
 // back end cannot reach it: the miss goes unanswered and the request fails
 // once the wait runs out; the page keeps its old contents.
 TEST(VhostBlkIotlb, UnmappedBufferIsNeverTouched) {
-  Image image;
   BlkBackendOptions b;
   b.miss_timeout = std::chrono::milliseconds(50);
-  BackendThread be(*image.blk, b);
-  Frontend fe(be.take_socket(), iotlb_options());
-  fe.setup();
+  Session session(iotlb_options(), b);
+  auto& [image, be, fe] = session;
   const uint64_t buf = fe.alloc(4096, 4096);
   uint16_t head = fe.submit(0, kBlkTIn, 0, buf, 4096);
   fe.wait(0, 1);
@@ -688,15 +679,12 @@ TEST(VhostBlkIotlb, UnmappedBufferIsNeverTouched) {
   head = fe.submit(0, kBlkTIn, 64, buf, 4096);
   fe.wait(0, 1);
   EXPECT_EQ(fe.status(0, head), kBlkSOk);
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
 }
 
 TEST(VhostBlkIotlb, UpdatesOutsideGuestMemoryAreRefused) {
-  Image image;
-  BackendThread be(*image.blk, {});
-  Frontend fe(be.take_socket(), iotlb_options());
-  fe.setup();
+  Session session(iotlb_options());
+  auto& [image, be, fe] = session;
   EXPECT_NE(fe.update(kIovaBase, 4096, 0x1000, kAccessRw), 0U);           // no region there
   EXPECT_NE(fe.update(kIovaBase, 0, fe.uaddr(kGpaBase), kAccessRw), 0U);  // size 0
   EXPECT_NE(fe.update(UINT64_MAX - 4095, 8192, fe.uaddr(kGpaBase), kAccessRw), 0U);  // wraps
@@ -705,8 +693,7 @@ TEST(VhostBlkIotlb, UpdatesOutsideGuestMemoryAreRefused) {
             0U);  // runs past the region
   EXPECT_EQ(fe.update(kIovaBase, 4096, fe.uaddr(kGpaBase), kAccessRo), 0U);
   EXPECT_TRUE(be.logged("IOTLB update of"));
-  fe.close();
-  EXPECT_EQ(be.join().code(), ECONNRESET);
+  session.finish();
 }
 
 // --- the server -------------------------------------------------------------

@@ -300,6 +300,18 @@ class Frontend {
     if (kick) this->kick(q);
   }
   void kick(uint16_t q) { (void)!::eventfd_write(queues_[q].kick.get(), 1); }
+  uint16_t avail_idx(uint16_t q) const { return queues_[q].avail_idx; }
+  // Kick only if the device asked for it (VIRTIO_RING_F_EVENT_IDX:
+  // avail_event passed since `old_avail`), as a driver does after
+  // publishing: a device that is still working through the ring asked for
+  // nothing and will see the new entries when it reads avail->idx again.
+  void kick_if_needed(uint16_t q, uint16_t old_avail) {
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // avail->idx before avail_event
+    const uint16_t event = std::atomic_ref<uint16_t>(used_ring16(q)[2 + 4 * o_.queue_size])
+                               .load(std::memory_order_relaxed);
+    const uint16_t now = queues_[q].avail_idx;
+    if (static_cast<uint16_t>(now - event - 1) < static_cast<uint16_t>(now - old_avail)) kick(q);
+  }
   uint64_t calls(uint16_t q) {
     eventfd_t v = 0;
     if (::eventfd_read(queues_[q].call.get(), &v) == 0) queues_[q].calls += v;
@@ -369,7 +381,7 @@ class Frontend {
                                std::chrono::milliseconds limit = std::chrono::seconds(20)) {
     Queue& Q = queues_[q];
     const auto deadline = std::chrono::steady_clock::now() + limit;
-    auto arrived = [&] { return static_cast<uint16_t>(used_idx(q) - Q.last_used) >= count; };
+    auto arrived = [&] { return arrived_since_last(q) >= count; };
     while (!arrived()) {
       fe_check(std::chrono::steady_clock::now() < deadline, "timed out waiting for completions");
       // Ask for an interrupt at the next completion (a driver's
@@ -384,6 +396,31 @@ class Frontend {
       if ((p[0].revents & POLLIN) != 0) (void)calls(q);
       if ((p[1].revents & POLLIN) != 0) serve_channel();
     }
+    return take_completions(q, count);
+  }
+  // The same without interrupts, as a driver's poll queue: used_event is
+  // kept half the index space ahead of the completions, so the device never
+  // signals, and the used ring is polled (yielding the CPU between looks).
+  std::vector<Completion> poll_wait(uint16_t q, uint16_t count,
+                                    std::chrono::milliseconds limit = std::chrono::seconds(20)) {
+    Queue& Q = queues_[q];
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    set_used_event(q, static_cast<uint16_t>(Q.last_used + 0x8000));
+    while (arrived_since_last(q) < count) {
+      fe_check(std::chrono::steady_clock::now() < deadline, "timed out polling for completions");
+      pollfd p{channel_.get(), POLLIN, 0};
+      if (channel_.valid() && ::poll(&p, 1, 0) > 0 && (p.revents & POLLIN) != 0) serve_channel();
+      std::this_thread::yield();
+    }
+    return take_completions(q, count);
+  }
+  uint16_t arrived_since_last(uint16_t q) {
+    return static_cast<uint16_t>(used_idx(q) - queues_[q].last_used);
+  }
+  // The next `count` used entries (they have arrived), their descriptors
+  // freed.
+  std::vector<Completion> take_completions(uint16_t q, uint16_t count) {
+    Queue& Q = queues_[q];
     std::vector<Completion> out;
     const uint32_t* ring = reinterpret_cast<const uint32_t*>(used_ring16(q) + 2);
     for (uint16_t i = 0; i < count; ++i) {

@@ -143,6 +143,11 @@ class IOMM_API Ioas : public std::enable_shared_from_this<Ioas> {
   };
   Result<std::vector<HostSegment>> host_segments(uint64_t iova, uint64_t length,
                                                  uint32_t prot) const;
+  // The same, appended to `out`, so a data path reuses its vector's
+  // capacity instead of allocating per call. Runs are merged only within
+  // this call's range. On failure `out` is as it was.
+  Status host_segments(uint64_t iova, uint64_t length, uint32_t prot,
+                       std::vector<HostSegment>& out) const;
 
   // Unmap every mapping inside [iova, iova + length). Returns bytes unmapped.
   Result<uint64_t> unmap(uint64_t iova, uint64_t length);

@@ -1,7 +1,6 @@
 #include "vhost/address_space.hpp"
 
 #include <cstdlib>
-#include <new>
 
 namespace iomm::vhost {
 
@@ -25,14 +24,8 @@ Result<uint64_t> AddressSpace::map(const MemorySource& source, uint32_t prot, ui
 
 Status AddressSpace::segments(uint64_t addr, uint64_t length, bool device_writes,
                               std::vector<Ioas::HostSegment>& out) const {
-  auto segs = ioas_->host_segments(addr, length, device_writes ? kProtWrite : kProtRead);
-  if (!segs) return note(std::move(segs).error(), addr, length, device_writes);
-  try {
-    out.insert(out.end(), segs->begin(), segs->end());
-  } catch (const std::bad_alloc&) {
-    return Error(ENOMEM, "out of memory");
-  }
-  return {};
+  return note(ioas_->host_segments(addr, length, device_writes ? kProtWrite : kProtRead, out), addr,
+              length, device_writes);
 }
 
 }  // namespace iomm::vhost

@@ -15,10 +15,12 @@ namespace iomm::vhost {
 
 namespace {
 
-// Copies between buf and the chain's bytes [offset, offset + n) of one
-// direction (device-readable or device-writable), in chain order.
-Status copy_segments(const AddressSpace& space, const DescChain& chain, bool writable,
-                     uint64_t offset, uint8_t* buf, uint64_t n, bool to_guest) {
+// Calls visit(addr, n) for each piece of the chain's bytes [offset,
+// offset + n) of one direction (device-readable or device-writable), in
+// chain order, and stops at the first error.
+template <typename Visit>
+Status for_each_piece(const DescChain& chain, bool writable, uint64_t offset, uint64_t n,
+                      Visit&& visit) {
   for (const BufferSegment& s : chain.segments) {
     if (n == 0) break;
     if (s.device_writable != writable) continue;
@@ -27,34 +29,36 @@ Status copy_segments(const AddressSpace& space, const DescChain& chain, bool wri
       continue;
     }
     const uint64_t take = std::min<uint64_t>(n, s.len - offset);
-    const Status st =
-        to_guest ? space.write(s.addr + offset, buf, take) : space.read(s.addr + offset, buf, take);
-    if (!st) return st;
-    buf += take;
+    if (Status st = visit(s.addr + offset, take); !st) return st;
     n -= take;
     offset = 0;
   }
   return {};
 }
 
+// Copies between buf and the chain's bytes [offset, offset + n) of one
+// direction.
+Status copy_segments(const AddressSpace& space, const DescChain& chain, bool writable,
+                     uint64_t offset, uint8_t* buf, uint64_t n, bool to_guest) {
+  return for_each_piece(chain, writable, offset, n, [&](uint64_t addr, uint64_t take) {
+    const Status st = to_guest ? space.write(addr, buf, take) : space.read(addr, buf, take);
+    buf += take;
+    return st;
+  });
+}
+
 // The host runs of the chain's bytes [offset, offset + n) of one direction,
-// in chain order, as iovecs in scratch.iov; nothing is touched.
+// as iovecs in scratch.iov; nothing is touched.
 Status gather(const AddressSpace& space, const DescChain& chain, bool writable, uint64_t offset,
               uint64_t n, BlkScratch& scratch) {
   scratch.runs.clear();
   scratch.iov.clear();
-  for (const BufferSegment& s : chain.segments) {
-    if (n == 0) break;
-    if (s.device_writable != writable) continue;
-    if (offset >= s.len) {
-      offset -= s.len;
-      continue;
-    }
-    const uint64_t take = std::min<uint64_t>(n, s.len - offset);
-    if (Status st = space.segments(s.addr + offset, take, writable, scratch.runs); !st) return st;
-    n -= take;
-    offset = 0;
-  }
+  if (Status st = for_each_piece(chain, writable, offset, n,
+                                 [&](uint64_t addr, uint64_t take) {
+                                   return space.segments(addr, take, writable, scratch.runs);
+                                 });
+      !st)
+    return st;
   try {
     for (const Ioas::HostSegment& r : scratch.runs)
       scratch.iov.push_back(iovec{r.host, static_cast<size_t>(r.length)});
