@@ -305,12 +305,16 @@ class Frontend {
   // avail_event passed since `old_avail`), as a driver does after
   // publishing: a device that is still working through the ring asked for
   // nothing and will see the new entries when it reads avail->idx again.
-  void kick_if_needed(uint16_t q, uint16_t old_avail) {
+  // Returns whether it kicked.
+  bool kick_if_needed(uint16_t q, uint16_t old_avail) {
     std::atomic_thread_fence(std::memory_order_seq_cst);  // avail->idx before avail_event
     const uint16_t event = std::atomic_ref<uint16_t>(used_ring16(q)[2 + 4 * o_.queue_size])
                                .load(std::memory_order_relaxed);
     const uint16_t now = queues_[q].avail_idx;
-    if (static_cast<uint16_t>(now - event - 1) < static_cast<uint16_t>(now - old_avail)) kick(q);
+    if (static_cast<uint16_t>(now - event - 1) >= static_cast<uint16_t>(now - old_avail))
+      return false;
+    kick(q);
+    return true;
   }
   uint64_t calls(uint16_t q) {
     eventfd_t v = 0;
