@@ -1,6 +1,8 @@
 // Grace periods (src/sync/rcu.cpp): rcu_synchronize() skips liburcu while no
 // thread of the process has ever taken an RcuReadGuard, and must still wait
 // for the reader that takes the first one.
+#include "iomm/rcu.hpp"
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -8,7 +10,6 @@
 #include <cstdlib>
 #include <thread>
 
-#include "iomm/rcu.hpp"
 #include "sync/rcu.hpp"
 
 namespace iomm {
