@@ -94,6 +94,30 @@ def judge(t, rows):
     return r
 
 
+def breakdown(t, rows):
+    """One line: the row's time, the parts of it measured by other rows of the
+    same run, and what the parts leave over; the baseline alongside."""
+    clock = t.get("time", "cpu")
+    a = rows.get(t["row"])
+    if a is None:
+        return f"{t['label']}: row missing"
+    parts, total = [], 0.0
+    for p in t["explained_by"]:
+        r = rows.get(p["row"])
+        if r is None:
+            parts.append(f"{p['label']} (row `{p['row']}` missing)")
+            continue
+        total += r[clock]
+        parts.append(f"{p['label']} {fmt(r[clock])}")
+    line = f"{t['label']}: {fmt(a[clock])} ({clock}) = " + " + ".join(parts)
+    rest = a[clock] - total
+    line += f" {'+' if rest >= 0 else '-'} {fmt(abs(rest))} not accounted for"
+    b = rows.get(t.get("baseline", ""))
+    if b is not None:
+        line += f"; baseline {fmt(b[clock])}"
+    return line
+
+
 def main():
     out, targets_path, results_path, report_only = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     rows, errors = load(out)
@@ -113,9 +137,15 @@ def main():
         if j["status"] == "MISSING" and (t["row"] in errors or t.get("baseline") in errors):
             j["status"] = "ERROR"
 
-    missed = [j for j in judged if j["status"] == "MISSED"]
+    # A missed target whose row has a breakdown in the same run stays missed;
+    # the breakdown only says where the time goes.
+    for j, t in zip(judged, targets):
+        if j["status"] == "MISSED" and t.get("explained_by"):
+            j["status"] = "MISSED (explained)"
+    missed = [j for j in judged if j["status"].startswith("MISSED")]
     missing = [j for j in judged if j["status"] == "MISSING"]
-    bad = bool(errors or failed_programs or missing or any(j["status"] == "ERROR" for j in judged))
+    missing_parts = [p["row"] for t in targets for p in t.get("explained_by", []) if p["row"] not in rows]
+    bad = bool(errors or failed_programs or missing or missing_parts or any(j["status"] == "ERROR" for j in judged))
 
     env = os.environ
     lines = []
@@ -151,6 +181,16 @@ def main():
         st = j["status"] if j["status"] in ("met", "reported") else f"**{j['status']}**"
         w(f"| {j['label']} | {j['row']} | {j['baseline']} | {j['ratio']} | {j['other']} | {j['target']} | {st} |")
     w("")
+    explained = [(j, t) for j, t in zip(judged, targets) if t.get("explained_by")]
+    if explained:
+        w("## Breakdowns")
+        w("")
+        w("Where a target's row spends its time, from rows of the same run (NOTES.md says")
+        w("what each part measures and why it cannot be removed).")
+        w("")
+        for j, t in explained:
+            w(f"- {breakdown(t, rows)}")
+        w("")
     if errors or failed_programs:
         w("## Errors")
         w("")

@@ -1,5 +1,6 @@
 #include "dirty/dirty_log.hpp"
 
+#include <algorithm>
 #include <new>
 
 #include "fault/inject.hpp"
@@ -33,13 +34,28 @@ void DirtyLog::release_unused(uint64_t first_page, uint64_t last_page, InUse in_
         context);
 }
 
+bool DirtyLog::reached_slots(unsigned level, uint64_t base, uint64_t first_block,
+                             uint64_t last_block, unsigned* lo, unsigned* hi) noexcept {
+  const unsigned shift = level * kBits;
+  constexpr uint64_t kLastSlot = (1U << kBits) - 1;
+  if (last_block < base) return false;
+  const uint64_t from = first_block > base ? (first_block - base) >> shift : 0;
+  if (from > kLastSlot) return false;
+  *lo = static_cast<unsigned>(from);
+  *hi = static_cast<unsigned>(std::min((last_block - base) >> shift, kLastSlot));
+  return true;
+}
+
 // n covers blocks [base, base + 512^(level + 1) - 1]; slot i a 512^level
 // share of them.
 void DirtyLog::prune(Node* n, unsigned level, uint64_t base, uint64_t first_block,
                      uint64_t last_block, InUse in_use, const void* context) noexcept {
   const unsigned shift = level * kBits;
   const uint64_t max_page = UINT64_MAX >> 12;
-  for (unsigned i = 0; i < (1U << kBits); ++i) {
+  unsigned first_slot = 0;
+  unsigned last_slot = 0;
+  if (!reached_slots(level, base, first_block, last_block, &first_slot, &last_slot)) return;
+  for (unsigned i = first_slot; i <= last_slot; ++i) {
     std::atomic<void*>& slot = n->slot[i];
     void* p = slot.load(std::memory_order_acquire);
     if (p == nullptr) continue;
@@ -167,7 +183,10 @@ void DirtyLog::clear(uint64_t first_page, uint64_t last_page) noexcept {
     static void walk(Node* n, unsigned level, uint64_t base, uint64_t first_block,
                      uint64_t last_block, DirtyLog* log, uint64_t fp, uint64_t lp) {
       const unsigned shift = level * kBits;
-      for (unsigned i = 0; i < (1U << kBits); ++i) {
+      unsigned first_slot = 0;
+      unsigned last_slot = 0;
+      if (!reached_slots(level, base, first_block, last_block, &first_slot, &last_slot)) return;
+      for (unsigned i = first_slot; i <= last_slot; ++i) {
         void* p = n->slot[i].load(std::memory_order_acquire);
         if (p == nullptr) continue;
         const uint64_t lo = base | (uint64_t{i} << shift);

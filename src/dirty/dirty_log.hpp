@@ -75,6 +75,12 @@ class DirtyLog {
   // f(page, bits, n) for every non-zero word in range; clear also clears it.
   template <typename F>
   void for_each_word(uint64_t first_page, uint64_t last_page, bool clear, F f) noexcept;
+  // The slots [*lo, *hi] of a node at `level` whose span starts at block
+  // `base` that blocks [first_block, last_block] reach; false if none. Walks
+  // visit only these: scanning every slot of every level was most of the
+  // log's share of an unmap.
+  static bool reached_slots(unsigned level, uint64_t base, uint64_t first_block,
+                            uint64_t last_block, unsigned* lo, unsigned* hi) noexcept;
   // Free everything below n (not n itself).
   void free_node(Node* n, unsigned level) noexcept;
   void prune(Node* n, unsigned level, uint64_t base, uint64_t first_block, uint64_t last_block,

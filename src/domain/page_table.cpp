@@ -177,8 +177,24 @@ Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64
     if (entry == 0 && leaf_fits(level, iova, address, remaining) &&
         slot.compare_exchange_strong(entry, address | leaf_bits, std::memory_order_release,
                                      std::memory_order_acquire)) {
-      ++placed->leaves[level];
-      return level_size(level);
+      // The leaves after it in this table take the same size (their
+      // addresses stay aligned, and no larger leaf fits inside a table).
+      // Their spans lie inside this call's range, which no concurrent map
+      // overlaps, so a plain store suffices where the first leaf needed a
+      // compare-and-swap: a locked instruction per leaf was most of filling
+      // 512 leaves. A slot found non-empty ends the run; the next call
+      // reports it (EEXIST) or descends into it.
+      const uint64_t size = level_size(level);
+      uint64_t done = size;
+      for (unsigned index = index_at(iova, level) + 1;
+           index < kEntriesPerTable && remaining - done >= size; ++index) {
+        std::atomic<uint64_t>& next = table->entries[index];
+        if (next.load(std::memory_order_relaxed) != 0) break;
+        next.store((address + done) | leaf_bits, std::memory_order_release);
+        done += size;
+      }
+      placed->leaves[level] += done / size;
+      return done;
     }
     if (entry == 0) {
       auto* fresh = IOMM_INJECT("domain.table_alloc") ? nullptr : new (std::nothrow) Table();

@@ -131,8 +131,9 @@ class PageTable {
   };
   void add_counts(const LeafCounts& counts) noexcept;
   void subtract_counts(const LeafCounts& counts) noexcept;
-  // Installs the leaf covering iova (or the first tables on its way), counts
-  // it in placed and returns the leaf size.
+  // Installs the leaf covering iova (or the first tables on its way) and the
+  // leaves of the same size that follow it in the same table, counts them in
+  // placed and returns the bytes they cover.
   Result<uint64_t> map_one_leaf(uint64_t iova, uint64_t address, uint64_t remaining,
                                 uint64_t leaf_bits, LeafCounts* placed);
   [[nodiscard]] bool leaf_fits(unsigned level, uint64_t iova, uint64_t address,

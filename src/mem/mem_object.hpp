@@ -8,6 +8,7 @@
 // charge it once per owner.
 #pragma once
 
+#include <array>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -116,6 +117,14 @@ class MemObject {
   };
   // Runs are handled in fixed batches so unpin never allocates.
   static constexpr size_t kRunBatch = 32;
+  // The locking pass of pin() and pin_pages(): lock_granules() on each run
+  // collect(cursor, runs) finds in [cursor, last], a batch at a time, with
+  // lk (held on entry and exit) released around the system calls. Stops at
+  // the first failure and sets *failed_at to the first granule of the run
+  // that failed (the granules before it are locked).
+  template <typename Collect>
+  Status lock_runs(uint64_t first, uint64_t last, bool write,
+                   std::unique_lock<sync::RankedMutex>& lk, uint64_t* failed_at, Collect collect);
   size_t collect_runs(uint64_t op, uint64_t first, uint64_t last,
                       std::span<Range> runs) const noexcept;
   // Runs in [from, last] of granules with no segment count whose page count
@@ -150,6 +159,26 @@ class MemObject {
   PageOp* page_ops_ = nullptr;
   mutable notify::Registry notifiers_;
 };
+
+template <typename Collect>
+Status MemObject::lock_runs(uint64_t first, uint64_t last, bool write,
+                            std::unique_lock<sync::RankedMutex>& lk, uint64_t* failed_at,
+                            Collect collect) {
+  Status result;
+  for (uint64_t cursor = first; result && cursor <= last;) {
+    std::array<Range, kRunBatch> runs{};
+    const size_t n = collect(cursor, std::span<Range>(runs));
+    if (n == 0) break;
+    lk.unlock();
+    for (size_t i = 0; i < n && result; ++i) {
+      result = lock_granules(runs[i].first, runs[i].last, write);
+      if (!result) *failed_at = runs[i].first;
+    }
+    lk.lock();
+    cursor = runs[n - 1].last + 1;
+  }
+  return result;
+}
 
 // The object for this process's virtual memory (page identity = address).
 std::shared_ptr<MemObject> user_object();

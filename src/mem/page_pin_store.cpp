@@ -152,20 +152,11 @@ Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
     *p = op.next;
   };
 
-  Status result;
   uint64_t failed_at = last + 1;  // first granule not locked on failure
-  for (uint64_t cursor = first; result && cursor <= last;) {
-    std::array<Range, kRunBatch> runs{};
-    const size_t n = collect_page_runs(cursor, last, offset, length, true, runs);
-    if (n == 0) break;
-    lk.unlock();
-    for (size_t i = 0; i < n && result; ++i) {
-      result = lock_granules(runs[i].first, runs[i].last, write);
-      if (!result) failed_at = runs[i].first;
-    }
-    lk.lock();
-    cursor = runs[n - 1].last + 1;
-  }
+  Status result =
+      lock_runs(first, last, write, lk, &failed_at, [&](uint64_t cursor, std::span<Range> runs) {
+        return collect_page_runs(cursor, last, offset, length, true, runs);
+      });
   // Granules another pin had locked were made resident for its access, not
   // necessarily for writing.
   if (result && write && newly_locked < last - first + 1) {

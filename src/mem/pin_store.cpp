@@ -161,22 +161,10 @@ Status MemObject::pin(acct::Owner* owner, uint64_t offset, uint64_t length, bool
 
   // Lock every run this op moved from 0 to 1, without mu_. The pending marks
   // keep those segments ours while the rest of the map changes.
-  Status result;
-  uint64_t cursor = first;
   uint64_t failed_at = last + 1;  // first granule not locked on failure
-  while (result && cursor <= last) {
-    std::array<Range, kRunBatch> runs{};
-    const size_t n = collect_runs(op, cursor, last, runs);
-    if (n == 0) break;
-    lk.unlock();
-    for (size_t i = 0; i < n && result; ++i) {
-      result = lock_granules(runs[i].first, runs[i].last, write);
-      if (!result) failed_at = runs[i].first;
-    }
-    lk.lock();
-    if (runs[n - 1].last == last) break;
-    cursor = runs[n - 1].last + 1;
-  }
+  Status result = lock_runs(
+      first, last, write, lk, &failed_at,
+      [&](uint64_t cursor, std::span<Range> runs) { return collect_runs(op, cursor, last, runs); });
   // Granules another pin had locked were made resident for its access, not
   // necessarily for writing (a read-only mapping of the same pages).
   if (result && write && newly_pinned < last - first + 1) {
