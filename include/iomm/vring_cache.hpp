@@ -16,8 +16,9 @@
 //   batch that found the pointers valid (Batch::cached()) is open, its
 //   accessors are inline plain loads and stores through the cached
 //   pointers (`__atomic`, acquire/release where the virtio spec orders
-//   them), with no translation, no lock, no system call and no check of
-//   the pointers' validity: the batch itself holds off invalidation.
+//   them), with no translation, no lock, no system call, no counter and no
+//   check of the pointers' validity: the batch itself holds off
+//   invalidation.
 //   A batch must be short and must not be held across a blocking wait: no
 //   I/O on the request's buffers, no sleep, no waiting for another thread
 //   or for the memory monitor, no lock another thread may hold while it
@@ -26,6 +27,13 @@
 //   the data-path thread. Close it before processing a request and open a
 //   new one for the used entry. Opening and closing cost a few loads and
 //   stores, no fence instruction where membarrier(2) is available.
+// - A batch's errors are sticky: its accessors return plain values, and
+//   the first access that fails records its error in the batch (status(),
+//   ok()) and returns a zeroed value. Check status() once at the end of the
+//   pass (or earlier, to stop early). After the first error, every value
+//   the batch returns is meaningless (zero) and no write is performed: a
+//   pass that failed half-way writes nothing further to the used ring, and
+//   the caller must not publish what it computed from those values.
 // - The cache's own accessors (VringCache::avail_idx() etc.) are one-access
 //   batches: each pays the handshake. Calling them, or opening a batch,
 //   while a batch is open on the same thread is allowed (a nested batch
@@ -54,7 +62,7 @@
 //   its batches). The invalidating thread may be any thread. stats() and
 //   cached() may be called from any thread.
 //
-// Errors (accessors of the cache and of a batch)
+// Errors (the cache's accessors' Result / Status, a batch's status())
 // - ENOENT    part of a ring is not mapped in the Ioas (an IOTLB miss: the
 //             caller may ask for the mapping and retry, in a new batch).
 // - EFAULT    the memory behind a mapping is gone (unmapped, truncated), or a
@@ -64,10 +72,16 @@
 //             without event_idx; (create) size not a power of two in
 //             [1, 32768], misaligned ring addresses (desc 16, avail 2, used
 //             4), a ring range that wraps.
-// Opening a batch cannot fail: errors are reported by its accesses.
+// Opening a batch cannot fail: errors are reported by its accesses, with a
+// fixed message per case.
+//
+// Statistics count batches (each one-access accessor is one) and the
+// accesses that are guarded copies, never an access through cached
+// pointers: the fast path keeps no counter.
 #pragma once
 
 #include <array>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -82,8 +96,8 @@ class Ioas;
 namespace vring {
 struct CacheState;
 
-// Internal to the cache and its batches: the rings' byte layout and what an
-// open batch reads through.
+// Internal to the cache and its batches: the rings' byte layout, what an
+// open batch reads through, and what it failed with.
 enum RingId : size_t { kDescRing = 0, kAvailRing = 1, kUsedRing = 2 };
 inline constexpr uint64_t kDescBytes = 16;
 inline constexpr uint64_t kUsedElemBytes = 8;
@@ -91,7 +105,8 @@ inline constexpr uint64_t kRingHeader = 4;  // flags, idx
 
 struct BatchView {
   // Each ring's host address when the batch holds cached pointers and the
-  // ring is one host run; null otherwise (the access goes out of line).
+  // ring is one host run; null otherwise (the access goes out of line),
+  // and all null once the batch has failed.
   std::array<std::byte*, 3> base{};
   uint16_t mask = 0;  // size - 1
   uint16_t size = 0;
@@ -99,6 +114,14 @@ struct BatchView {
   // The batch holds invalidations off (it found the pointers valid).
   bool held = false;
 };
+
+// A batch's first error: fixed, so that recording one is a pointer store.
+struct Failure {
+  int code;
+  const char* message;
+};
+inline constexpr Failure kBadIndex{EINVAL, "descriptor index past the queue size"};
+inline constexpr Failure kNoEventIdx{EINVAL, "VIRTIO_RING_F_EVENT_IDX not negotiated"};
 }  // namespace vring
 
 // One descriptor of a split virtqueue (virtio 1.x, little-endian).
@@ -123,8 +146,11 @@ struct VringLayout {
 };
 
 struct VringCacheStats {
-  uint64_t fast_accesses = 0;  // through cached pointers
-  uint64_t slow_accesses = 0;  // translated copies
+  // Batches (one-access accessors included) that opened with cached
+  // pointers, and those that did not (their accesses are guarded copies).
+  uint64_t cached_batches = 0;
+  uint64_t uncached_batches = 0;
+  uint64_t slow_accesses = 0;  // guarded, translated copies
   uint64_t invalidations = 0;
   uint64_t revalidations = 0;  // pointers re-established
   // Non-blocking callbacks refused because a batch held the pointers (the
@@ -170,42 +196,58 @@ class IOMM_API VringCache {
   std::unique_ptr<vring::CacheState> state_;
 };
 
-// One pass over the ring with one validity handshake. Data-path thread
-// only; not movable (it lives in the scope of the pass). The accessors
-// mean what the cache's accessors of the same name mean.
+// One pass over the ring with one validity handshake and a sticky error.
+// Data-path thread only; not movable (it lives in the scope of the pass).
+// The accessors mean what the cache's accessors of the same name mean, and
+// return 0 (or a zeroed descriptor) once the batch has failed.
 class IOMM_API VringCache::Batch {
  public:
   // Inline, with the accessors: a batch whose address never escapes lives
   // in registers for the length of the pass.
   explicit Batch(VringCache& cache) : state_(cache.state_.get()), view_(open(*state_)) {}
-  ~Batch() { close(*state_, view_.held, fast_); }  // a waiting invalidation may proceed
+  ~Batch() { close(*state_, view_.held); }  // a waiting invalidation may proceed
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
   // Whether this batch reads and writes through cached pointers (and holds
   // invalidations off); false: every access is a guarded copy.
   [[nodiscard]] bool cached() const noexcept { return view_.held; }
+  // No access of this batch has failed (so far).
+  [[nodiscard]] bool ok() const noexcept { return failure_ == nullptr; }
+  // The first error of this batch (see "Errors" above).
+  [[nodiscard]] Status status() const {
+    if (failure_ == nullptr) return {};
+    return Error(failure_->code, failure_->message);
+  }
 
-  Result<uint16_t> avail_flags() { return load16<__ATOMIC_RELAXED>(vring::kAvailRing, 0); }
-  Result<uint16_t> avail_idx() { return load16<__ATOMIC_ACQUIRE>(vring::kAvailRing, 2); }
-  Result<uint16_t> avail_entry(uint16_t slot) {
+  uint16_t avail_flags() { return load16<__ATOMIC_RELAXED>(vring::kAvailRing, 0); }
+  uint16_t avail_idx() { return load16<__ATOMIC_ACQUIRE>(vring::kAvailRing, 2); }
+  uint16_t avail_entry(uint16_t slot) {
     return load16<__ATOMIC_RELAXED>(vring::kAvailRing,
                                     vring::kRingHeader + 2ULL * (slot & view_.mask));
   }
-  Result<uint16_t> used_event() {
-    if (!view_.event_idx) return no_event_idx();
+  uint16_t used_event() {
+    if (!view_.event_idx) [[unlikely]] {
+      return fail(vring::kNoEventIdx);
+    }
     return load16<__ATOMIC_RELAXED>(vring::kAvailRing, vring::kRingHeader + 2ULL * view_.size);
   }
 
-  Result<VringDesc> desc(uint16_t index) {
-    if (index >= view_.size) return bad_index();
-    // Masked as well as checked: the index comes from the guest, and the
-    // mask holds under speculation too.
+  VringDesc desc(uint16_t index) {
+    // index >= size (a power of two). Masked as well as checked: the index
+    // comes from the guest, and the mask holds under speculation too.
+    if (index > view_.mask) [[unlikely]] {
+      fail(vring::kBadIndex);
+      return {};
+    }
     const uint64_t offset = vring::kDescBytes * (index & view_.mask);
     const std::byte* p = view_.base[vring::kDescRing];
-    if (p == nullptr) return desc_out_of_line(*state_, count(), offset);
+    if (p == nullptr) [[unlikely]] {
+      VringDesc d;
+      if (ok()) record(desc_out_of_line(*state_, view_.held, offset, d));
+      return d;
+    }
     p += offset;
-    ++fast_;
     VringDesc d;
     d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
     d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
@@ -214,74 +256,92 @@ class IOMM_API VringCache::Batch {
     return d;
   }
 
-  Status set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
+  void set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
     const uint64_t offset = vring::kRingHeader + vring::kUsedElemBytes * (slot & view_.mask);
     std::byte* p = view_.base[vring::kUsedRing];
-    if (p == nullptr) return used_entry_out_of_line(*state_, count(), offset, id, len);
+    if (p == nullptr) [[unlikely]] {
+      if (ok()) record(used_entry_out_of_line(*state_, view_.held, offset, id, len));
+      return;
+    }
     p += offset;
-    ++fast_;
     __atomic_store_n(reinterpret_cast<uint32_t*>(p), id, __ATOMIC_RELAXED);
     __atomic_store_n(reinterpret_cast<uint32_t*>(p + 4), len, __ATOMIC_RELAXED);
-    return {};
   }
-  Status set_used_idx(uint16_t idx) { return store16<__ATOMIC_RELEASE>(vring::kUsedRing, 2, idx); }
-  Result<uint16_t> used_idx() { return load16<__ATOMIC_RELAXED>(vring::kUsedRing, 2); }
-  Status set_used_flags(uint16_t flags) {
-    return store16<__ATOMIC_RELAXED>(vring::kUsedRing, 0, flags);
-  }
-  Status set_avail_event(uint16_t idx) {
-    if (!view_.event_idx) return no_event_idx();
-    return store16<__ATOMIC_RELAXED>(vring::kUsedRing,
-                                     vring::kRingHeader + vring::kUsedElemBytes * view_.size, idx);
+  void set_used_idx(uint16_t idx) { store16<__ATOMIC_RELEASE>(vring::kUsedRing, 2, idx); }
+  uint16_t used_idx() { return load16<__ATOMIC_RELAXED>(vring::kUsedRing, 2); }
+  void set_used_flags(uint16_t flags) { store16<__ATOMIC_RELAXED>(vring::kUsedRing, 0, flags); }
+  void set_avail_event(uint16_t idx) {
+    if (!view_.event_idx) [[unlikely]] {
+      fail(vring::kNoEventIdx);
+      return;
+    }
+    store16<__ATOMIC_RELAXED>(vring::kUsedRing,
+                              vring::kRingHeader + vring::kUsedElemBytes * view_.size, idx);
   }
 
  private:
   template <int Order>
-  Result<uint16_t> load16(vring::RingId ring, uint64_t offset) {
+  uint16_t load16(vring::RingId ring, uint64_t offset) {
     const std::byte* p = view_.base[ring];
-    if (p == nullptr) {
-      return load16_out_of_line(*state_, count(), ring, offset, Order == __ATOMIC_ACQUIRE);
+    if (p == nullptr) [[unlikely]] {
+      uint16_t v = 0;
+      if (ok()) {
+        record(load16_out_of_line(*state_, view_.held, ring, offset, Order == __ATOMIC_ACQUIRE, v));
+      }
+      return v;
     }
-    ++fast_;
     return __atomic_load_n(reinterpret_cast<const uint16_t*>(p + offset), Order);
   }
   template <int Order>
-  Status store16(vring::RingId ring, uint64_t offset, uint16_t v) {
+  void store16(vring::RingId ring, uint64_t offset, uint16_t v) {
     std::byte* p = view_.base[ring];
-    if (p == nullptr) {
-      return store16_out_of_line(*state_, count(), ring, offset, v, Order == __ATOMIC_RELEASE);
+    if (p == nullptr) [[unlikely]] {
+      if (ok()) {
+        record(
+            store16_out_of_line(*state_, view_.held, ring, offset, v, Order == __ATOMIC_RELEASE));
+      }
+      return;
     }
-    ++fast_;
     __atomic_store_n(reinterpret_cast<uint16_t*>(p + offset), v, Order);
-    return {};
   }
 
-  // An access that goes out of line: through the cached pointers when the
-  // batch (or an outer one) holds them, else a guarded copy. Counted here
-  // when held.
-  bool count() noexcept {
-    if (view_.held) ++fast_;
-    return view_.held;
+  // The first error sticks; clearing the pointers sends every later access
+  // out of line, where ok() stops it: the fast path needs no check of its
+  // own.
+  uint16_t fail(const vring::Failure& f) noexcept {
+    record(&f);
+    return 0;
+  }
+  void record(const vring::Failure* f) noexcept {
+    if (f == nullptr || failure_ != nullptr) return;
+    failure_ = f;
+    view_.base = {};
   }
 
   // Static, taking nothing of the batch by address, so that the batch's
-  // fields can stay in registers.
+  // fields can stay in registers; the accesses' out-of-line paths are cold,
+  // so that the compiler saves registers around them there rather than
+  // keeping the loop's values out of the registers a call clobbers.
   static vring::BatchView open(vring::CacheState& state);
-  static void close(vring::CacheState& state, bool held, uint64_t fast) noexcept;
-  // Rings over several runs (with cached pointers) and guarded copies.
-  static Result<uint16_t> load16_out_of_line(vring::CacheState& state, bool held,
-                                             vring::RingId ring, uint64_t offset, bool acquire);
-  static Status store16_out_of_line(vring::CacheState& state, bool held, vring::RingId ring,
-                                    uint64_t offset, uint16_t v, bool release);
-  static Result<VringDesc> desc_out_of_line(vring::CacheState& state, bool held, uint64_t offset);
-  static Status used_entry_out_of_line(vring::CacheState& state, bool held, uint64_t offset,
-                                       uint32_t id, uint32_t len);
-  static Error bad_index();
-  static Error no_event_idx();
+  static void close(vring::CacheState& state, bool held) noexcept;
+  // Rings over several runs (with cached pointers) and guarded copies: the
+  // value read goes to `out`; null, or what failed.
+  [[gnu::cold]] static const vring::Failure* load16_out_of_line(vring::CacheState& state, bool held,
+                                                                vring::RingId ring, uint64_t offset,
+                                                                bool acquire, uint16_t& out);
+  [[gnu::cold]] static const vring::Failure* store16_out_of_line(vring::CacheState& state,
+                                                                 bool held, vring::RingId ring,
+                                                                 uint64_t offset, uint16_t v,
+                                                                 bool release);
+  [[gnu::cold]] static const vring::Failure* desc_out_of_line(vring::CacheState& state, bool held,
+                                                              uint64_t offset, VringDesc& out);
+  [[gnu::cold]] static const vring::Failure* used_entry_out_of_line(vring::CacheState& state,
+                                                                    bool held, uint64_t offset,
+                                                                    uint32_t id, uint32_t len);
 
   vring::CacheState* state_;
   vring::BatchView view_;
-  uint64_t fast_ = 0;  // accesses through cached pointers, counted when closed
+  const vring::Failure* failure_ = nullptr;
 };
 
 inline VringCache::Batch VringCache::batch() { return Batch(*this); }

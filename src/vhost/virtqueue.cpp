@@ -15,10 +15,12 @@ bool need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx) {
 }
 
 void add_ring_stats(VringCacheStats& to, const VringCacheStats& r) noexcept {
-  to.fast_accesses += r.fast_accesses;
+  to.cached_batches += r.cached_batches;
+  to.uncached_batches += r.uncached_batches;
   to.slow_accesses += r.slow_accesses;
   to.invalidations += r.invalidations;
   to.revalidations += r.revalidations;
+  to.refusals += r.refusals;
 }
 
 }  // namespace

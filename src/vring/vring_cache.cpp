@@ -49,11 +49,24 @@ struct Ring {
   std::unique_ptr<IntervalNotifier> notifier;
 };
 
-// Error codes of the contract: what is not ENOENT or EPERM means the memory
-// cannot be reached (live update, simulated memory): EFAULT.
-Error ring_error(Error e) {
-  if (e.code() == ENOENT || e.code() == EPERM) return e;
-  return Error(EFAULT, "the ring's memory cannot be reached: " + e.describe());
+// The errors of the contract, fixed (a batch records a pointer to one).
+constexpr Failure kNotMapped{ENOENT, "part of the ring is not mapped in the Ioas"};
+constexpr Failure kNoPermission{EPERM,
+                                "the ring is mapped without the permission the access needs"};
+constexpr Failure kUnreachable{EFAULT, "the ring's memory cannot be reached"};
+constexpr Failure kGone{EFAULT, "the ring's memory is gone"};
+constexpr Failure kRaced{EFAULT, "the ring was invalidated during the access"};
+constexpr Failure kMonitorThread{EDEADLK,
+                                 "a ring copy on the memory monitor's thread cannot wait for its "
+                                 "events"};
+
+// What a failed translation means for the ring: what is not ENOENT or
+// EPERM means the memory cannot be reached (live update, simulated
+// memory): EFAULT.
+const Failure* translation_failure(int code) noexcept {
+  if (code == ENOENT) return &kNotMapped;
+  if (code == EPERM) return &kNoPermission;
+  return &kUnreachable;
 }
 
 // How long a blocking callback yields before it sleeps, how long it sleeps
@@ -83,7 +96,8 @@ struct CacheState {
   // callbacks' set_seq.
   sync::RankedMutex mu{sync::LockRank::vring_cache, "VringCache mu"};
 
-  std::atomic<uint64_t> fast_count{0};
+  std::atomic<uint64_t> cached_batches{0};
+  std::atomic<uint64_t> uncached_batches{0};
   std::atomic<uint64_t> slow_count{0};
   std::atomic<uint64_t> invalidations{0};
   std::atomic<uint64_t> revalidations{0};
@@ -206,31 +220,27 @@ struct CacheState {
       // valid until that one closes, whatever `valid` says now.
       hold.store(depth + 1, std::memory_order_relaxed);
     } else {
-      if (!valid.load(std::memory_order_relaxed) && !revalidate()) return v;
+      if (!valid.load(std::memory_order_relaxed) && !revalidate()) {
+        add(uncached_batches, 1);
+        return v;
+      }
       enter();
       if (!valid.load(std::memory_order_acquire)) {
         leave();
+        add(uncached_batches, 1);
         return v;
       }
     }
+    add(cached_batches, 1);
     v.held = true;
     for (size_t r = 0; r < rings.size(); ++r) v.base[r] = rings[r].whole;
     return v;
   }
 
-  void close(bool held, uint64_t fast) noexcept {
-    if (held) leave();
-    if (fast != 0) add(fast_count, fast);
-  }
-
   // Whether an out-of-line access may use the cached segments: its batch
-  // holds them (and counted the access), or an outer batch of this thread
-  // does (counted here).
-  bool use_cached(bool held) noexcept {
-    if (held) return true;
-    if (hold.load(std::memory_order_relaxed) == 0) return false;
-    add(fast_count, 1);
-    return true;
+  // holds them, or an outer batch of this thread does.
+  [[nodiscard]] bool use_cached(bool held) const noexcept {
+    return held || hold.load(std::memory_order_relaxed) != 0;
   }
 
   // Where `n` bytes at `offset` of the ring live, if in one run.
@@ -270,17 +280,17 @@ struct CacheState {
   // invalidation began sees the new sequence and touches nothing; after
   // it, for user memory, the monitor's pending events are settled and the
   // sequence checked again: a copy that raced is EFAULT.
-  Status slow(RingId r, uint64_t offset, void* buf, size_t n, bool write) {
+  const Failure* slow(RingId r, uint64_t offset, void* buf, size_t n, bool write) {
     Ring& ring = rings[r];
     const uint64_t seq = ring.notifier->read_begin();
     auto segs = ioas->host_segments(ring.iova + offset, n, write ? kProtWrite : kProtRead);
-    if (!segs.ok()) return ring_error(std::move(segs).error());
+    if (!segs.ok()) return translation_failure(segs.code());
     bool copied = true;
     bool user = false;
     enter();
     if (ring.notifier->read_retry(seq)) {
       leave();
-      return Error(EFAULT, "the ring was invalidated during the access");
+      return &kRaced;
     }
     auto* cursor = static_cast<std::byte*>(buf);
     for (const auto& s : *segs) {
@@ -297,21 +307,18 @@ struct CacheState {
       cursor += len;
     }
     leave();
-    if (user) {
-      if (Status s = monitor::settle_user_copies(); !s) return s;
-    }
-    if (!copied) return Error(EFAULT, "the ring's memory is gone");
-    if (ring.notifier->read_retry(seq)) {
-      return Error(EFAULT, "the ring was invalidated during the access");
-    }
+    if (user && !monitor::settle_user_copies().ok()) return &kMonitorThread;
+    if (!copied) return &kGone;
+    if (ring.notifier->read_retry(seq)) return &kRaced;
     add(slow_count, 1);
-    return {};
+    return nullptr;
   }
 };
 
 }  // namespace vring
 
 using vring::CacheState;
+using vring::Failure;
 using vring::kAvailRing;
 using vring::kDescRing;
 using vring::kUsedRing;
@@ -376,18 +383,54 @@ VringCache::~VringCache() {
   for (auto& ring : state_->rings) ring.notifier.reset();
 }
 
-Result<uint16_t> VringCache::avail_flags() { return Batch(*this).avail_flags(); }
-Result<uint16_t> VringCache::avail_idx() { return Batch(*this).avail_idx(); }
-Result<uint16_t> VringCache::avail_entry(uint16_t slot) { return Batch(*this).avail_entry(slot); }
-Result<uint16_t> VringCache::used_event() { return Batch(*this).used_event(); }
-Result<VringDesc> VringCache::desc(uint16_t index) { return Batch(*this).desc(index); }
-Status VringCache::set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
-  return Batch(*this).set_used_entry(slot, id, len);
+// A one-access batch: its value, or its error.
+namespace {
+template <typename Access>
+auto one_access(VringCache::Batch&& b, Access access) -> Result<decltype(access(b))> {
+  auto v = access(b);
+  if (!b.ok()) return b.status().error();
+  return v;
 }
-Status VringCache::set_used_idx(uint16_t idx) { return Batch(*this).set_used_idx(idx); }
-Result<uint16_t> VringCache::used_idx() { return Batch(*this).used_idx(); }
-Status VringCache::set_used_flags(uint16_t flags) { return Batch(*this).set_used_flags(flags); }
-Status VringCache::set_avail_event(uint16_t idx) { return Batch(*this).set_avail_event(idx); }
+}  // namespace
+
+Result<uint16_t> VringCache::avail_flags() {
+  return one_access(Batch(*this), [](Batch& b) { return b.avail_flags(); });
+}
+Result<uint16_t> VringCache::avail_idx() {
+  return one_access(Batch(*this), [](Batch& b) { return b.avail_idx(); });
+}
+Result<uint16_t> VringCache::avail_entry(uint16_t slot) {
+  return one_access(Batch(*this), [slot](Batch& b) { return b.avail_entry(slot); });
+}
+Result<uint16_t> VringCache::used_event() {
+  return one_access(Batch(*this), [](Batch& b) { return b.used_event(); });
+}
+Result<VringDesc> VringCache::desc(uint16_t index) {
+  return one_access(Batch(*this), [index](Batch& b) { return b.desc(index); });
+}
+Result<uint16_t> VringCache::used_idx() {
+  return one_access(Batch(*this), [](Batch& b) { return b.used_idx(); });
+}
+Status VringCache::set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
+  Batch b(*this);
+  b.set_used_entry(slot, id, len);
+  return b.status();
+}
+Status VringCache::set_used_idx(uint16_t idx) {
+  Batch b(*this);
+  b.set_used_idx(idx);
+  return b.status();
+}
+Status VringCache::set_used_flags(uint16_t flags) {
+  Batch b(*this);
+  b.set_used_flags(flags);
+  return b.status();
+}
+Status VringCache::set_avail_event(uint16_t idx) {
+  Batch b(*this);
+  b.set_avail_event(idx);
+  return b.status();
+}
 
 const VringLayout& VringCache::layout() const noexcept { return state_->layout; }
 
@@ -395,46 +438,44 @@ bool VringCache::cached() const noexcept { return state_->valid.load(std::memory
 
 VringCacheStats VringCache::stats() const noexcept {
   const auto& s = *state_;
-  return {
-      s.fast_count.load(std::memory_order_relaxed), s.slow_count.load(std::memory_order_relaxed),
-      s.invalidations.load(std::memory_order_relaxed),
-      s.revalidations.load(std::memory_order_relaxed), s.refusals.load(std::memory_order_relaxed)};
+  return {s.cached_batches.load(std::memory_order_relaxed),
+          s.uncached_batches.load(std::memory_order_relaxed),
+          s.slow_count.load(std::memory_order_relaxed),
+          s.invalidations.load(std::memory_order_relaxed),
+          s.revalidations.load(std::memory_order_relaxed),
+          s.refusals.load(std::memory_order_relaxed)};
 }
 
 vring::BatchView VringCache::Batch::open(CacheState& state) { return state.open(); }
 
-void VringCache::Batch::close(CacheState& state, bool held, uint64_t fast) noexcept {
-  state.close(held, fast);
-}
-
-Error VringCache::Batch::bad_index() { return {EINVAL, "descriptor index past the queue size"}; }
-
-Error VringCache::Batch::no_event_idx() {
-  return {EINVAL, "VIRTIO_RING_F_EVENT_IDX not negotiated"};
+void VringCache::Batch::close(CacheState& state, bool held) noexcept {
+  if (held) state.leave();
 }
 
 // The out-of-line accesses: a held batch over a ring of several runs
 // (the field through its run's pointer, or run by run when a boundary cuts
 // it), else a guarded copy.
 
-Result<uint16_t> VringCache::Batch::load16_out_of_line(CacheState& s, bool held, RingId ring,
-                                                       uint64_t offset, bool acquire) {
+const Failure* VringCache::Batch::load16_out_of_line(CacheState& s, bool held, RingId ring,
+                                                     uint64_t offset, bool acquire, uint16_t& out) {
   uint16_t v = 0;
   if (s.use_cached(held)) {
     if (const std::byte* p = s.locate(ring, offset, sizeof(v)); p != nullptr) {
-      return acquire ? __atomic_load_n(reinterpret_cast<const uint16_t*>(p), __ATOMIC_ACQUIRE)
-                     : __atomic_load_n(reinterpret_cast<const uint16_t*>(p), __ATOMIC_RELAXED);
+      out = acquire ? __atomic_load_n(reinterpret_cast<const uint16_t*>(p), __ATOMIC_ACQUIRE)
+                    : __atomic_load_n(reinterpret_cast<const uint16_t*>(p), __ATOMIC_RELAXED);
+      return nullptr;
     }
     s.cut_copy(ring, offset, &v, sizeof(v), false);
-  } else if (Status st = s.slow(ring, offset, &v, sizeof(v), false); !st) {
-    return st.error();
+  } else if (const Failure* f = s.slow(ring, offset, &v, sizeof(v), false); f != nullptr) {
+    return f;
   }
   if (acquire) std::atomic_thread_fence(std::memory_order_acquire);
-  return v;
+  out = v;
+  return nullptr;
 }
 
-Status VringCache::Batch::store16_out_of_line(CacheState& s, bool held, RingId ring,
-                                              uint64_t offset, uint16_t v, bool release) {
+const Failure* VringCache::Batch::store16_out_of_line(CacheState& s, bool held, RingId ring,
+                                                      uint64_t offset, uint16_t v, bool release) {
   if (release) std::atomic_thread_fence(std::memory_order_release);
   if (!s.use_cached(held)) return s.slow(ring, offset, &v, sizeof(v), true);
   if (std::byte* p = s.locate(ring, offset, sizeof(v)); p != nullptr) {
@@ -442,33 +483,34 @@ Status VringCache::Batch::store16_out_of_line(CacheState& s, bool held, RingId r
   } else {
     s.cut_copy(ring, offset, &v, sizeof(v), true);
   }
-  return {};
+  return nullptr;
 }
 
-Result<VringDesc> VringCache::Batch::desc_out_of_line(CacheState& s, bool held, uint64_t offset) {
-  VringDesc d;
+const Failure* VringCache::Batch::desc_out_of_line(CacheState& s, bool held, uint64_t offset,
+                                                   VringDesc& out) {
   std::array<std::byte, vring::kDescBytes> raw{};
   if (s.use_cached(held)) {
     if (const std::byte* p = s.locate(kDescRing, offset, raw.size()); p != nullptr) {
-      d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
-      d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
-      d.flags = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 12), __ATOMIC_RELAXED);
-      d.next = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 14), __ATOMIC_RELAXED);
-      return d;
+      out.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
+      out.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
+      out.flags = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 12), __ATOMIC_RELAXED);
+      out.next = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 14), __ATOMIC_RELAXED);
+      return nullptr;
     }
     s.cut_copy(kDescRing, offset, raw.data(), raw.size(), false);
-  } else if (Status st = s.slow(kDescRing, offset, raw.data(), raw.size(), false); !st) {
-    return st.error();
+  } else if (const Failure* f = s.slow(kDescRing, offset, raw.data(), raw.size(), false);
+             f != nullptr) {
+    return f;
   }
-  std::memcpy(&d.addr, raw.data(), 8);
-  std::memcpy(&d.len, raw.data() + 8, 4);
-  std::memcpy(&d.flags, raw.data() + 12, 2);
-  std::memcpy(&d.next, raw.data() + 14, 2);
-  return d;
+  std::memcpy(&out.addr, raw.data(), 8);
+  std::memcpy(&out.len, raw.data() + 8, 4);
+  std::memcpy(&out.flags, raw.data() + 12, 2);
+  std::memcpy(&out.next, raw.data() + 14, 2);
+  return nullptr;
 }
 
-Status VringCache::Batch::used_entry_out_of_line(CacheState& s, bool held, uint64_t offset,
-                                                 uint32_t id, uint32_t len) {
+const Failure* VringCache::Batch::used_entry_out_of_line(CacheState& s, bool held, uint64_t offset,
+                                                         uint32_t id, uint32_t len) {
   std::array<uint32_t, 2> elem{id, len};
   if (!s.use_cached(held)) return s.slow(kUsedRing, offset, elem.data(), sizeof(elem), true);
   if (std::byte* p = s.locate(kUsedRing, offset, sizeof(elem)); p != nullptr) {
@@ -477,7 +519,7 @@ Status VringCache::Batch::used_entry_out_of_line(CacheState& s, bool held, uint6
   } else {
     s.cut_copy(kUsedRing, offset, elem.data(), sizeof(elem), true);
   }
-  return {};
+  return nullptr;
 }
 
 }  // namespace iomm
