@@ -113,9 +113,11 @@ BatchResult TranslationCache::translate_many(std::span<const uint64_t> iovas, ui
       const uint64_t iova = iovas[i];
       const Entry* set = sets_[set_of(iova)].way;
       const uint64_t want = tag_of(iova) | prot;
-      const Entry* hit = &set[((set[1].tag ^ want) & mask) == 0 ? 1 : 0];
-      if (((hit->tag ^ want) & mask) != 0) break;
-      addresses[i] = hit->page | (iova & (kPageSize - 1));
+      // Both ways at once, no load waiting for another.
+      const bool in_0 = ((set[0].tag ^ want) & mask) == 0;
+      const bool in_1 = ((set[1].tag ^ want) & mask) == 0;
+      if (!(in_0 | in_1)) break;
+      addresses[i] = (in_0 ? set[0].page : set[1].page) | (iova & (kPageSize - 1));
     }
     if (i != hits_from) evicting_misses_ = 0;
     if (i == n) break;
