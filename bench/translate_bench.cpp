@@ -31,6 +31,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -56,6 +57,7 @@ constexpr uint64_t kStride = 2 * kPage;          // every other page
 constexpr uint64_t kSpan = kMappings * kStride;  // used IOVA span (8 GiB)
 constexpr size_t kSequence = 1U << 20;           // random IOVAs
 constexpr size_t kBatch = 4096;                  // lookups per iteration
+constexpr size_t kScatter = 64;                  // IOVAs per translate_many
 
 constexpr uint64_t kHotPages = 64;
 
@@ -174,6 +176,28 @@ std::unique_ptr<TranslateFixture> build() {
         }
       }
       seq->expected_sum += want;
+    }
+    // And the batch translations of both, in scatter lists.
+    std::vector<uint64_t> out(seq->iovas.size());
+    for (bool cached : {false, true}) {
+      for (size_t first = 0; first < seq->iovas.size(); first += kScatter) {
+        const std::span<const uint64_t> iovas(&seq->iovas[first], kScatter);
+        const std::span<uint64_t> addresses(&out[first], kScatter);
+        const iomm::BatchResult r =
+            cached ? f->cache->translate_many(iovas, iomm::kProtRead, addresses)
+                   : f->domain->translate_many(iovas, iomm::kProtRead, addresses);
+        if (!r.ok() || r.translated != kScatter) {
+          f->error = "translate_many failed: " + r.status.error().describe();
+          return f;
+        }
+      }
+      for (size_t i = 0; i < out.size(); ++i) {
+        if (out[i] != expected_address(*f, seq->iovas[i])) {
+          f->error = std::string("translate_many gave a wrong address") +
+                     (cached ? " (cache)" : " (domain)");
+          return f;
+        }
+      }
     }
   }
   const auto c = f->domain->counters();
@@ -319,6 +343,83 @@ void BM_pagetable_lookup(benchmark::State& state, SequencePtr which) {
       });
 }
 
+// Batch rows (no dependent mode: a batch's lookups are independent by
+// definition). Each iteration translates the same kBatch IOVAs as the rows
+// above, as kBatch / kScatter batches of kScatter, as a DMA engine
+// translates a scatter list: every variant writes the kScatter addresses to
+// an array, and the sum of that array is the checksum.
+
+template <typename Translate>
+void run_batch(benchmark::State& state, SequencePtr which, Translate translate) {
+  run(state, which,
+      [translate](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum,
+                  auto /*dependent*/) {
+        uint64_t out[kScatter];
+        uint64_t s = 0;
+        for (size_t first = 0; first < n; first += kScatter) {
+          if (!translate(f, std::span<const uint64_t>(iovas + first, kScatter), out)) return false;
+          for (uint64_t address : out) s += address;
+        }
+        *sum += s;
+        return true;
+      });
+}
+
+// translate_many of the cache or the domain, under one RcuReadGuard per
+// kBatch lookups as the single-lookup rows.
+template <typename Translator>
+void BM_iomm_batch(benchmark::State& state, SequencePtr which,
+                   Translator TranslateFixture::*translator) {
+  run(state, which,
+      [translator](TranslateFixture& f, const uint64_t* iovas, size_t n, uint64_t* sum,
+                   auto /*dependent*/) {
+        auto& through = *(f.*translator);
+        iomm::RcuReadGuard guard;
+        uint64_t out[kScatter];
+        uint64_t s = 0;
+        for (size_t first = 0; first < n; first += kScatter) {
+          const iomm::BatchResult r = through.translate_many(
+              std::span<const uint64_t>(iovas + first, kScatter), iomm::kProtRead, out);
+          if (!r.ok()) return false;
+          for (uint64_t address : out) s += address;
+        }
+        *sum += s;
+        return true;
+      });
+}
+
+void BM_std_map_batch(benchmark::State& state, SequencePtr which) {
+  run_batch(state, which, [](TranslateFixture& f, std::span<const uint64_t> iovas, uint64_t* out) {
+    const auto& m = f.tree;
+    for (size_t i = 0; i < iovas.size(); ++i) {
+      const uint64_t iova = iovas[i];
+      auto it = m.upper_bound(iova);
+      if (it == m.begin()) return false;
+      --it;
+      const uint64_t off = iova - it->first;
+      if (off >= kPage) return false;
+      out[i] = it->second + off;
+    }
+    return true;
+  });
+}
+
+void BM_flat_radix_batch(benchmark::State& state, SequencePtr which) {
+  run_batch(state, which, [](TranslateFixture& f, std::span<const uint64_t> iovas, uint64_t* out) {
+    const uint64_t* table = f.flat.data();
+    const uint64_t slots = f.flat.size();
+    for (size_t i = 0; i < iovas.size(); ++i) {
+      const uint64_t iova = iovas[i];
+      const uint64_t slot = (iova - kBase) >> 12;
+      if (slot >= slots) return false;
+      const uint64_t e = table[slot];
+      if ((e & 1) == 0) return false;
+      out[i] = (e & ~(kPage - 1)) + (iova & (kPage - 1));
+    }
+    return true;
+  });
+}
+
 void register_all() {
   const std::pair<const char*, SequencePtr> sequences[] = {
       {"translate_1M/", &TranslateFixture::all}, {"translate_hot64/", &TranslateFixture::hot}};
@@ -344,6 +445,17 @@ void register_all() {
     reg("std_map", [which](benchmark::State& s) { BM_std_map(s, which); });
     reg("flat_radix", [which](benchmark::State& s) { BM_flat_radix(s, which); });
     reg("diag_pagetable_lookup", [which](benchmark::State& s) { BM_pagetable_lookup(s, which); });
+    auto reg_batch = [prefix = std::string(entry.first)](const char* name, auto fn) {
+      benchmark::RegisterBenchmark((prefix + name).c_str(), fn)
+          ->Arg(0)
+          ->Unit(benchmark::kMicrosecond);
+    };
+    reg_batch("batch_iomm",
+              [which](benchmark::State& s) { BM_iomm_batch(s, which, &TranslateFixture::cache); });
+    reg_batch("batch_iomm_no_iotlb",
+              [which](benchmark::State& s) { BM_iomm_batch(s, which, &TranslateFixture::domain); });
+    reg_batch("batch_std_map", [which](benchmark::State& s) { BM_std_map_batch(s, which); });
+    reg_batch("batch_flat_radix", [which](benchmark::State& s) { BM_flat_radix_batch(s, which); });
   }
 }
 

@@ -37,6 +37,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "iomm/export.hpp"
@@ -77,6 +78,16 @@ struct IOMM_API Translation {
   uint32_t prot = 0;        // kProtRead | kProtWrite
   uint64_t leaf_size = 0;   // 4 KiB, 2 MiB or 1 GiB
   uint64_t contiguous = 0;  // bytes from iova to the end of the leaf
+};
+
+// The outcome of a batch translation (translate_many): how many IOVAs, from
+// the first, were translated (all of them on success); on failure, status is
+// the error of iovas[translated], the first one that failed, exactly as
+// translate() would give it for that IOVA alone.
+struct IOMM_API BatchResult {
+  size_t translated = 0;
+  Status status;
+  [[nodiscard]] bool ok() const noexcept { return status.ok(); }
 };
 
 enum class FaultReason {
@@ -132,6 +143,18 @@ class IOMM_API SoftDomain {
   // the call.
   // Errors: EFAULT not mapped, EPERM wrong permission (both recorded as faults).
   Result<Translation> translate(uint64_t iova, uint32_t access);
+
+  // Translate a batch of IOVAs for one access, as a DMA engine translates a
+  // scatter list: addresses[i] = translate(iovas[i], access)->address, in
+  // order, stopping at the first IOVA that fails (its fault is recorded,
+  // none after it is looked up). Each translation has translate()'s
+  // guarantee relative to the start of the call. The walks are
+  // software-pipelined (independent lookups overlap their cache misses), so
+  // a batch costs less than a loop of translate(). Errors: EINVAL (nothing
+  // translated) when access is invalid or addresses is shorter than iovas;
+  // per IOVA, translate()'s errors (see BatchResult).
+  BatchResult translate_many(std::span<const uint64_t> iovas, uint32_t access,
+                             std::span<uint64_t> addresses);
 
   // Device DMA: copy between the IOVA range and buf. All-or-nothing checks.
   Status dma_read(uint64_t iova, void* buf, size_t length);

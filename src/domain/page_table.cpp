@@ -136,34 +136,26 @@ Status PageTable::map(uint64_t iova, uint64_t address, uint64_t length, uint32_t
         map_one_leaf(iova + done, address + done, length - done, leaf_bits, &placed);
     if (!size.ok()) {
       lk.unlock();
-      add_counts(placed);  // the undo subtracts them
+      change_counts(placed, CountChange::add);  // the undo subtracts them
       unmap_keeping_tables(iova, done);
       return size.error();
     }
     done += size.value();
   }
-  add_counts(placed);
+  change_counts(placed, CountChange::add);
   return {};
 }
 
-void PageTable::add_counts(const LeafCounts& counts) noexcept {
+void PageTable::change_counts(const LeafCounts& counts, CountChange change) noexcept {
+  // Subtracting is adding the two's complement (the counters are unsigned).
+  const auto delta = [change](uint64_t n) { return change == CountChange::add ? n : 0 - n; };
   uint64_t bytes = 0;
   for (unsigned level = 0; level <= kMaxLeafLevel; ++level) {
     if (counts.leaves[level] == 0) continue;
-    leaves_[level].fetch_add(counts.leaves[level], std::memory_order_relaxed);
+    leaves_[level].fetch_add(delta(counts.leaves[level]), std::memory_order_relaxed);
     bytes += counts.leaves[level] * level_size(level);
   }
-  if (bytes != 0) mapped_bytes_.fetch_add(bytes, std::memory_order_relaxed);
-}
-
-void PageTable::subtract_counts(const LeafCounts& counts) noexcept {
-  uint64_t bytes = 0;
-  for (unsigned level = 0; level <= kMaxLeafLevel; ++level) {
-    if (counts.leaves[level] == 0) continue;
-    leaves_[level].fetch_sub(counts.leaves[level], std::memory_order_relaxed);
-    bytes += counts.leaves[level] * level_size(level);
-  }
-  if (bytes != 0) mapped_bytes_.fetch_sub(bytes, std::memory_order_relaxed);
+  if (bytes != 0) mapped_bytes_.fetch_add(delta(bytes), std::memory_order_relaxed);
 }
 
 Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64_t remaining,
@@ -232,7 +224,7 @@ uint64_t PageTable::unmap_keeping_tables(uint64_t iova, uint64_t length) noexcep
   LeafCounts counts;
   std::shared_lock lk(structure_mu_);
   const uint64_t cleared = clear_range(root_, levels_ - 1, iova, last, &counts);
-  subtract_counts(counts);
+  change_counts(counts, CountChange::subtract);
   // After the leaves are cleared, before the caller waits for readers.
   iotlb_.invalidate();
   return cleared;
@@ -332,11 +324,7 @@ bool PageTable::lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const n
       run += size;
       next_entry += size;
     }
-    out->address = (entry & kAddressMask) + offset;
-    out->prot = ((entry & kReadable) != 0 ? uint32_t{kProtRead} : 0U) |
-                ((entry & kWritable) != 0 ? uint32_t{kProtWrite} : 0U);
-    out->host_access = static_cast<mem::HostAccess>((entry & kHostAccessMask) >> kHostAccessShift);
-    out->size = size;
+    *out = leaf_of(entry, level, iova);
     out->remaining = run;
     return true;
   }

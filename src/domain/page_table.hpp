@@ -105,6 +105,20 @@ class PageTable {
   // Lock-free lookup of one IOVA. False if nothing is mapped there. Inline:
   // it is the translate() hot path.
   bool lookup(uint64_t iova, Leaf* out) const noexcept;
+  // Lock-free lookups of iovas[0, n), software-pipelined: the upper levels
+  // of lookup i + kLookahead are walked and its leaf entry prefetched before
+  // the leaf entry of lookup i is read, so that the cache misses on the leaf
+  // tables of independent lookups overlap (a loop of lookup() keeps few in
+  // flight: each walk is a chain of dependent loads and branches). Calls
+  // visit(i, entry, level) in order of i, with the leaf entry found for
+  // iovas[i] (decode it with leaf_of) or 0 when nothing is mapped there;
+  // stops early when visit returns false. Returns how many were visited.
+  // Inside an RCU read-side section, like lookup().
+  static constexpr size_t kLookahead = 16;
+  template <typename Visit>
+  size_t lookup_many(const uint64_t* iovas, size_t n, Visit&& visit) const noexcept;
+  // The leaf of lookup_many's visit: a present leaf entry at level, for iova.
+  static Leaf leaf_of(uint64_t entry, unsigned level, uint64_t iova) noexcept;
   // lookup(), with remaining extended over the following leaves of the same
   // table that continue the run (same prot and kind, next address) until it
   // covers max_bytes. Lets a DMA walk a contiguous range in one descent.
@@ -129,8 +143,8 @@ class PageTable {
   struct LeafCounts {
     uint64_t leaves[3] = {};
   };
-  void add_counts(const LeafCounts& counts) noexcept;
-  void subtract_counts(const LeafCounts& counts) noexcept;
+  enum class CountChange { add, subtract };
+  void change_counts(const LeafCounts& counts, CountChange change) noexcept;
   // Installs the leaf covering iova (or the first tables on its way) and the
   // leaves of the same size that follow it in the same table, counts them in
   // placed and returns the bytes they cover.
@@ -169,6 +183,19 @@ class PageTable {
   Iotlb iotlb_;
 };
 
+inline Leaf PageTable::leaf_of(uint64_t entry, unsigned level, uint64_t iova) noexcept {
+  const uint64_t size = uint64_t{1} << pte::level_shift(level);
+  const uint64_t offset = iova & (size - 1);
+  return Leaf{
+      .address = (entry & pte::kAddressMask) + offset,
+      .prot = static_cast<uint32_t>((entry >> 2) & 3U),  // kReadable, kWritable -> kProt*
+      .host_access =
+          static_cast<mem::HostAccess>((entry & pte::kHostAccessMask) >> pte::kHostAccessShift),
+      .size = size,
+      .remaining = size - offset,
+  };
+}
+
 inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
   if (iova > covered_last_) return false;
   const Table* table = root_;
@@ -181,16 +208,54 @@ inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
       table = table_of(entry);
       continue;
     }
-    const uint64_t size = uint64_t{1} << shift;
-    const uint64_t offset = iova & (size - 1);
-    out->address = (entry & pte::kAddressMask) + offset;
-    out->prot = static_cast<uint32_t>((entry >> 2) & 3U);  // kReadable, kWritable -> kProt*
-    out->host_access =
-        static_cast<mem::HostAccess>((entry & pte::kHostAccessMask) >> pte::kHostAccessShift);
-    out->size = size;
-    out->remaining = size - offset;
+    *out = leaf_of(entry, level, iova);
     return true;
   }
+}
+
+template <typename Visit>
+size_t PageTable::lookup_many(const uint64_t* iovas, size_t n, Visit&& visit) const noexcept {
+  // A lookup in flight: the level-0 slot to read (prefetched), or, when the
+  // walk ended above level 0, the entry it ended on (a leaf or nothing).
+  struct Pending {
+    const std::atomic<uint64_t>* slot;
+    uint64_t entry;
+    unsigned level;
+  };
+  const auto start = [this](uint64_t iova) -> Pending {
+    if (iova > covered_last_) return {nullptr, 0, 0};
+    const Table* table = root_;
+    for (unsigned level = levels_ - 1;; --level) {
+      const std::atomic<uint64_t>* slot =
+          &table->entries[(iova >> pte::level_shift(level)) & (pte::kEntriesPerTable - 1)];
+      if (level == 0) {
+        __builtin_prefetch(slot);
+        return {slot, 0, 0};
+      }
+      const uint64_t entry = slot->load(std::memory_order_acquire);
+      if ((entry & (pte::kPresent | pte::kIsTable)) != (pte::kPresent | pte::kIsTable)) {
+        return {nullptr, (entry & pte::kPresent) != 0 ? entry : 0, level};
+      }
+      table = table_of(entry);
+    }
+  };
+  Pending ring[kLookahead];
+  const size_t ahead = n < kLookahead ? n : kLookahead;
+  for (size_t i = 0; i < ahead; ++i) ring[i] = start(iovas[i]);
+  for (size_t i = 0; i < n; ++i) {
+    Pending& pending = ring[i % kLookahead];
+    uint64_t entry = pending.entry;
+    if (pending.slot != nullptr) {
+      // A level-0 entry is a leaf or nothing (a retired table's entries
+      // have no kPresent bit).
+      entry = pending.slot->load(std::memory_order_acquire);
+      if ((entry & pte::kPresent) == 0) entry = 0;
+    }
+    const unsigned level = pending.level;
+    if (i + kLookahead < n) pending = start(iovas[i + kLookahead]);
+    if (!visit(i, entry, level)) return i;
+  }
+  return n;
 }
 
 }  // namespace iomm::domain

@@ -47,10 +47,6 @@ namespace {
 
 constexpr uint64_t kSupportedPageSizes = kPageSize | kPageSize2M | kPageSize1G;
 
-bool valid_access(uint32_t access) {
-  return access != 0 && (access & ~uint32_t{kProtRead | kProtWrite}) == 0;
-}
-
 bool inside_aperture(const DomainConfig& config, uint64_t iova) {
   return iova >= config.aperture_start && iova <= config.aperture_last;
 }
@@ -321,6 +317,23 @@ Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t a
 Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
   domain::Leaf leaf;
   return domain::translate_into(*this, iova, access, &leaf);
+}
+
+BatchResult SoftDomain::translate_many(std::span<const uint64_t> iovas, uint32_t access,
+                                       std::span<uint64_t> addresses) {
+  if (!domain::valid_access(access)) {
+    return {.status = Error(EINVAL, "access must be kProtRead and/or kProtWrite")};
+  }
+  if (addresses.size() < iovas.size()) {
+    return {.status = Error(EINVAL, "fewer addresses than IOVAs to translate")};
+  }
+  const auto batch = [&] {
+    return domain::translate_batch(*this, iovas, access, addresses.data(),
+                                   [](size_t, uint64_t, unsigned) {});
+  };
+  if (sync::in_read_section()) return batch();
+  const RcuReadGuard guard;
+  return batch();
 }
 
 Status SoftDomain::dma_read(uint64_t iova, void* buf, size_t length) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -95,6 +96,48 @@ struct Internals {
 // SoftDomain::translate, also giving the leaf it found (for the translation
 // caches to fill from). leaf is set when the result is a translation.
 Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t access, Leaf* leaf);
+
+// kProtRead and/or kProtWrite, nothing else.
+inline bool valid_access(uint32_t access) noexcept {
+  return access != 0 && (access & ~uint32_t{kProtRead | kProtWrite}) == 0;
+}
+
+// SoftDomain::translate_many after its argument checks, inside the caller's
+// RCU read-side section. The common case (a present leaf inside the aperture
+// that allows the access) is decided here on the leaf entry; anything else
+// is translate_leaf for that IOVA, so faults, on-demand mappings and errors
+// are exactly translate()'s. on_leaf(i, entry, level) sees every IOVA the
+// common case translated, after addresses[i] is set (the translation cache
+// fills its samples from it).
+template <typename OnLeaf>
+BatchResult translate_batch(SoftDomain& domain, std::span<const uint64_t> iovas, uint32_t access,
+                            uint64_t* addresses, OnLeaf&& on_leaf) {
+  const auto& impl = Internals::impl(domain);
+  const uint64_t aperture_start = impl.config.aperture_start;
+  const uint64_t aperture_last = impl.config.aperture_last;
+  // kProtRead, kProtWrite -> pte::kReadable, pte::kWritable.
+  const uint64_t need = pte::kPresent | (uint64_t{access} << 2);
+  Status status;
+  const size_t done = impl.page_table->lookup_many(
+      iovas.data(), iovas.size(), [&](size_t i, uint64_t entry, unsigned level) {
+        const uint64_t iova = iovas[i];
+        if ((entry & need) == need && iova >= aperture_start && iova <= aperture_last) [[likely]] {
+          const uint64_t size = uint64_t{1} << pte::level_shift(level);
+          addresses[i] = (entry & pte::kAddressMask) + (iova & (size - 1));
+          on_leaf(i, entry, level);
+          return true;
+        }
+        Leaf leaf;
+        Result<Translation> translation = translate_leaf(domain, iova, access, &leaf);
+        if (!translation.ok()) {
+          status = std::move(translation).error();
+          return false;
+        }
+        addresses[i] = translation->address;
+        return true;
+      });
+  return BatchResult{.translated = done, .status = std::move(status)};
+}
 inline PageTable& page_table_of(SoftDomain& domain) noexcept {
   return Internals::page_table(domain);
 }

@@ -9,7 +9,9 @@
 
 #include "domain/page_table.hpp"
 #include "domain/soft_domain_impl.hpp"
+#include "iomm/rcu.hpp"
 #include "mem/host_access.hpp"
+#include "sync/rcu.hpp"
 
 namespace iomm {
 
@@ -29,9 +31,10 @@ TranslationCache::TranslationCache(std::shared_ptr<SoftDomain> domain,
 
 TranslationCache::~TranslationCache() = default;
 
-Result<Translation> TranslationCache::translate_missed(uint64_t iova, uint32_t access) {
-  // Read before the walk: if an unmap races with it, the generation this
-  // fill is recorded under is stale already (domain/iotlb.hpp).
+void TranslationCache::refresh_generation() noexcept {
+  // Read before the walks that may fill: if an unmap races with one, the
+  // generation its fill is recorded under is stale already
+  // (domain/iotlb.hpp).
   const uint64_t generation = generation_->load(std::memory_order_seq_cst);
   if (generation != valid_generation_) {
     // Something was unmapped since the entries were filled.
@@ -39,46 +42,120 @@ Result<Translation> TranslationCache::translate_missed(uint64_t iova, uint32_t a
     valid_generation_ = generation;
     if (!sampling_) armed_generation_ = generation;
   }
-  Set& set = sets_[set_of(iova)];
-  const uint64_t tag = tag_of(iova);
-  const bool present = set.way[0].tag == tag || set.way[1].tag == tag;
+}
+
+void TranslationCache::note_probe(const Set& set, uint64_t iova) noexcept {
+  const uint64_t page = tag_of(iova);
+  const uint64_t mask = tag_mask(0);
+  const bool present =
+      ((set.way[0].tag ^ page) & mask) == 0 || ((set.way[1].tag ^ page) & mask) == 0;
   if (sampling_) {
     since_sample_ = 0;
     sampled_hits_ = present ? sampled_hits_ + 1 : 0;
     if (sampled_hits_ == kResumeHits) {
       sampling_ = false;
-      wasted_fills_ = 0;
+      evicting_misses_ = 0;
       armed_generation_ = valid_generation_;
     }
-  } else if (!present && set.way[1].tag != 0) {
-    // The fill drops way 1: an entry that never hit was a fill that only cost.
-    if ((set.way[1].word & kUsed) != 0) {
-      wasted_fills_ = 0;
-    } else if (++wasted_fills_ == kWastedFillsToStop) {
-      sampling_ = true;
-      since_sample_ = 0;
-      sampled_hits_ = 0;
-      armed_generation_ = 0;
-    }
+  } else if (!present && set.way[1].tag != 0 && ++evicting_misses_ == kMissesToStop) {
+    // Each of these fills dropped an entry, and nothing hit since: filling
+    // only costs.
+    sampling_ = true;
+    since_sample_ = 0;
+    sampled_hits_ = 0;
+    armed_generation_ = 0;
   }
+}
 
-  domain::Leaf leaf;
-  Result<Translation> translation = domain::translate_leaf(*domain_, iova, access, &leaf);
-  // Only pages wholly inside the aperture are cached, so a hit needs no
-  // aperture check.
+void TranslationCache::fill(Set& set, uint64_t iova, const domain::Leaf& leaf) noexcept {
   const DomainConfig& config = domain_->config();
   const uint64_t first = iova & kAddressMask;
-  if (translation.ok() && first >= config.aperture_start &&
-      first + (kPageSize - 1) <= config.aperture_last) {
-    if (set.way[0].tag != tag) set.way[1] = set.way[0];
-    set.way[0] = Entry{
-        .tag = tag,
-        .word = (leaf.address & kAddressMask) | (leaf.prot & kProtMask) |
-                (leaf.host_access != mem::HostAccess::none ? kHasHost : 0) |
-                (static_cast<uint64_t>(std::countr_zero(leaf.size)) << kSizeShift),
-    };
-  }
+  if (first < config.aperture_start || first + (kPageSize - 1) > config.aperture_last) return;
+  const uint64_t tag = tag_of(iova);
+  if (((set.way[0].tag ^ tag) & tag_mask(0)) != 0) set.way[1] = set.way[0];
+  set.way[0] = Entry{
+      .tag = tag | tag_prot(leaf.prot) |
+             (leaf.host_access != mem::HostAccess::none ? kHasHost : 0) |
+             (static_cast<uint64_t>(std::countr_zero(leaf.size)) << kSizeShift),
+      .page = leaf.address & kAddressMask,
+  };
+}
+
+Result<Translation> TranslationCache::translate_missed(uint64_t iova, uint32_t access) {
+  refresh_generation();
+  Set& set = sets_[set_of(iova)];
+  note_probe(set, iova);
+  domain::Leaf leaf;
+  Result<Translation> translation = domain::translate_leaf(*domain_, iova, access, &leaf);
+  if (translation.ok()) fill(set, iova, leaf);
   return translation;
+}
+
+BatchResult TranslationCache::translate_many(std::span<const uint64_t> iovas, uint32_t access,
+                                             std::span<uint64_t> addresses) {
+  if (!domain::valid_access(access)) {
+    return {.status = Error(EINVAL, "access must be kProtRead and/or kProtWrite")};
+  }
+  if (addresses.size() < iovas.size()) {
+    return {.status = Error(EINVAL, "fewer addresses than IOVAs to translate")};
+  }
+  // The one generation load of the batch: while it is the entries' own, a
+  // hit needs no other check.
+  refresh_generation();
+  const size_t n = iovas.size();
+  const uint64_t mask = tag_mask(access);
+  const uint64_t prot = tag_prot(access);
+  size_t i = 0;
+  while (i < n) {
+    if (sampling_) return translate_sampling(iovas, i, access, addresses.data());
+    const size_t hits_from = i;
+    for (; i < n; ++i) {
+      const uint64_t iova = iovas[i];
+      const Entry* set = sets_[set_of(iova)].way;
+      const uint64_t want = tag_of(iova) | prot;
+      // Both ways at once, no load waiting for another.
+      const bool in_0 = ((set[0].tag ^ want) & mask) == 0;
+      const bool in_1 = ((set[1].tag ^ want) & mask) == 0;
+      if (!(in_0 | in_1)) break;
+      addresses[i] = (in_0 ? set[0].page : set[1].page) | (iova & (kPageSize - 1));
+    }
+    if (i != hits_from) evicting_misses_ = 0;
+    if (i == n) break;
+    // It reads the generation again before its walk, so its fill is valid
+    // under the generation the entries are then valid under.
+    Result<Translation> translation = translate_missed(iovas[i], access);
+    if (!translation.ok()) return {.translated = i, .status = std::move(translation).error()};
+    addresses[i] = translation->address;
+    ++i;
+  }
+  return {.translated = n};
+}
+
+BatchResult TranslationCache::translate_sampling(std::span<const uint64_t> iovas, size_t i,
+                                                 uint32_t access, uint64_t* addresses) {
+  const std::span<const uint64_t> rest = iovas.subspan(i);
+  // Every walk here began after the last generation load, so its samples
+  // may fill.
+  const auto sample = [this, rest](size_t j, uint64_t entry, unsigned level) {
+    if (++since_sample_ < kSampleInterval) return;
+    since_sample_ = 0;
+    const uint64_t iova = rest[j];
+    Set& set = sets_[set_of(iova)];
+    note_probe(set, iova);
+    fill(set, iova, domain::PageTable::leaf_of(entry, level, iova));
+  };
+  const auto batch = [&] {
+    return domain::translate_batch(*domain_, rest, access, addresses + i, sample);
+  };
+  BatchResult result;
+  if (sync::in_read_section()) {
+    result = batch();
+  } else {
+    const RcuReadGuard guard;
+    result = batch();
+  }
+  result.translated += i;
+  return result;
 }
 
 }  // namespace iomm

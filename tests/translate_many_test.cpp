@@ -1,0 +1,349 @@
+// Batch translation (SoftDomain::translate_many and
+// TranslationCache::translate_many): every address is what translate()
+// gives; the batch stops at the first IOVA that fails, with translate()'s
+// exact error and fault for it and none for the IOVAs after it; an unmap is
+// seen by the next batch, whether the cache hits, fills or samples.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "domain/page_table.hpp"
+#include "domain/soft_domain_impl.hpp"
+#include "iomm/domain.hpp"
+#include "iomm/rcu.hpp"
+#include "iomm/translation_cache.hpp"
+#include "test_support.hpp"
+
+namespace iomm {
+namespace {
+
+constexpr uint32_t kReadWrite = kProtRead | kProtWrite;
+// Addresses are never dereferenced by a translation: synthetic ones will do.
+constexpr uint64_t kHostA = 0x7000000000;
+constexpr uint64_t kHostB = 0x7100000000;
+
+std::shared_ptr<SoftDomain> make_domain(const DomainConfig& config = {}) {
+  auto domain = SoftDomain::create(config);
+  EXPECT_TRUE(domain.ok());
+  return std::move(domain).value();
+}
+
+std::unique_ptr<TranslationCache> make_cache(std::shared_ptr<SoftDomain> domain) {
+  auto cache = TranslationCache::create(std::move(domain));
+  EXPECT_TRUE(cache.ok());
+  return std::move(cache).value();
+}
+
+Status map(SoftDomain& domain, uint64_t iova, uint64_t address, uint64_t length, uint32_t prot,
+           mem::HostAccess access = mem::HostAccess::direct) {
+  return domain::page_table_of(domain).map(iova, address, length, prot, access);
+}
+
+// The two ways to translate a batch, so that every test runs on both.
+enum class Through { domain, cache };
+
+class TranslateMany : public testing::TestWithParam<Through> {
+ protected:
+  void make(const DomainConfig& config = {}) {
+    domain_ = make_domain(config);
+    cache_ = make_cache(domain_);
+  }
+  BatchResult translate_many(std::span<const uint64_t> iovas, uint32_t access,
+                             std::span<uint64_t> addresses) {
+    return GetParam() == Through::cache ? cache_->translate_many(iovas, access, addresses)
+                                        : domain_->translate_many(iovas, access, addresses);
+  }
+  // translate_many of iovas, checked against translate() of each.
+  void expect_as_translate(const std::vector<uint64_t>& iovas, uint32_t access) {
+    std::vector<uint64_t> addresses(iovas.size(), ~uint64_t{0});
+    const BatchResult r = translate_many(iovas, access, addresses);
+    ASSERT_OK(r.status);
+    EXPECT_EQ(r.translated, iovas.size());
+    for (size_t i = 0; i < iovas.size(); ++i) {
+      auto t = domain_->translate(iovas[i], access);
+      ASSERT_OK(t);
+      EXPECT_EQ(addresses[i], t->address) << "iova 0x" << std::hex << iovas[i];
+    }
+  }
+
+  std::shared_ptr<SoftDomain> domain_;
+  std::unique_ptr<TranslationCache> cache_;
+};
+
+INSTANTIATE_TEST_SUITE_P(Through, TranslateMany, testing::Values(Through::domain, Through::cache),
+                         [](const testing::TestParamInfo<Through>& param) {
+                           return param.param == Through::cache ? "Cache" : "Domain";
+                         });
+
+// Batches shorter and longer than the walk's lookahead, over 4 KiB, 2 MiB
+// and 1 GiB leaves and simulated memory, twice (the cache then hits).
+TEST_P(TranslateMany, GivesWhatTranslateGives) {
+  make();
+  ASSERT_OK(map(*domain_, 0x10000, kHostA, 64 * kPageSize, kReadWrite));
+  ASSERT_OK(map(*domain_, kPageSize2M, kHostB, kPageSize2M, kProtRead));
+  ASSERT_OK(map(*domain_, kPageSize1G, 0x40000000000, kPageSize1G, kReadWrite));
+  ASSERT_OK(
+      map(*domain_, 0x80000, kHostA + kPageSize1G, kPageSize, kProtRead, mem::HostAccess::none));
+  std::vector<uint64_t> iovas;
+  for (uint64_t i = 0; i < 100; ++i) {
+    switch (i % 4) {
+      case 0:
+        iovas.push_back(0x10000 + (i * 7 % 64) * kPageSize + i);
+        break;
+      case 1:
+        iovas.push_back(kPageSize2M + i * 0x3333);
+        break;
+      case 2:
+        iovas.push_back(kPageSize1G + i * 0x123457);
+        break;
+      default:
+        iovas.push_back(0x80000 + i);
+    }
+  }
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t n : {size_t{1}, size_t{5}, domain::PageTable::kLookahead + 1, iovas.size()}) {
+      expect_as_translate(std::vector<uint64_t>(iovas.begin(), iovas.begin() + n), kProtRead);
+    }
+  }
+  std::vector<uint64_t> none;
+  const BatchResult empty = translate_many({}, kProtRead, none);
+  ASSERT_OK(empty.status);
+  EXPECT_EQ(empty.translated, 0U);
+  EXPECT_TRUE(domain_->take_faults().empty());
+}
+
+TEST_P(TranslateMany, BadArgumentsAreEinvalAndTranslateNothing) {
+  make();
+  ASSERT_OK(map(*domain_, 0x10000, kHostA, kPageSize, kReadWrite));
+  const std::vector<uint64_t> iovas = {0x10000, 0x10008};
+  std::vector<uint64_t> addresses(2, 0);
+  for (uint32_t access : {0U, 4U, kProtRead | 4U, 0x80000001U}) {
+    const BatchResult r = translate_many(iovas, access, addresses);
+    EXPECT_ERRNO(r.status, EINVAL);
+    EXPECT_EQ(r.translated, 0U);
+  }
+  std::vector<uint64_t> short_addresses(1, 0);
+  const BatchResult r = translate_many(iovas, kProtRead, short_addresses);
+  EXPECT_ERRNO(r.status, EINVAL);
+  EXPECT_EQ(r.translated, 0U);
+  EXPECT_EQ(addresses, std::vector<uint64_t>(2, 0));
+  EXPECT_TRUE(domain_->take_faults().empty());
+}
+
+// The first failing IOVA ends the batch with its own errno and fault; the
+// IOVAs before it are translated, those after it are not looked up.
+TEST_P(TranslateMany, StopsAtTheFirstFailureWithItsErrno) {
+  DomainConfig config;
+  config.aperture_last = (uint64_t{1} << 40) - 1;
+  make(config);
+  ASSERT_OK(map(*domain_, 0x100000, kHostA, 32 * kPageSize, kProtRead));
+  struct Case {
+    uint64_t bad;
+    uint32_t access;
+    int code;
+    FaultReason reason;
+  };
+  const Case cases[] = {
+      {0x100000 + 40 * kPageSize, kProtRead, EFAULT, FaultReason::not_present},
+      {0x100000 + 3 * kPageSize, kProtWrite, EPERM, FaultReason::permission},
+      {uint64_t{1} << 40, kProtRead, EFAULT, FaultReason::outside_aperture},
+  };
+  for (const Case& c : cases) {
+    for (size_t at : {size_t{0}, size_t{7}, size_t{20}}) {
+      std::vector<uint64_t> iovas;
+      for (size_t i = 0; i < 30; ++i) iovas.push_back(0x100000 + (i % 32) * kPageSize + 1);
+      iovas[at] = c.bad;
+      // Read-only pages: a write batch fails at its first IOVA, whatever it is.
+      const size_t fails_at = c.access == kProtWrite ? 0 : at;
+      std::vector<uint64_t> addresses(iovas.size(), 0);
+      for (int pass = 0; pass < 2; ++pass) {  // the cache fills, then hits
+        const BatchResult r = translate_many(iovas, c.access, addresses);
+        EXPECT_ERRNO(r.status, c.code);
+        EXPECT_EQ(r.translated, fails_at);
+        for (size_t i = 0; i < fails_at; ++i) {
+          EXPECT_EQ(addresses[i], kHostA + (i % 32) * kPageSize + 1);
+        }
+        const auto faults = domain_->take_faults();
+        ASSERT_EQ(faults.size(), 1U);
+        EXPECT_EQ(faults[0].iova, iovas[fails_at]);
+        EXPECT_EQ(faults[0].reason, c.code == EPERM ? FaultReason::permission : c.reason);
+        EXPECT_EQ(faults[0].requested, c.access);
+      }
+    }
+  }
+}
+
+// An unmap between two batches is seen by the second, at the IOVA it
+// removed; a leaf replaced with another permission too.
+TEST_P(TranslateMany, UnmapAndReplaceAreSeenByTheNextBatch) {
+  make();
+  domain::PageTable& table = domain::page_table_of(*domain_);
+  ASSERT_OK(map(*domain_, 0x40000, kHostA, 8 * kPageSize, kReadWrite));
+  std::vector<uint64_t> iovas;
+  for (uint64_t i = 0; i < 8; ++i) iovas.push_back(0x40000 + i * kPageSize + 8);
+  std::vector<uint64_t> addresses(iovas.size());
+  for (int pass = 0; pass < 2; ++pass)
+    ASSERT_OK(translate_many(iovas, kProtWrite, addresses).status);
+  EXPECT_EQ(table.unmap_keeping_tables(0x40000 + 5 * kPageSize, kPageSize), kPageSize);
+  BatchResult r = translate_many(iovas, kProtWrite, addresses);
+  EXPECT_ERRNO(r.status, EFAULT);
+  EXPECT_EQ(r.translated, 5U);
+  ASSERT_OK(map(*domain_, 0x40000 + 5 * kPageSize, kHostB, kPageSize, kProtRead));
+  r = translate_many(iovas, kProtWrite, addresses);
+  EXPECT_ERRNO(r.status, EPERM);
+  EXPECT_EQ(r.translated, 5U);
+  r = translate_many(iovas, kProtRead, addresses);
+  ASSERT_OK(r.status);
+  EXPECT_EQ(addresses[5], kHostB + 8);
+  EXPECT_EQ(addresses[4], kHostA + 4 * kPageSize + 8);
+  const auto faults = domain_->take_faults();
+  ASSERT_EQ(faults.size(), 2U);
+  EXPECT_EQ(faults[0].reason, FaultReason::not_present);
+  EXPECT_EQ(faults[1].reason, FaultReason::permission);
+}
+
+// Random batches over far more pages than the cache holds make it stop
+// filling (it then walks with the domain's batch walk and samples); the
+// answers stay the walk's, an unmap is seen at once, and a hot set brings
+// the filling back.
+TEST(TranslateManyCache, SamplesOnRandomBatchesAndStaysExact) {
+  constexpr uint64_t kPages = 8 * TranslationCache::kSets * TranslationCache::kWays;
+  constexpr uint64_t kBase = 0x10000000;
+  DomainConfig config;
+  config.page_sizes = kPageSize;
+  auto domain = make_domain(config);
+  auto cache = make_cache(domain);
+  ASSERT_OK(map(*domain, kBase, kHostA, kPages * kPageSize, kReadWrite));
+  std::vector<uint64_t> iovas(64);
+  std::vector<uint64_t> addresses(iovas.size());
+  uint64_t x = 0x9e3779b97f4a7c15ULL;
+  auto random_batch = [&] {
+    for (auto& iova : iovas) {
+      x ^= x << 13;
+      x ^= x >> 7;
+      x ^= x << 17;
+      iova = kBase + (x % kPages) * kPageSize + (x >> 52);
+    }
+    const BatchResult r = cache->translate_many(iovas, kProtRead, addresses);
+    ASSERT_OK(r.status);
+    for (size_t i = 0; i < iovas.size(); ++i) {
+      ASSERT_EQ(addresses[i], kHostA + (iovas[i] - kBase));
+    }
+  };
+  for (int i = 0; i < 200 && cache->caching(); ++i) random_batch();
+  ASSERT_FALSE(cache->caching());
+  for (int i = 0; i < 20; ++i) random_batch();
+  EXPECT_FALSE(cache->caching());
+  // Unmapped while sampling: no batch may translate the page.
+  EXPECT_EQ(domain::page_table_of(*domain).unmap(kBase, kPageSize), kPageSize);
+  std::vector<uint64_t> first(64, kBase + 16);
+  for (int i = 0; i < 4 * static_cast<int>(TranslationCache::kSampleInterval); ++i) {
+    const BatchResult r = cache->translate_many(first, kProtRead, addresses);
+    EXPECT_ERRNO(r.status, EFAULT);
+    EXPECT_EQ(r.translated, 0U);
+  }
+  EXPECT_EQ(domain->take_faults().size(), 4 * TranslationCache::kSampleInterval);
+  // A hot set of 8 pages: the samples hit and the cache fills again.
+  for (int i = 0; i < 64; ++i) {
+    for (size_t j = 0; j < iovas.size(); ++j) iovas[j] = kBase + (1 + j % 8) * kPageSize + j;
+    ASSERT_OK(cache->translate_many(iovas, kProtRead, addresses).status);
+    for (size_t j = 0; j < iovas.size(); ++j) {
+      ASSERT_EQ(addresses[j], kHostA + (iovas[j] - kBase));
+    }
+  }
+  EXPECT_TRUE(cache->caching());
+}
+
+// Readers, each with its own cache, translate batches of a small set of
+// pages (nearly every lookup a hit) while a writer unmaps the pages one by
+// one, publishing how many it has unmapped after each unmap returns, then
+// maps them all again at new addresses, round after round. In a batch that
+// began after page i's unmap returned, page i must fail with EFAULT, and
+// every address must be the current round's: no stale hit, ever.
+TEST(TranslateManyStress, UnmapWhileBatchesHit) {
+  constexpr uint64_t kPages = 64;
+  constexpr uint64_t kRounds = 10;
+  constexpr uint64_t kBatchesPerStep = 50;
+  constexpr uint64_t kBase = 0x200000;
+  constexpr size_t kBatch = 8;
+  constexpr int kReaders = 2;
+  auto domain = make_domain();
+  domain::PageTable& table = domain::page_table_of(*domain);
+  std::vector<std::unique_ptr<TranslationCache>> caches;
+  for (int r = 0; r < kReaders; ++r) caches.push_back(make_cache(domain));
+  auto address = [](uint64_t round, uint64_t page) {
+    return kHostA + round * (kPages * kPageSize) + page * kPageSize;
+  };
+  // round << 32 | pages of the round unmapped so far.
+  std::atomic<uint64_t> state{0};
+  std::atomic<bool> done{false};
+  std::atomic<uint64_t> batches{0};
+  std::atomic<uint64_t> stale{0};
+  std::atomic<uint64_t> wrong{0};
+  std::atomic<uint64_t> checked{0};
+
+  std::vector<std::thread> readers;
+  for (int r = 0; r < kReaders; ++r) {
+    readers.emplace_back([&, r] {
+      uint64_t x = 0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(r + 1);
+      uint64_t pages[kBatch];
+      uint64_t iovas[kBatch];
+      uint64_t addresses[kBatch];
+      while (!done.load(std::memory_order_acquire)) {
+        for (size_t i = 0; i < kBatch; ++i) {
+          x ^= x << 13;
+          x ^= x >> 7;
+          x ^= x << 17;
+          pages[i] = x % kPages;
+          iovas[i] = kBase + pages[i] * kPageSize + 8;
+        }
+        const uint64_t before = state.load(std::memory_order_seq_cst);
+        const BatchResult result = caches[r]->translate_many(iovas, kProtRead, addresses);
+        const uint64_t after = state.load(std::memory_order_seq_cst);
+        batches.fetch_add(1, std::memory_order_relaxed);
+        if (!result.ok() && result.status.code() != EFAULT) wrong.fetch_add(1);
+        if ((before >> 32) != (after >> 32)) continue;  // a remap may have happened
+        const uint64_t round = before >> 32;
+        for (size_t i = 0; i < result.translated; ++i) {
+          if (pages[i] < (before & 0xffffffff)) stale.fetch_add(1);
+          if (addresses[i] != address(round, pages[i]) + 8) wrong.fetch_add(1);
+          checked.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    });
+  }
+
+  auto wait_for_batches = [&] {
+    const uint64_t target = batches.load() + kBatchesPerStep;
+    while (batches.load() < target) std::this_thread::yield();
+  };
+  for (uint64_t round = 0; round < kRounds; ++round) {
+    // The new round is published before its maps: a reader that saw the old
+    // round before and after its batch translated before these maps.
+    state.store(round << 32, std::memory_order_seq_cst);
+    for (uint64_t page = 0; page < kPages; ++page) {
+      ASSERT_OK(map(*domain, kBase + page * kPageSize, address(round, page), kPageSize, kProtRead));
+    }
+    for (uint64_t page = 0; page < kPages; ++page) {
+      wait_for_batches();
+      ASSERT_EQ(table.unmap(kBase + page * kPageSize, kPageSize), kPageSize);
+      state.store(round << 32 | (page + 1), std::memory_order_seq_cst);
+    }
+  }
+  done.store(true, std::memory_order_release);
+  for (auto& reader : readers) reader.join();
+  EXPECT_EQ(stale.load(), 0U);
+  EXPECT_EQ(wrong.load(), 0U);
+  EXPECT_GT(checked.load(), 0U);
+  EXPECT_EQ(domain->counters().mapped_bytes, 0U);
+  (void)domain->take_faults();
+}
+
+}  // namespace
+}  // namespace iomm
