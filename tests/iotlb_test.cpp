@@ -3,12 +3,9 @@
 // replacement is seen by the next lookup, from any thread.
 #include <gtest/gtest.h>
 
-#include <atomic>
 #include <cerrno>
 #include <cstdint>
-#include <memory>
-#include <thread>
-#include <vector>
+#include <functional>
 
 #include "domain/page_table.hpp"
 #include "domain/soft_domain_impl.hpp"
@@ -17,30 +14,18 @@
 #include "iomm/source.hpp"
 #include "iomm/translation_cache.hpp"
 #include "test_support.hpp"
+#include "translation_test_support.hpp"
 
 namespace iomm {
 namespace {
 
-constexpr uint32_t kReadWrite = kProtRead | kProtWrite;
-// Addresses are never dereferenced by translate(): synthetic ones will do.
-constexpr uint64_t kHostA = 0x7000000000;
-constexpr uint64_t kHostB = 0x7100000000;
-
-std::shared_ptr<SoftDomain> make_domain(const DomainConfig& config = {}) {
-  auto domain = SoftDomain::create(config);
-  EXPECT_TRUE(domain.ok());
-  return std::move(domain).value();
-}
-
-std::unique_ptr<TranslationCache> make_cache(std::shared_ptr<SoftDomain> domain) {
-  auto cache = TranslationCache::create(std::move(domain));
-  EXPECT_TRUE(cache.ok());
-  return std::move(cache).value();
-}
-
-Status map(SoftDomain& domain, uint64_t iova, uint64_t address, uint64_t length, uint32_t prot) {
-  return domain::page_table_of(domain).map(iova, address, length, prot, mem::HostAccess::direct);
-}
+using test::kHostA;
+using test::kHostB;
+using test::kReadWrite;
+using test::make_cache;
+using test::make_domain;
+using test::map;
+using test::UnmapRounds;
 
 void expect_same(const Translation& a, const Translation& b) {
   EXPECT_EQ(a.iova, b.iova);
@@ -202,83 +187,20 @@ TEST(Iotlb, IoasUnmapAndRemap) {
   (void)domain->take_faults();
 }
 
-// Readers, each with its own cache, hammer a small set of pages (so nearly
-// every lookup is a cache hit) while a writer unmaps them one by one, publishing how many it has
-// unmapped after each unmap returns; then maps them all again at new
-// addresses, round after round. A lookup that began after page i's unmap
-// returned must fail with EFAULT, and every translation must be the current
-// round's address: no stale hit, ever.
+// UnmapRounds (translation_test_support.hpp), one lookup per step.
 TEST(IotlbStress, UnmapWhileReadersHit) {
-  constexpr uint64_t kPages = 64;
-  constexpr uint64_t kRounds = 10;
-  constexpr uint64_t kLookupsPerStep = 200;
-  constexpr uint64_t kBase = 0x200000;
-  constexpr int kReaders = 2;
-  auto domain = make_domain();
-  domain::PageTable& table = domain::page_table_of(*domain);
-  std::vector<std::unique_ptr<TranslationCache>> caches;
-  for (int r = 0; r < kReaders; ++r) caches.push_back(make_cache(domain));
-  auto address = [](uint64_t round, uint64_t page) {
-    return kHostA + round * (kPages * kPageSize) + page * kPageSize;
-  };
-  // round << 32 | pages of the round unmapped so far.
-  std::atomic<uint64_t> state{0};
-  std::atomic<bool> done{false};
-  std::atomic<uint64_t> lookups{0};
-  std::atomic<uint64_t> stale{0};
-  std::atomic<uint64_t> wrong{0};
-  std::atomic<uint64_t> checked_hits{0};
-
-  std::vector<std::thread> readers;
-  for (int r = 0; r < kReaders; ++r) {
-    readers.emplace_back([&, r] {
-      uint64_t x = 0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(r + 1);
-      while (!done.load(std::memory_order_acquire)) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        const uint64_t page = x % kPages;
-        const uint64_t before = state.load(std::memory_order_seq_cst);
-        auto t = caches[r]->translate(kBase + page * kPageSize + 8, kProtRead);
-        const uint64_t after = state.load(std::memory_order_seq_cst);
-        lookups.fetch_add(1, std::memory_order_relaxed);
-        if (!t.ok()) {
-          if (t.code() != EFAULT) wrong.fetch_add(1);
-          continue;
-        }
-        if ((before >> 32) != (after >> 32)) continue;  // a remap may have happened
-        const uint64_t round = before >> 32;
-        if (page < (before & 0xffffffff)) stale.fetch_add(1);
-        if (t->address != address(round, page) + 8) wrong.fetch_add(1);
-        checked_hits.fetch_add(1, std::memory_order_relaxed);
-      }
-    });
-  }
-
-  auto wait_for_lookups = [&] {
-    const uint64_t target = lookups.load() + kLookupsPerStep;
-    while (lookups.load() < target) std::this_thread::yield();
-  };
-  for (uint64_t round = 0; round < kRounds; ++round) {
-    // The new round is published before its maps: a reader that saw the old
-    // round before and after its lookup looked up before these maps.
-    state.store(round << 32, std::memory_order_seq_cst);
-    for (uint64_t page = 0; page < kPages; ++page) {
-      ASSERT_OK(map(*domain, kBase + page * kPageSize, address(round, page), kPageSize, kProtRead));
-    }
-    for (uint64_t page = 0; page < kPages; ++page) {
-      wait_for_lookups();
-      ASSERT_EQ(table.unmap(kBase + page * kPageSize, kPageSize), kPageSize);
-      state.store(round << 32 | (page + 1), std::memory_order_seq_cst);
-    }
-  }
-  done.store(true, std::memory_order_release);
-  for (auto& reader : readers) reader.join();
-  EXPECT_EQ(stale.load(), 0U);
-  EXPECT_EQ(wrong.load(), 0U);
-  EXPECT_GT(checked_hits.load(), 0U);
-  EXPECT_EQ(domain->counters().mapped_bytes, 0U);
-  (void)domain->take_faults();
+  UnmapRounds rounds;
+  rounds.run(
+      [](TranslationCache& cache, const std::function<uint64_t()>& next_page,
+         UnmapRounds::Lookup& lookup) {
+        const uint64_t page = next_page();
+        lookup.begin();
+        auto t = cache.translate(UnmapRounds::kBase + page * kPageSize + 8, kProtRead);
+        lookup.end();
+        if (!t.ok()) return lookup.failed(t.code());
+        lookup.translated(page, t->address);
+      },
+      /*steps_per_unmap=*/200);
 }
 
 }  // namespace

@@ -5,12 +5,11 @@
 // seen by the next batch, whether the cache hits, fills or samples.
 #include <gtest/gtest.h>
 
-#include <atomic>
 #include <cerrno>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
-#include <thread>
 #include <vector>
 
 #include "domain/page_table.hpp"
@@ -19,31 +18,18 @@
 #include "iomm/rcu.hpp"
 #include "iomm/translation_cache.hpp"
 #include "test_support.hpp"
+#include "translation_test_support.hpp"
 
 namespace iomm {
 namespace {
 
-constexpr uint32_t kReadWrite = kProtRead | kProtWrite;
-// Addresses are never dereferenced by a translation: synthetic ones will do.
-constexpr uint64_t kHostA = 0x7000000000;
-constexpr uint64_t kHostB = 0x7100000000;
-
-std::shared_ptr<SoftDomain> make_domain(const DomainConfig& config = {}) {
-  auto domain = SoftDomain::create(config);
-  EXPECT_TRUE(domain.ok());
-  return std::move(domain).value();
-}
-
-std::unique_ptr<TranslationCache> make_cache(std::shared_ptr<SoftDomain> domain) {
-  auto cache = TranslationCache::create(std::move(domain));
-  EXPECT_TRUE(cache.ok());
-  return std::move(cache).value();
-}
-
-Status map(SoftDomain& domain, uint64_t iova, uint64_t address, uint64_t length, uint32_t prot,
-           mem::HostAccess access = mem::HostAccess::direct) {
-  return domain::page_table_of(domain).map(iova, address, length, prot, access);
-}
+using test::kHostA;
+using test::kHostB;
+using test::kReadWrite;
+using test::make_cache;
+using test::make_domain;
+using test::map;
+using test::UnmapRounds;
 
 // The two ways to translate a batch, so that every test runs on both.
 enum class Through { domain, cache };
@@ -260,89 +246,29 @@ TEST(TranslateManyCache, SamplesOnRandomBatchesAndStaysExact) {
   EXPECT_TRUE(cache->caching());
 }
 
-// Readers, each with its own cache, translate batches of a small set of
-// pages (nearly every lookup a hit) while a writer unmaps the pages one by
-// one, publishing how many it has unmapped after each unmap returns, then
-// maps them all again at new addresses, round after round. In a batch that
-// began after page i's unmap returned, page i must fail with EFAULT, and
-// every address must be the current round's: no stale hit, ever.
+// UnmapRounds (translation_test_support.hpp), a batch of 8 per step: in a
+// batch that began after page i's unmap returned, page i must fail with
+// EFAULT, and every address must be the current round's.
 TEST(TranslateManyStress, UnmapWhileBatchesHit) {
-  constexpr uint64_t kPages = 64;
-  constexpr uint64_t kRounds = 10;
-  constexpr uint64_t kBatchesPerStep = 50;
-  constexpr uint64_t kBase = 0x200000;
   constexpr size_t kBatch = 8;
-  constexpr int kReaders = 2;
-  auto domain = make_domain();
-  domain::PageTable& table = domain::page_table_of(*domain);
-  std::vector<std::unique_ptr<TranslationCache>> caches;
-  for (int r = 0; r < kReaders; ++r) caches.push_back(make_cache(domain));
-  auto address = [](uint64_t round, uint64_t page) {
-    return kHostA + round * (kPages * kPageSize) + page * kPageSize;
-  };
-  // round << 32 | pages of the round unmapped so far.
-  std::atomic<uint64_t> state{0};
-  std::atomic<bool> done{false};
-  std::atomic<uint64_t> batches{0};
-  std::atomic<uint64_t> stale{0};
-  std::atomic<uint64_t> wrong{0};
-  std::atomic<uint64_t> checked{0};
-
-  std::vector<std::thread> readers;
-  for (int r = 0; r < kReaders; ++r) {
-    readers.emplace_back([&, r] {
-      uint64_t x = 0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(r + 1);
-      uint64_t pages[kBatch];
-      uint64_t iovas[kBatch];
-      uint64_t addresses[kBatch];
-      while (!done.load(std::memory_order_acquire)) {
+  UnmapRounds rounds;
+  rounds.run(
+      [](TranslationCache& cache, const std::function<uint64_t()>& next_page,
+         UnmapRounds::Lookup& lookup) {
+        uint64_t pages[kBatch];
+        uint64_t iovas[kBatch];
+        uint64_t addresses[kBatch];
         for (size_t i = 0; i < kBatch; ++i) {
-          x ^= x << 13;
-          x ^= x >> 7;
-          x ^= x << 17;
-          pages[i] = x % kPages;
-          iovas[i] = kBase + pages[i] * kPageSize + 8;
+          pages[i] = next_page();
+          iovas[i] = UnmapRounds::kBase + pages[i] * kPageSize + 8;
         }
-        const uint64_t before = state.load(std::memory_order_seq_cst);
-        const BatchResult result = caches[r]->translate_many(iovas, kProtRead, addresses);
-        const uint64_t after = state.load(std::memory_order_seq_cst);
-        batches.fetch_add(1, std::memory_order_relaxed);
-        if (!result.ok() && result.status.code() != EFAULT) wrong.fetch_add(1);
-        if ((before >> 32) != (after >> 32)) continue;  // a remap may have happened
-        const uint64_t round = before >> 32;
-        for (size_t i = 0; i < result.translated; ++i) {
-          if (pages[i] < (before & 0xffffffff)) stale.fetch_add(1);
-          if (addresses[i] != address(round, pages[i]) + 8) wrong.fetch_add(1);
-          checked.fetch_add(1, std::memory_order_relaxed);
-        }
-      }
-    });
-  }
-
-  auto wait_for_batches = [&] {
-    const uint64_t target = batches.load() + kBatchesPerStep;
-    while (batches.load() < target) std::this_thread::yield();
-  };
-  for (uint64_t round = 0; round < kRounds; ++round) {
-    // The new round is published before its maps: a reader that saw the old
-    // round before and after its batch translated before these maps.
-    state.store(round << 32, std::memory_order_seq_cst);
-    for (uint64_t page = 0; page < kPages; ++page) {
-      ASSERT_OK(map(*domain, kBase + page * kPageSize, address(round, page), kPageSize, kProtRead));
-    }
-    for (uint64_t page = 0; page < kPages; ++page) {
-      wait_for_batches();
-      ASSERT_EQ(table.unmap(kBase + page * kPageSize, kPageSize), kPageSize);
-      state.store(round << 32 | (page + 1), std::memory_order_seq_cst);
-    }
-  }
-  done.store(true, std::memory_order_release);
-  for (auto& reader : readers) reader.join();
-  EXPECT_EQ(stale.load(), 0U);
-  EXPECT_EQ(wrong.load(), 0U);
-  EXPECT_GT(checked.load(), 0U);
-  EXPECT_EQ(domain->counters().mapped_bytes, 0U);
-  (void)domain->take_faults();
+        lookup.begin();
+        const BatchResult result = cache.translate_many(iovas, kProtRead, addresses);
+        lookup.end();
+        if (!result.ok()) lookup.failed(result.status.code());
+        for (size_t i = 0; i < result.translated; ++i) lookup.translated(pages[i], addresses[i]);
+      },
+      /*steps_per_unmap=*/50);
 }
 
 }  // namespace
