@@ -43,6 +43,26 @@ void for_each_zero_zone(const IntervalCounts* counts, uint64_t first, uint64_t l
   if (g <= last) f(g, last);
 }
 
+// How many granules g of the zero zones of counts in [first, last] have
+// pred(g).
+template <typename P>
+uint64_t count_in_zero_zones(const IntervalCounts* counts, uint64_t first, uint64_t last,
+                             P&& pred) {
+  uint64_t n = 0;
+  for_each_zero_zone(counts, first, last, [&](uint64_t lo, uint64_t hi) {
+    for (uint64_t g = lo; g <= hi; ++g) n += pred(g) ? 1 : 0;
+    return true;
+  });
+  return n;
+}
+
+// The owner's segment charges, if it has any.
+template <typename Map>
+const IntervalCounts* counts_of(const Map& charged, acct::Owner* owner) {
+  auto it = charged.find(owner);
+  return it == charged.end() ? nullptr : &it->second;
+}
+
 }  // namespace
 
 uint32_t MemObject::pages_in(uint64_t granule, uint64_t offset, uint64_t length) const noexcept {
@@ -121,12 +141,8 @@ Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
   // Granules this owner is charged for by neither count yet.
   uint64_t fresh_charges = 0;
   if (charges != nullptr) {
-    auto seg = charged_.find(owner);
-    for_each_zero_zone(seg == charged_.end() ? nullptr : &seg->second, first, last,
-                       [&](uint64_t lo, uint64_t hi) {
-                         for (uint64_t g = lo; g <= hi; ++g) fresh_charges += charges->get(g) == 0;
-                         return true;
-                       });
+    fresh_charges = count_in_zero_zones(counts_of(charged_, owner), first, last,
+                                        [&](uint64_t g) { return charges->get(g) == 0; });
     if (Status st = owner->charge(fresh_charges * granule_pages); !st) {
       trim();
       return st;
@@ -137,11 +153,8 @@ Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
     paged_.add(g, n);
     if (charges != nullptr) charges->add(g, n);
   }
-  uint64_t newly_locked = 0;
-  for_each_zero_zone(&physical_, first, last, [&](uint64_t lo, uint64_t hi) {
-    for (uint64_t g = lo; g <= hi; ++g)
-      newly_locked += paged_.get(g) == pages_in(g, offset, length);
-    return true;
+  const uint64_t newly_locked = count_in_zero_zones(&physical_, first, last, [&](uint64_t g) {
+    return paged_.get(g) == pages_in(g, offset, length);
   });
 
   PageOp op{first, last, page_ops_};
@@ -208,19 +221,12 @@ void MemObject::unpin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
   }
   // Every granule of the range was held, so a zero count now is one this
   // call dropped.
-  uint64_t released = 0;
-  for_each_zero_zone(&physical_, first, last, [&](uint64_t lo, uint64_t hi) {
-    for (uint64_t g = lo; g <= hi; ++g) released += paged_.get(g) == 0;
-    return true;
-  });
+  const uint64_t released =
+      count_in_zero_zones(&physical_, first, last, [&](uint64_t g) { return paged_.get(g) == 0; });
   uint64_t uncharged = 0;
   if (charges != nullptr) {
-    auto seg = charged_.find(owner);
-    for_each_zero_zone(seg == charged_.end() ? nullptr : &seg->second, first, last,
-                       [&](uint64_t lo, uint64_t hi) {
-                         for (uint64_t g = lo; g <= hi; ++g) uncharged += charges->get(g) == 0;
-                         return true;
-                       });
+    uncharged = count_in_zero_zones(counts_of(charged_, owner), first, last,
+                                    [&](uint64_t g) { return charges->get(g) == 0; });
     if (charges->empty()) paged_charged_.erase(owner);
   }
 
