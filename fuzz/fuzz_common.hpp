@@ -47,6 +47,16 @@ class Reader {
   size_t pos_ = 0;
 };
 
+// IOMM_FUZZ_TRACE=1 prints a reproducer's trace: this line, then one "step"
+// line per step. libFuzzer runs a lone input a second time when the first
+// run's mallocs and frees do not balance (its leak check), and whether they
+// balance depends on what other threads allocate meanwhile, so a replay holds
+// one or two runs. The line opens each run so that fuzz/run.sh can compare
+// every run with the expected trace.
+inline void trace_input_start(bool tracing) {
+  if (tracing) std::fputs("trace: input\n", stderr);
+}
+
 // Context printed with every failed check (the step being run).
 inline thread_local const char* g_step_name = "setup";
 inline thread_local int g_step_index = -1;

@@ -101,6 +101,7 @@ extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (fx == nullptr) setup_fixtures();
+  iomm::fuzz::trace_input_start(g_trace);
   Reader in(data, size);
   iomm::fuzz::g_step_index = -1;
   iomm::fuzz::g_step_name = "setup";

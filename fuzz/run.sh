@@ -61,14 +61,15 @@ fi
 
 flags=(-timeout=10 -rss_limit_mb=4096 -max_len=1024)
 
-# The instrumented build runs a lone input twice (the trace holds both runs),
-# the uninstrumented TSan build once: that build compares the first run.
-first_run() {
-  if [[ ${FUZZ_TSAN:-0} == 1 ]]; then
-    awk 'NR > 1 && /^step +0 / { exit } { print }'
-  else
-    cat
-  fi
+# A replay's step lines, split into runs: libFuzzer may run a lone input
+# twice (its leak check reruns an input whose mallocs and frees did not
+# balance), and each run opens with "trace: input". A target that prints no
+# trace has one empty run. Writes <dir>/1, <dir>/2, ...
+split_runs() {
+  awk -v dir="$1" '
+    BEGIN { n = 1; printf "" > (dir "/1") }
+    /^trace: input$/ { if (seen) { n++; printf "" > (dir "/" n) } seen = 1; next }
+    /^step / { print > (dir "/" n) }'
 }
 failed=()
 summary=()
@@ -101,12 +102,19 @@ for target in "${targets[@]}"; do
       bad_repros+=("$(basename "$f") (crash)")
       continue
     fi
+    run_dir=$log.runs
+    rm -rf "$run_dir" && mkdir -p "$run_dir" && split_runs "$run_dir" <"$log"
     if [[ ${FUZZ_UPDATE_TRACES:-0} == 1 ]]; then
-      grep '^step ' "$log" >"$f.trace"
+      cp "$run_dir/1" "$f.trace"
     elif [[ ! -f $f.trace ]]; then
       bad_repros+=("$(basename "$f") (no $f.trace)")
-    elif ! diff -u <(first_run <"$f.trace") <(grep '^step ' "$log" | first_run) >"$log.diff"; then
-      bad_repros+=("$(basename "$f") (trace differs: $log.diff)")
+    else
+      # Every run must take exactly the expected steps.
+      : >"$log.diff"
+      for run in "$run_dir"/*; do
+        diff -u --label expected --label "run $(basename "$run")" "$f.trace" "$run" >>"$log.diff"
+      done
+      [[ -s $log.diff ]] && bad_repros+=("$(basename "$f") (trace differs: $log.diff)")
     fi
   done
   if ((${#bad_repros[@]})); then
