@@ -16,6 +16,7 @@
 #include "iomm/accounting.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/ioas.hpp"
+#include "iomm/memory_monitor.hpp"
 #include "iomm/p2p_pool.hpp"
 #include "test_support.hpp"
 
@@ -139,6 +140,19 @@ TEST(DevmemPool, IoasUseIsNeverChargedAndNeedsRegistrationToPin) {
   EXPECT_TRUE((*a)->holders().empty());
   EXPECT_EQ(counters().pinned_bytes, 0u);
   ASSERT_OK(set_memlock_limit(AccountMode::per_process, 0, std::nullopt));
+}
+
+TEST(DevmemPool, PoolMemoryIsRevokedByUnbindNotWatched) {
+  auto pool = make_pool(kBlock);
+  ASSERT_TRUE(pool);
+  auto a = pool->allocate(kBlock);
+  ASSERT_OK(a);
+  auto source = (*a)->unregistered_source();
+  ASSERT_OK(source);
+  EXPECT_ERRNO(MemoryWatch::create(*source), EINVAL);
+  auto simulated = MemorySource::simulated(kBlock);
+  ASSERT_OK(simulated);
+  EXPECT_ERRNO(MemoryWatch::create(*simulated), EINVAL);
 }
 
 TEST(DevmemPool, UnbindDuringDmaRevokesEverythingInOrder) {

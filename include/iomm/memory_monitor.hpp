@@ -62,7 +62,8 @@
 // being invalidated (it is reported, not undone).
 //
 // Errors
-// - EINVAL    simulated source; memory userfaultfd cannot watch (not
+// - EINVAL    simulated or device source (a P2P pool's unbind unmaps its
+//             IOAS mappings itself); memory userfaultfd cannot watch (not
 //             anonymous, shmem or hugetlb), or nothing mapped.
 // - EFAULT    part of the range is not mapped (watch); the memory is gone,
 //             or the copy raced with an invalidation (copies).

@@ -20,6 +20,7 @@ Watched what_to_watch(const MemorySource& source) {
     case SourceKind::file:
       return source.shrink_sealed() ? Watched::nothing : Watched::file;
     case SourceKind::simulated:
+    case SourceKind::device:
       break;
   }
   return Watched::nothing;
@@ -37,6 +38,11 @@ void unregister(monitor::EventMonitor& m, const MemorySource& source, Watched wh
 Result<std::unique_ptr<MemoryWatch>> MemoryWatch::create(const MemorySource& source) {
   if (source.kind() == SourceKind::simulated) {
     return Error(EINVAL, "simulated memory has nothing to watch");
+  }
+  // Device memory goes away only by its pool's unbind, which unmaps every
+  // IOAS mapping of it (and so reaches their notifiers) itself.
+  if (source.kind() == SourceKind::device) {
+    return Error(EINVAL, "device memory is revoked by its pool, not watched");
   }
   const Watched what = what_to_watch(source);
   monitor::EventMonitor* m = nullptr;
