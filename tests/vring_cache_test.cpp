@@ -3,9 +3,10 @@
 // re-validation, user memory never cached, errors; batches (one handshake
 // per pass: an invalidation is seen between batches only, a non-blocking
 // callback refuses during one and the blocking retry waits for its end);
-// and stress tests in which a data path processes the ring, access by
-// access or in batches, while another thread replaces the mapping, checking
-// that no access used a stale pointer.
+// Batch::run's Direct view (chosen once per pass, its sticky error kept
+// with no test per access); and stress tests in which a data path processes
+// the ring, access by access, in batches or in Direct passes, while another thread replaces the
+// mapping, checking that no access used a stale pointer.
 #include "iomm/vring_cache.hpp"
 
 #include <fcntl.h>
@@ -17,6 +18,8 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "iomm/ioas.hpp"
@@ -296,6 +299,219 @@ TEST(VringCache, RingsSpanningMappingsUseEachRun) {
   EXPECT_EQ((*c)->stats().cached_batches, kSize + 1U);
 }
 
+// Which view Batch::run gave its visitor.
+template <typename View>
+constexpr bool is_direct(const View& /*view*/) {
+  return std::is_same_v<View, VringCache::Batch::Direct>;
+}
+
+// Over rings that are each one host run, run() gives the visitor a Direct
+// view: the same accesses as the batch's, through the cached pointers, and
+// what the visitor returns.
+TEST(VringCache, BatchRunGivesADirectViewOverSingleRuns) {
+  RingFile ring(4);
+  auto ioas = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
+  auto cache = VringCache::create(ioas, layout_at(kIova, true)).value();
+  {
+    VringCache::Batch b = cache->batch();
+    bool direct = false;
+    const uint64_t sum = b.run([&](auto& r) {
+      direct = is_direct(r);
+      EXPECT_TRUE(r.cached());
+      EXPECT_EQ(r.avail_flags(), 1);
+      EXPECT_EQ(r.used_event(), 7);
+      uint64_t total = 0;
+      const uint16_t avail = r.avail_idx();
+      for (uint16_t slot = 0; slot != avail; ++slot) {
+        const uint16_t head = r.avail_entry(slot);
+        const VringDesc d = r.desc(head);
+        EXPECT_EQ(d.addr, (4ULL << 32) | head);
+        EXPECT_EQ(d.next, (head + 1) % kSize);
+        total += d.len;
+        r.set_used_entry(slot, head, d.len + slot);
+      }
+      r.set_used_idx(avail);
+      r.set_avail_event(5);
+      r.set_used_flags(1);
+      EXPECT_EQ(r.used_idx(), kSize);
+      EXPECT_OK(r.status());
+      return total;
+    });
+    EXPECT_TRUE(direct);
+    EXPECT_EQ(sum, 4U * kSize);
+    EXPECT_OK(b.status());
+  }
+  uint32_t elem[2];
+  std::memcpy(elem, ring.host() + kUsed + 4 + 8 * 63, sizeof(elem));
+  EXPECT_EQ(elem[0], 63U);
+  EXPECT_EQ(elem[1], 4U + 63U);
+  uint16_t header[2];
+  std::memcpy(header, ring.host() + kUsed, sizeof(header));
+  EXPECT_EQ(header[0], 1);
+  EXPECT_EQ(header[1], kSize);
+  uint16_t avail_event = 0;
+  std::memcpy(&avail_event, ring.host() + kUsed + 4 + 8 * kSize, 2);
+  EXPECT_EQ(avail_event, 5);
+  const VringCacheStats s = cache->stats();
+  EXPECT_EQ(s.cached_batches, 1U);
+  EXPECT_EQ(s.slow_accesses, 0U);
+}
+
+// A Direct view's first error sticks as the batch's does, with no test per
+// access: later reads return zero (the dead ring), later writes reach no
+// ring (the sink), a later, different error does not replace it, and run()
+// records it in the batch, whose own accesses then stop too.
+TEST(VringCache, BatchRunDirectErrorSticksAndStopsWrites) {
+  RingFile ring(3);
+  auto ioas = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
+  auto cache = VringCache::create(ioas, layout_at(kIova, true)).value();
+  {
+    VringCache::Batch b = cache->batch();
+    bool direct = false;
+    b.run([&](auto& r) {
+      direct = is_direct(r);
+      EXPECT_EQ(r.avail_idx(), kSize);
+      r.set_used_entry(0, 4, 40);
+      r.set_used_idx(1);
+      EXPECT_EQ(r.used_idx(), 1);
+      EXPECT_TRUE(r.ok());
+      const VringDesc bad = r.desc(kSize);
+      EXPECT_EQ(bad.addr, 0U);
+      EXPECT_FALSE(r.ok());
+      EXPECT_ERRNO(r.status(), EINVAL);
+      const VringDesc after = r.desc(1);  // a good index, read after the error
+      EXPECT_EQ(after.addr, 0U);
+      EXPECT_EQ(after.len, 0U);
+      EXPECT_EQ(r.desc(0).addr, 0U);
+      EXPECT_EQ(r.avail_idx(), 0);
+      EXPECT_EQ(r.avail_flags(), 0);
+      EXPECT_EQ(r.avail_entry(2), 0);
+      EXPECT_EQ(r.used_event(), 0);
+      r.set_used_entry(1, 5, 50);
+      r.set_used_entry(0, 6, 60);
+      r.set_used_idx(2);
+      r.set_used_flags(1);
+      r.set_avail_event(3);
+      EXPECT_EQ(r.used_idx(), 0);
+      EXPECT_EQ(r.avail_idx(), 0);  // the sink is not where reads go
+      EXPECT_EQ(r.status().error().message(), "descriptor index past the queue size");
+    });
+    EXPECT_TRUE(direct);
+    EXPECT_FALSE(b.ok());
+    b.set_used_idx(3);
+    EXPECT_EQ(b.desc(1).addr, 0U);
+    // A pass over a failed batch gets the batch, which stops every access.
+    b.run([&](auto& r) {
+      EXPECT_FALSE(is_direct(r));
+      r.set_used_entry(2, 7, 70);
+    });
+    const Status st = b.status();
+    EXPECT_EQ(st.code(), EINVAL);
+    EXPECT_EQ(st.error().message(), "descriptor index past the queue size");
+  }
+  uint32_t elem[6];
+  std::memcpy(elem, ring.host() + kUsed + 4, sizeof(elem));
+  EXPECT_EQ(elem[0], 4U);  // before the error
+  EXPECT_EQ(elem[1], 40U);
+  for (int i = 2; i < 6; ++i) EXPECT_EQ(elem[i], 0U) << i;  // after it: not written
+  uint16_t header[2];
+  std::memcpy(header, ring.host() + kUsed, sizeof(header));
+  EXPECT_EQ(header[0], 0);
+  EXPECT_EQ(header[1], 1);  // before the error
+  uint16_t avail_event = 1;
+  std::memcpy(&avail_event, ring.host() + kUsed + 4 + 8 * kSize, 2);
+  EXPECT_EQ(avail_event, 0);
+  // The dead ring read by failed views is still all zeros.
+  for (std::byte x : vring::kDeadRing) EXPECT_EQ(x, std::byte{0});
+  // The next batch starts clean, with a Direct view again.
+  VringCache::Batch b = cache->batch();
+  b.run([&](auto& r) {
+    EXPECT_TRUE(is_direct(r));
+    EXPECT_EQ(r.desc(1).addr, (3ULL << 32) | 1);
+    EXPECT_EQ(r.used_idx(), 1);
+  });
+  EXPECT_OK(b.status());
+}
+
+// Without event_idx a Direct view refuses those fields with the batch's
+// error, which sticks.
+TEST(VringCache, BatchRunDirectEventIdxFieldsNeedTheFeature) {
+  RingFile ring(1);
+  auto ioas = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
+  auto cache = VringCache::create(ioas, layout_at(kIova, false)).value();
+  for (const bool write : {false, true}) {
+    VringCache::Batch b = cache->batch();
+    b.run([&](auto& r) {
+      EXPECT_TRUE(is_direct(r));
+      if (write) {
+        r.set_avail_event(1);
+      } else {
+        EXPECT_EQ(r.used_event(), 0);
+      }
+      EXPECT_EQ(r.desc(1).len, 0U);
+      r.set_used_idx(4);
+    });
+    const Status st = b.status();
+    EXPECT_EQ(st.code(), EINVAL);
+    EXPECT_EQ(st.error().message(), "VIRTIO_RING_F_EVENT_IDX not negotiated");
+  }
+  uint16_t used_idx = 1;
+  std::memcpy(&used_idx, ring.host() + kUsed + 2, 2);
+  EXPECT_EQ(used_idx, 0);
+}
+
+// run() gives the batch itself where a ring is not one host run (a table
+// over two mappings) or the batch holds no cached pointers (unmapped): the
+// same visitor, with the batch's tests per access.
+TEST(VringCache, BatchRunGivesTheBatchOtherwise) {
+  RingFile a(2);
+  test::Memfd second_fd(kPageSize);
+  auto second = MemorySource::from_file(second_fd.fd(), 0, kPageSize).value();
+  constexpr uint64_t kCut = kRingBytes - 8;
+  constexpr uint64_t kTable = kRingBytes - 640;
+  auto ioas = Ioas::create({}).value();
+  ASSERT_OK(ioas->map(a.source.slice(0, kCut), kRW, kIova));
+  ASSERT_OK(ioas->map(second, kRW, kIova + kCut));
+  std::vector<std::byte> table(16 * kSize);
+  for (uint16_t i = 0; i < kSize; ++i) {
+    VringDesc d{1000U + i, i, 0, 0};
+    std::memcpy(table.data() + 16ULL * i, &d, sizeof(d));
+  }
+  std::memcpy(a.host() + kTable, table.data(), kCut - kTable);
+  std::memcpy(second.host_address(), table.data() + (kCut - kTable),
+              table.size() - (kCut - kTable));
+  auto c = VringCache::create(ioas, {kIova + kTable, kIova + kAvail, kIova + kUsed, kSize, false});
+  ASSERT_OK(c);
+  auto pass = [](auto& r) {
+    uint64_t sum = 0;
+    for (uint16_t i = 0; i < kSize; ++i) {
+      const VringDesc d = r.desc(i);
+      EXPECT_EQ(d.addr, 1000U + i);
+      sum += d.len;
+    }
+    return std::pair{is_direct(r), sum};
+  };
+  {
+    VringCache::Batch b = (*c)->batch();
+    EXPECT_TRUE(b.cached());
+    EXPECT_EQ(b.run(pass), std::pair(false, uint64_t{kSize * (kSize - 1) / 2}));
+    EXPECT_OK(b.status());
+  }
+  EXPECT_EQ((*c)->stats().slow_accesses, 0U);
+
+  ASSERT_OK(ioas->unmap(kIova, kRingBytes - 8));
+  VringCache::Batch b = (*c)->batch();
+  EXPECT_FALSE(b.cached());
+  b.run([](auto& r) {
+    EXPECT_FALSE(is_direct(r));
+    EXPECT_EQ(r.desc(1).len, 0U);
+  });
+  EXPECT_ERRNO(b.status(), ENOENT);
+}
+
 TEST(VringCache, UnmapFallsBackAndANewMappingRevalidates) {
   TwoRings t;
   auto& [first, second, ioas, cache] = t;
@@ -499,7 +715,9 @@ TEST(VringCache, InvalidationWaitsForAnAccessInProgress) {
 // pointers read one and the same generation.
 constexpr uint32_t kPoison = 0xbad;
 
-void stress(bool batches) {
+enum class Mode { kAccesses, kBatches, kRunBatches };
+
+void stress(Mode mode) {
   constexpr int kGenerations = 4;
   constexpr int kPerBatch = 16;
   std::vector<std::unique_ptr<RingFile>> files;
@@ -513,6 +731,7 @@ void stress(bool batches) {
   std::atomic<uint64_t> checked{0};
   std::atomic<uint64_t> held_batches{0};
   std::atomic<uint64_t> stale{0};
+  std::atomic<uint64_t> direct_passes{0};
   std::thread data_path([&] {
     uint16_t slot = 0;
     std::vector<uint32_t> lens;
@@ -523,14 +742,22 @@ void stress(bool batches) {
         if (d.len == kPoison || (d.addr >> 32) != d.len) stale.fetch_add(1);
         lens.push_back(d.len);
       };
-      if (batches) {
+      if (mode != Mode::kAccesses) {
         VringCache::Batch b = cache->batch();
-        for (int k = 0; k < kPerBatch; ++k, ++slot) {
-          const uint16_t head = b.avail_entry(slot);
-          const VringDesc d = b.desc(head);
-          b.set_used_entry(slot, head, d.len);
-          if (!b.ok()) break;  // what it read is meaningless
-          check(d);
+        auto pass = [&](auto& r) {
+          for (int k = 0; k < kPerBatch; ++k, ++slot) {
+            const uint16_t head = r.avail_entry(slot);
+            const VringDesc d = r.desc(head);
+            r.set_used_entry(slot, head, d.len);
+            if (!r.ok()) break;  // what it read is meaningless
+            check(d);
+          }
+          if (is_direct(r)) direct_passes.fetch_add(1, std::memory_order_relaxed);
+        };
+        if (mode == Mode::kRunBatches) {
+          b.run(pass);
+        } else {
+          pass(b);
         }
         if (b.cached()) {
           held_batches.fetch_add(1, std::memory_order_relaxed);
@@ -576,8 +803,14 @@ void stress(bool batches) {
   data_path.join();
   EXPECT_EQ(stale.load(), 0U);
   EXPECT_GT(checked.load(), 0U);
-  if (batches) {
+  if (mode != Mode::kAccesses) {
     EXPECT_GT(held_batches.load(), 0U);
+  }
+  // Batch::run over rings that are each one host run: Direct views.
+  if (mode == Mode::kRunBatches) {
+    EXPECT_GT(direct_passes.load(), 0U);
+  } else {
+    EXPECT_EQ(direct_passes.load(), 0U);
   }
   const VringCacheStats s = cache->stats();
   EXPECT_GE(s.invalidations, static_cast<uint64_t>(kSwaps));
@@ -588,9 +821,11 @@ void stress(bool batches) {
   ::testing::Test::RecordProperty("refusals", std::to_string(s.refusals));
 }
 
-TEST(VringCache, StressNoAccessUsesAStalePointer) { stress(false); }
+TEST(VringCache, StressNoAccessUsesAStalePointer) { stress(Mode::kAccesses); }
 
-TEST(VringCache, StressNoBatchUsesAStalePointer) { stress(true); }
+TEST(VringCache, StressNoBatchUsesAStalePointer) { stress(Mode::kBatches); }
+
+TEST(VringCache, StressNoDirectPassUsesAStalePointer) { stress(Mode::kRunBatches); }
 
 }  // namespace
 }  // namespace iomm

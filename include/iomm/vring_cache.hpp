@@ -34,6 +34,17 @@
 //   the batch returns is meaningless (zero) and no write is performed: a
 //   pass that failed half-way writes nothing further to the used ring, and
 //   the caller must not publish what it computed from those values.
+// - Batch::run(f) checks once per pass whether the batch can skip the test
+//   of each ring's pointer: when it holds cached pointers and each ring is
+//   one host run (the common case), it calls f with a Batch::Direct, whose
+//   accessors are the batch's with no test per access but the descriptor
+//   index's; otherwise with the Batch itself. f is generic (auto&), so the
+//   compiler generates the direct pass as a loop over plain pointers. The
+//   sticky error holds in both: a Direct that fails points its rings at a
+//   zeroed dummy and a write sink (vring::kDeadRing, dead_used_ring), so
+//   later reads return 0 and later writes reach no ring with no test per
+//   write; run() records its first error in the batch when f returns.
+//   Inside f, use only the view f is given.
 // - The cache's own accessors (VringCache::avail_idx() etc.) are one-access
 //   batches: each pays the handshake. Calling them, or opening a batch,
 //   while a batch is open on the same thread is allowed (a nested batch
@@ -85,6 +96,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
+#include <utility>
 
 #include "iomm/export.hpp"
 #include "iomm/result.hpp"
@@ -122,6 +135,13 @@ struct Failure {
 };
 inline constexpr Failure kBadIndex{EINVAL, "descriptor index past the queue size"};
 inline constexpr Failure kNoEventIdx{EINVAL, "VIRTIO_RING_F_EVENT_IDX not negotiated"};
+
+// Where a failed direct view (Batch::Direct) points its rings: with its
+// mask and size set to 0, every field it can reach lies in the first 16
+// bytes. Reads see zeros; writes (relaxed atomics, from any data-path
+// thread) land in a sink that nothing reads, so none reaches a ring.
+alignas(16) inline constexpr std::array<std::byte, 16> kDeadRing{};
+alignas(16) inline std::array<std::byte, 16> dead_used_ring{};
 }  // namespace vring
 
 // One descriptor of a split virtqueue (virtio 1.x, little-endian).
@@ -202,6 +222,8 @@ class IOMM_API VringCache {
 // return 0 (or a zeroed descriptor) once the batch has failed.
 class IOMM_API VringCache::Batch {
  public:
+  class Direct;
+
   // Inline, with the accessors: a batch whose address never escapes lives
   // in registers for the length of the pass.
   explicit Batch(VringCache& cache) : state_(cache.state_.get()), view_(open(*state_)) {}
@@ -212,6 +234,14 @@ class IOMM_API VringCache::Batch {
   // Whether this batch reads and writes through cached pointers (and holds
   // invalidations off); false: every access is a guarded copy.
   [[nodiscard]] bool cached() const noexcept { return view_.held; }
+
+  // Calls f(Direct&) when this batch holds cached pointers, each ring is
+  // one host run and no access has failed; f(Batch&) otherwise (see the
+  // contract). Returns what f returns, which must be the same type for
+  // both.
+  template <typename F>
+  std::invoke_result_t<F&, Batch&> run(F&& f);
+
   // No access of this batch has failed (so far).
   [[nodiscard]] bool ok() const noexcept { return failure_ == nullptr; }
   // The first error of this batch (see "Errors" above).
@@ -343,6 +373,133 @@ class IOMM_API VringCache::Batch {
   vring::BatchView view_;
   const vring::Failure* failure_ = nullptr;
 };
+
+// A batch's view over rings that are each one host run (Batch::run): the
+// batch's accessors, meaning the same and with the same sticky error, with
+// no test per access but the descriptor index's (and, for the event_idx
+// fields, the feature's). Lives inside run(), in registers.
+class IOMM_API VringCache::Batch::Direct {
+ public:
+  Direct(const Direct&) = delete;
+  Direct& operator=(const Direct&) = delete;
+
+  [[nodiscard]] bool cached() const noexcept { return true; }
+  [[nodiscard]] bool ok() const noexcept { return failure_ == nullptr; }
+  [[nodiscard]] Status status() const {
+    if (failure_ == nullptr) return {};
+    return Error(failure_->code, failure_->message);
+  }
+
+  uint16_t avail_flags() { return load16<__ATOMIC_RELAXED>(avail_, 0); }
+  uint16_t avail_idx() { return load16<__ATOMIC_ACQUIRE>(avail_, 2); }
+  uint16_t avail_entry(uint16_t slot) {
+    return load16<__ATOMIC_RELAXED>(avail_, vring::kRingHeader + 2ULL * (slot & mask_));
+  }
+  uint16_t used_event() {
+    if (!event_idx_) [[unlikely]] {
+      fail(vring::kNoEventIdx);
+      return 0;
+    }
+    return load16<__ATOMIC_RELAXED>(avail_, vring::kRingHeader + 2ULL * size_);
+  }
+
+  VringDesc desc(uint16_t index) {
+    // Masked as well as checked, as in the batch. After a failure the mask
+    // is 0, so this sends every index but 0 here again (the error sticks).
+    if (index > mask_) [[unlikely]] {
+      fail(vring::kBadIndex);
+      return {};
+    }
+    const std::byte* p = desc_ + vring::kDescBytes * (index & mask_);
+    VringDesc d;
+    d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
+    d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
+    d.flags = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 12), __ATOMIC_RELAXED);
+    d.next = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 14), __ATOMIC_RELAXED);
+    return d;
+  }
+
+  void set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
+    std::byte* p = used_ + vring::kRingHeader + vring::kUsedElemBytes * (slot & mask_);
+    __atomic_store_n(reinterpret_cast<uint32_t*>(p), id, __ATOMIC_RELAXED);
+    __atomic_store_n(reinterpret_cast<uint32_t*>(p + 4), len, __ATOMIC_RELAXED);
+  }
+  void set_used_idx(uint16_t idx) { store16<__ATOMIC_RELEASE>(2, idx); }
+  uint16_t used_idx() {
+    // After a failure used_ is the write sink, which holds what was
+    // written to it: the one read that needs the test.
+    if (failure_ != nullptr) return 0;
+    return load16<__ATOMIC_RELAXED>(used_, 2);
+  }
+  void set_used_flags(uint16_t flags) { store16<__ATOMIC_RELAXED>(0, flags); }
+  void set_avail_event(uint16_t idx) {
+    if (!event_idx_) [[unlikely]] {
+      fail(vring::kNoEventIdx);
+      return;
+    }
+    store16<__ATOMIC_RELAXED>(vring::kRingHeader + vring::kUsedElemBytes * size_, idx);
+  }
+
+ private:
+  friend class Batch;
+  explicit Direct(const vring::BatchView& v) noexcept
+      : desc_(v.base[vring::kDescRing]),
+        avail_(v.base[vring::kAvailRing]),
+        used_(v.base[vring::kUsedRing]),
+        mask_(v.mask),
+        size_(v.size),
+        event_idx_(v.event_idx) {}
+
+  template <int Order>
+  static uint16_t load16(const std::byte* ring, uint64_t offset) {
+    return __atomic_load_n(reinterpret_cast<const uint16_t*>(ring + offset), Order);
+  }
+  template <int Order>
+  void store16(uint64_t offset, uint16_t v) {
+    __atomic_store_n(reinterpret_cast<uint16_t*>(used_ + offset), v, Order);
+  }
+
+  // The first error sticks; every later access goes to the dead rings
+  // (mask and size 0 keep it in their 16 bytes).
+  void fail(const vring::Failure& f) noexcept {
+    if (failure_ == nullptr) failure_ = &f;
+    desc_ = vring::kDeadRing.data();
+    avail_ = vring::kDeadRing.data();
+    used_ = vring::dead_used_ring.data();
+    mask_ = 0;
+    size_ = 0;
+  }
+
+  const std::byte* desc_;
+  const std::byte* avail_;
+  std::byte* used_;
+  uint16_t mask_;
+  uint16_t size_;
+  bool event_idx_;
+  const vring::Failure* failure_ = nullptr;
+};
+
+template <typename F>
+std::invoke_result_t<F&, VringCache::Batch&> VringCache::Batch::run(F&& f) {
+  using R = std::invoke_result_t<F&, Batch&>;
+  static_assert(std::is_same_v<R, std::invoke_result_t<F&, Direct&>>,
+                "a Batch::run visitor returns the same type for both views");
+  // The one check of the pass: the pointers are set only while the batch
+  // holds them and has not failed.
+  if (view_.base[vring::kDescRing] == nullptr || view_.base[vring::kAvailRing] == nullptr ||
+      view_.base[vring::kUsedRing] == nullptr) {
+    return f(*this);
+  }
+  Direct d(view_);
+  if constexpr (std::is_void_v<R>) {
+    f(d);
+    record(d.failure_);
+  } else {
+    R r = f(d);
+    record(d.failure_);
+    return r;
+  }
+}
 
 inline VringCache::Batch VringCache::batch() { return Batch(*this); }
 
