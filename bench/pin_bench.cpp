@@ -5,10 +5,9 @@
 //   most direct route into the pin store (MemObject::pin/unpin: bookkeeping,
 //   charge, MADV_POPULATE_WRITE + mlock, then munlock + uncharge) with no
 //   page-table fill and no RCU grace period in the way. Ioas::attach/detach
-//   also pins, but adds a page-table fill (one 1 GiB leaf for the 4 KiB
-//   memfd, 512 2 MiB leaves for the hugetlb one, whose window is not 1 GiB
-//   aligned) and an RCU grace period per detach; it is reported too, as
-//   "iomm_attach_detach".
+//   also pins, but adds a page-table fill (one 1 GiB leaf for either memfd:
+//   the library's window keeps the file's 1 GiB alignment) and an RCU grace
+//   period per detach; it is reported too, as "iomm_attach_detach".
 //   Map-with-a-domain-attached would add IOVA allocation and area bookkeeping.
 // - baseline: mlock() + munlock() of the same 1 GiB of the same memfd through
 //   a MAP_SHARED|MAP_POPULATE mapping of our own.
@@ -302,8 +301,8 @@ void BM_iomm_attach_detach(benchmark::State& state, bool huge) {
 // Diagnostic, for the breakdown of attach+detach: the same cycle while an
 // Access pin holds the whole range, so the attach's pin and the detach's
 // unpin only count (no mlock, munlock or discard check) and what is left is
-// the attach's and detach's own work: filling and clearing the domain's 512
-// leaves, the grace period and the bookkeeping. attach+detach is about this
+// the attach's and detach's own work: filling and clearing the domain's
+// leaf, its tables, the grace period and the bookkeeping. attach+detach is about this
 // plus an Access pin+unpin.
 void BM_iomm_attach_detach_prepinned(benchmark::State& state, bool huge) {
   PinFixture& f = fixture(huge);

@@ -331,5 +331,29 @@ TEST(FileDiscard, HugePagePunchedUnderAPinIsCountedAtUnpin) {
   EXPECT_EQ(s->discarded_pages(), kHuge / kPage);
 }
 
+// A hugetlb file's window is 1 GiB-aligned like any other (domains use 1 GiB
+// leaves for it), and unpinning leaves nothing locked whether or not the
+// kernel marks hugetlb VMAs locked (unpins skip the munlock when it does not).
+TEST(FileHugetlb, WindowIsGigabyteAlignedAndUnpinLeavesNothingLocked) {
+  constexpr uint64_t kHuge = 2ULL << 20;
+  IOMM_NEEDS(test::hugetlb_available(2 * kHuge), "2 MiB huge pages (vm.nr_hugepages)");
+  test::Memfd mfd(2 * kHuge, MFD_HUGETLB);
+  auto s = MemorySource::from_file(mfd.fd(), 0, 2 * kHuge);
+  ASSERT_OK(s);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(s->host_address()) % (1ULL << 30), 0U);
+  const uint64_t vmlck = process_vmlck_bytes();
+  {
+    Attached a;
+    for (int round = 0; round < 2; ++round) {
+      ASSERT_OK(a.ioas->map(*s, kRW, 0x40000000));
+      EXPECT_EQ(counters().pinned_bytes, 2 * kHuge);
+      ASSERT_OK(a.ioas->unmap(0x40000000, 2 * kHuge));
+      EXPECT_EQ(counters().pinned_bytes, 0U);
+      EXPECT_EQ(process_vmlck_bytes(), vmlck) << "round " << round;
+    }
+  }
+  EXPECT_EQ(s->discarded_pages(), 0U);
+}
+
 }  // namespace
 }  // namespace iomm

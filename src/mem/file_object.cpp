@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
@@ -160,22 +161,22 @@ Result<std::shared_ptr<FileObject>> FileObject::create(int fd, const struct stat
   const uint64_t mapped = round_up(static_cast<uint64_t>(st.st_size), granule);
   const uint64_t window = std::max(round_up(mapped, kWindowAlign) * 2, kWindowAlign);
   // A 1 GiB-aligned window keeps the file offsets' alignment in host
-  // addresses, which lets domains use 1 GiB leaves. Except for 2 MiB hugetlb
-  // files: a hugetlb mapping covering whole 1 GiB-aligned ranges is eligible
-  // for PMD sharing, and the kernel then takes the hugetlb VMA lock for every
-  // huge page mlock walks (measured: pinning at 0.79x of a plain mlock with
-  // the window 1 GiB-aligned, 0.97x at this offset). Their pages are 2 MiB
-  // anyway, so domains use 2 MiB leaves for them.
-  const uint64_t skew = page_shift == 21 ? granule : 0;
-  // Reserve window + alignment slack, then trim to the (skewed) aligned window.
-  void* raw = sys::mmap(nullptr, window + 2 * kWindowAlign, PROT_NONE,
+  // addresses, which lets domains use 1 GiB leaves, for 2 MiB hugetlb files
+  // too: one leaf instead of 512 made attaching plus detaching 1 GiB of
+  // pinned huge pages 3x cheaper (bench/NOTES.md, Pinning). Windows of
+  // hugetlb files used to sit 2 MiB off this alignment because the whole
+  // 1 GiB range makes the VMA eligible for PMD sharing, which was measured
+  // to slow mlock; on Linux 6.18 every shared hugetlb VMA takes its VMA lock
+  // per huge page either way, and aligned and skewed windows lock equally
+  // fast.
+  // Reserve window + alignment slack, then trim to the aligned window.
+  void* raw = sys::mmap(nullptr, window + kWindowAlign, PROT_NONE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) return sys_error(ENOMEM, "reserving address space for the file");
   const uint64_t raw_addr = reinterpret_cast<uint64_t>(raw);
-  const uint64_t base_addr = round_up(raw_addr, kWindowAlign) + skew;
+  const uint64_t base_addr = round_up(raw_addr, kWindowAlign);
   if (base_addr > raw_addr) munmap(raw, base_addr - raw_addr);
-  munmap(reinterpret_cast<void*>(base_addr + window),
-         raw_addr + window + 2 * kWindowAlign - (base_addr + window));
+  munmap(reinterpret_cast<void*>(base_addr + window), raw_addr + kWindowAlign - base_addr);
   auto* base = reinterpret_cast<std::byte*>(base_addr);
 
   void* m = sys::mmap(base, mapped, writable ? PROT_READ | PROT_WRITE : PROT_READ,
@@ -268,6 +269,26 @@ Result<std::vector<std::pair<uint64_t, uint64_t>>> locked_ranges(uint64_t start,
   return out;
 }
 
+// What mlock does to a hugetlb mapping. Linux faults its pages in but
+// neither marks the VMA VM_LOCKED nor counts it in VmLck (mm/mlock.c,
+// mlock_fixup leaves hugetlb VMAs alone), so an unpin's munlock has nothing
+// to undo there: it is a system call, about 1 us on the benchmark VM, with
+// the discard check's fstat the whole of a 1 GiB hugetlb unpin. The VMA of
+// the first hugetlb pin tells which kind of kernel this is (the kernel does
+// not change under a running process); until then, or when smaps cannot be
+// read, unpins munlock as for any file.
+enum class HugetlbLock { unknown, locks, faults_in_only };
+std::atomic<HugetlbLock> hugetlb_lock{HugetlbLock::unknown};
+
+// [start, start + length) was just mlocked and no unpin can unlock it
+// meanwhile (the pin's pending marks hold it).
+void learn_hugetlb_lock(uint64_t start, uint64_t length) noexcept {
+  auto locked = locked_ranges(start, start + length);
+  if (!locked.ok()) return;
+  hugetlb_lock.store(locked->empty() ? HugetlbLock::faults_in_only : HugetlbLock::locks,
+                     std::memory_order_relaxed);
+}
+
 }  // namespace
 
 Status FileObject::make_writable(int fd) {
@@ -338,6 +359,9 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
     unlock_range(addr, length);
     if (shrunk()) return past_the_end();
     return Error(ENOMEM, std::string("mlock failed: ") + errno_text(err));
+  }
+  if (hugetlb_lock.load(std::memory_order_relaxed) == HugetlbLock::unknown) {
+    learn_hugetlb_lock(reinterpret_cast<uint64_t>(addr), length);
   }
   return {};
 }
@@ -412,7 +436,10 @@ void FileObject::unlock_granules(uint64_t first, uint64_t last) noexcept {
   std::byte* addr = base_ + (first << page_shift());
   const uint64_t length = (last - first + 1) << page_shift();
   count_discarded(addr, length);
-  unlock_range(addr, length);
+  if (page_shift() == kPageShift ||
+      hugetlb_lock.load(std::memory_order_relaxed) != HugetlbLock::faults_in_only) {
+    unlock_range(addr, length);
+  }
 }
 
 }  // namespace iomm::mem
