@@ -303,6 +303,19 @@ const std::vector<Scenario>& scenarios() {
          w.pins.clear();
          return w.access->unpin(0x100000, 0x10000);
        }},
+      // Fresh page pins around a range pin of the same access: one pin store
+      // call whose granules lock as two runs, so a failure of the second
+      // unlocks the first.
+      {"AccessPagePinsAroundRangePin",
+       [](World& w) {
+         ASSERT_OK(w.a->map(w.file(0, kMiB), kRW, 0x100000));
+         w.make_access();
+         ASSERT_OK(w.pin(0x105000, 0x1000));
+       },
+       [](World& w) {
+         void* host[10];
+         return w.access->pin_pages(0x100000, 10, kRW, host);
+       }},
       {"AccessReadWrite",
        [](World& w) {
          ASSERT_OK(w.a->map(w.file(0, kMiB), kRW, 0x100000));
@@ -754,7 +767,7 @@ TEST_P(FaultInjection, EveryFailureLeavesNoTrace) {
   print_summary(sc.name, run_fail_nth(sc, snapshot));
 }
 
-INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 22),
+INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjection, testing::Range<size_t>(0, 23),
                          [](const testing::TestParamInfo<size_t>& param) {
                            return std::string(scenarios()[param.param].name);
                          });
@@ -765,7 +778,7 @@ INSTANTIATE_TEST_SUITE_P(Scenarios, FaultInjectionVfio, testing::Range<size_t>(0
                          });
 
 TEST(FaultInjectionCoverage, ScenarioListIsComplete) {
-  EXPECT_EQ(scenarios().size(), 22U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
+  EXPECT_EQ(scenarios().size(), 23U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
   EXPECT_EQ(vfio_scenarios().size(), 15U) << "update the Range in INSTANTIATE_TEST_SUITE_P";
 }
 

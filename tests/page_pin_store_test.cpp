@@ -5,7 +5,9 @@
 // they mix with segment pins (a domain's map, an access's range pin).
 // That unpin never allocates is checked in allocation_failure_test.cpp.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 
+#include <utility>
 #include <vector>
 
 #include "iomm/access.hpp"
@@ -63,6 +65,56 @@ TEST(PageCounts, HeldBlocksOutliveTheirLastCount) {
   EXPECT_TRUE(pc.empty());
   pc.prepare(7, 7);
   pc.trim(0, 100);  // prepared but never raised
+  EXPECT_TRUE(pc.empty());
+}
+
+// Whole runs at once: across blocks, through count arrays and bitmaps
+// alike, with full 64-bit words and ragged ends; runs that fell to zero
+// come back merged across words and blocks.
+TEST(PageCounts, RangesAcrossBlocksAndWords) {
+  mem::PageCounts pc;
+  pc.prepare(100, 1100);
+  EXPECT_EQ(pc.add_range(100, 1100), 1001U);
+  EXPECT_EQ(pc.count_nonzero(0, 5000), 1001U);
+  EXPECT_EQ(pc.count_nonzero(128, 191), 64U);  // one whole word
+  EXPECT_EQ(pc.next(0, 5000, false), 100U);
+  EXPECT_EQ(pc.next(100, 5000, true), 1101U);
+  pc.prepare(300, 700);  // already counted: count arrays in blocks 0 and 1
+  EXPECT_EQ(pc.add_range(300, 700), 0U);
+  EXPECT_EQ(pc.get(299), 1U);
+  EXPECT_EQ(pc.get(300), 2U);
+  EXPECT_EQ(pc.get(700), 2U);
+  EXPECT_EQ(pc.get(701), 1U);
+  EXPECT_EQ(pc.next_count(0, 5000, 2, true), 300U);
+  EXPECT_EQ(pc.next_count(300, 5000, 2, false), 701U);
+  EXPECT_EQ(pc.next_count(0, 5000, 1, true), 100U);
+  EXPECT_EQ(pc.next_count(1000, 5000, 1, false), 1101U);
+  std::vector<std::pair<uint64_t, uint64_t>> zeroed;
+  auto record = [&](uint64_t lo, uint64_t hi) { zeroed.emplace_back(lo, hi); };
+  EXPECT_EQ(pc.sub_range(100, 1100, 1, record), 600U);
+  ASSERT_EQ(zeroed.size(), 2U);
+  EXPECT_EQ(zeroed[0], std::make_pair(uint64_t{100}, uint64_t{299}));
+  EXPECT_EQ(zeroed[1], std::make_pair(uint64_t{701}, uint64_t{1100}));
+  EXPECT_EQ(pc.get(300), 1U);
+  EXPECT_EQ(pc.count_nonzero(0, 5000), 401U);
+  zeroed.clear();
+  EXPECT_EQ(pc.sub_range(300, 700, 1, record), 401U);
+  ASSERT_EQ(zeroed.size(), 1U);
+  EXPECT_EQ(zeroed[0], std::make_pair(uint64_t{300}, uint64_t{700}));
+  EXPECT_TRUE(pc.empty());  // every block freed with its last count
+
+  // Exactly one whole word, and a granule's worth of pages at once.
+  pc.prepare(64, 127);
+  EXPECT_EQ(pc.add_range(64, 127), 64U);
+  zeroed.clear();
+  EXPECT_EQ(pc.sub_range(64, 127, 1, record), 64U);
+  ASSERT_EQ(zeroed.size(), 1U);
+  EXPECT_EQ(zeroed[0], std::make_pair(uint64_t{64}, uint64_t{127}));
+  pc.prepare(5, 6, 512);
+  EXPECT_EQ(pc.add_range(5, 6, 512), 2U);
+  EXPECT_EQ(pc.get(6), 512U);
+  EXPECT_EQ(pc.sub_range(5, 6, 511), 0U);
+  EXPECT_EQ(pc.sub_range(5, 6, 1), 2U);
   EXPECT_TRUE(pc.empty());
 }
 
@@ -202,6 +254,41 @@ TEST_F(PagePinStore, RunsSplitAtMappings) {
   ASSERT_OK(access->unpin_pages(kBase + 4 * kMiB - 2 * kPageSize, 1));
   ASSERT_OK(access->unpin_pages(kBase + 4 * kMiB + kPageSize, 1));
   EXPECT_EQ(pinned(), 0U);
+}
+
+// Page pins of 2 MiB hugetlb memory: the pin store counts 4 KiB pages per
+// huge granule, so a run that starts and ends inside huge pages raises
+// their counts by the part it covers; each huge page is locked and charged
+// while any of its pages is pinned, whatever the grouping of the unpins.
+TEST(PagePinStoreHugetlb, PartialGranulesAtBothEnds) {
+  constexpr uint64_t kHuge = 2 * kMiB;
+  IOMM_NEEDS(test::hugetlb_available(2 * kHuge), "2 MiB huge pages (vm.nr_hugepages)");
+  const test::WithoutIpcLock nocap;
+  ASSERT_OK(set_memlock_limit(AccountMode::per_process, 0, 16 * kMiB));
+  test::Memfd mfd(2 * kHuge, MFD_HUGETLB);
+  auto ioas = Ioas::create({}).value();
+  constexpr uint64_t kBase = 0x40000000;
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 2 * kHuge), kRW, kBase));
+  {
+    auto access = Access::create(ioas, [](const IovaRange&) {}).value();
+    std::vector<void*> host(8);
+    // Pages 510..513: two in each huge page.
+    ASSERT_OK(access->pin_pages(kBase + 510 * kPageSize, 4, kRW, host.data()));
+    EXPECT_EQ(counters().pinned_bytes, 2 * kHuge);
+    EXPECT_EQ(counters().charged_bytes, 2 * kHuge);
+    EXPECT_EQ(host[3], static_cast<char*>(host[0]) + 3 * kPageSize);
+    ASSERT_OK(access->pin_pages(kBase + 513 * kPageSize, 2, kRW, host.data()));  // 513 twice
+    ASSERT_OK(access->unpin_pages(kBase + 510 * kPageSize, 2));  // the first huge page goes
+    EXPECT_EQ(counters().pinned_bytes, kHuge);
+    EXPECT_EQ(counters().charged_bytes, kHuge);
+    ASSERT_OK(access->unpin_pages(kBase + 512 * kPageSize, 3));  // 513 still held once
+    EXPECT_EQ(counters().pinned_bytes, kHuge);
+    ASSERT_OK(access->unpin_pages(kBase + 513 * kPageSize, 1));
+    EXPECT_EQ(counters().pinned_bytes, 0U);
+    EXPECT_EQ(counters().charged_bytes, 0U);
+    EXPECT_EQ(process_vmlck_bytes(), 0U);
+  }
+  EXPECT_OK(ioas->unmap_all());
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Per-page reference-counted pins of an access (see include/iomm/access.hpp).
 #include <algorithm>
+#include <cstddef>
 #include <new>
 #include <vector>
 
@@ -38,16 +39,17 @@ class RunReleaser {
   RunReleaser& operator=(const RunReleaser&) = delete;
   ~RunReleaser() { flush(); }
 
-  void add(const Area* a, uint64_t iova) noexcept {
+  // Pages [iova, + pages) of area a (nullptr: none to release).
+  void add(const Area* a, uint64_t iova, uint64_t pages = 1) noexcept {
     if (a != nullptr && a == area_ && iova == start_ + (pages_ << kPageShift)) {
-      ++pages_;
+      pages_ += pages;
       return;
     }
     flush();
     if (a == nullptr) return;
     area_ = a;
     start_ = iova;
-    pages_ = 1;
+    pages_ = pages;
   }
   void flush() noexcept {
     if (pages_ == 0) return;
@@ -62,6 +64,31 @@ class RunReleaser {
   const Area* area_ = nullptr;
   uint64_t start_ = 0;
   uint64_t pages_ = 0;
+};
+
+// Release the pages [first, last] (page indices) whose count fell to zero:
+// one run per area they lie in, looked up from the last area seen.
+void release_run(const IoasState& st, const Area*& area, RunReleaser& rel, uint64_t first,
+                 uint64_t last) noexcept {
+  for (uint64_t page = first; page <= last;) {
+    const uint64_t iova = page << kPageShift;
+    if (area == nullptr || iova < area->range.start || iova > area->range.last) {
+      area = area_at(st, iova);
+    }
+    const uint64_t n =
+        area == nullptr ? 1 : std::min(last - page, (area->range.last - iova) >> kPageShift) + 1;
+    rel.add(area, iova, n);
+    page += n;
+  }
+}
+
+// Pages of one pin_pages call in one area, consecutive, either all at count
+// zero when checked (fresh: the call pins them) or all above (raised).
+struct PageRun {
+  const Area* area;
+  uint64_t first;  // index of its first page in the call
+  uint64_t pages;
+  bool fresh;
 };
 
 }  // namespace
@@ -116,12 +143,13 @@ void collect_pinned(const AccessState& a, uint64_t first_page, uint64_t npages,
 
 // Three steps, so that page_mu (which unmap notification and dirty reads
 // take) is never held while pages are locked:
-// 1. Under page_mu and tree_mu (shared): check every page, raise the count of
-//    pages already pinned, and for pages at count 0 raise their area's
-//    access_pins and pins_in_flight. Hold the count blocks of the range busy
-//    so a concurrent unpin cannot free them.
-// 2. Without locks: pin the pages that were at count 0, one pin store call
-//    per run of consecutive such pages of one area.
+// 1. Under page_mu and tree_mu (shared): check every area of the range and
+//    split it into runs of pages of one area that are all pinned already or
+//    all at count 0. Raise the counts of the first kind, a word of the
+//    bitmap at a time; for the second raise their area's access_pins and
+//    pins_in_flight. Hold the count blocks of the range busy so a concurrent
+//    unpin cannot free them.
+// 2. Without locks: pin each run at count 0, one pin store call per run.
 // 3. Under page_mu: commit (a page another call pinned meanwhile keeps that
 //    pin and ours is dropped) or undo, and release the blocks.
 Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** host) {
@@ -141,85 +169,70 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
   const uint64_t last_page = first_page + npages - 1;
   auto page_iova = [&](uint64_t i) { return iova + (i << kPageShift); };
   mem::PageCounts& counts = as.page_counts;
-  std::vector<const Area*> areas;  // per page
-  std::vector<uint8_t> fresh;      // per page: at count 0 when checked, pinned by this call
-  uint64_t fresh_count = 0;
-  uint64_t checked = 0;  // pages counted in step 1
-  bool held = false;     // the blocks of the range are held busy
-  // The fresh pages' area counts are raised once per run of one area (under
-  // tree_mu, before it is dropped), not once per page.
-  const Area* run_area = nullptr;
-  uint64_t run_fresh = 0;
-  auto count_run = [&] {
-    if (run_fresh == 0) return;
-    run_area->access_pins.fetch_add(run_fresh, std::memory_order_acq_rel);
-    run_area->pins_in_flight.fetch_add(run_fresh, std::memory_order_acq_rel);
-    run_fresh = 0;
-  };
-  // Undo step 1 for pages [0, checked), page_mu held. No page reaches count
+  std::vector<access::PageRun> runs;
+  uint64_t fresh_pages = 0;
+  bool held = false;  // the blocks of the range are held busy
+  // Undo step 1 for the runs recorded, page_mu held. No page reaches count
   // 0 here, because nothing else changed the counts since step 1.
   auto undo_checked = [&] {
-    count_run();
-    for (uint64_t i = 0; i < checked; ++i) {
-      if (fresh[i] != 0) {
-        areas[i]->access_pins.fetch_sub(1, std::memory_order_release);
-        areas[i]->pins_in_flight.fetch_sub(1, std::memory_order_release);
+    for (const access::PageRun& r : runs) {
+      if (r.fresh) {
+        r.area->access_pins.fetch_sub(r.pages, std::memory_order_release);
+        r.area->pins_in_flight.fetch_sub(r.pages, std::memory_order_release);
       } else {
-        counts.sub(first_page + i);
+        counts.sub_range(first_page + r.first, first_page + r.first + r.pages - 1);
       }
     }
     if (held) counts.release_blocks(first_page, last_page);
     counts.trim(first_page, last_page);
-    if (fresh_count != 0) st.note_flight_exit();
+    if (fresh_pages != 0) st.note_flight_exit();
   };
 
   std::unique_lock pl(as.page_mu);
   try {
     if (IOMM_INJECT("access.alloc_page_pins")) throw std::bad_alloc();
-    areas.resize(npages);
-    fresh.resize(npages);
     counts.prepare(first_page, last_page);
     counts.hold_blocks(first_page, last_page);
     held = true;
     std::shared_lock tree(st.tree_mu);
-    const Area* a = nullptr;
-    for (; checked < npages; ++checked) {
-      const uint64_t at = page_iova(checked);
-      if (a == nullptr || at > a->range.last) {
-        a = access::area_at(st, at);
-        Status bad;
-        if (a == nullptr || a->state == AreaState::filling) {
-          bad = Error(ENOENT, "page is not mapped");
-        } else if (a->state == AreaState::removing) {
-          bad = Error(EINVAL, "range is being unmapped");
-        } else if (a->host_invalid) {
-          bad = Error(EBUSY, "the host address of the range is being updated");
-        } else if (a->demand != nullptr) {
-          bad = Error(EINVAL, "an on-demand mapping cannot be pinned");
-        } else if ((a->prot & prot) != prot) {
-          bad = Error(EPERM, "mapping does not allow this access");
-        } else if (a->source.object()->synthetic()) {
-          bad = Error(ENXIO, "no memory behind a simulated mapping");
-        }
-        if (!bad) {
-          undo_checked();
-          return bad;
-        }
+    for (uint64_t i = 0; i < npages;) {
+      const uint64_t at = page_iova(i);
+      const Area* a = access::area_at(st, at);
+      Status bad;
+      if (a == nullptr || a->state == AreaState::filling) {
+        bad = Error(ENOENT, "page is not mapped");
+      } else if (a->state == AreaState::removing) {
+        bad = Error(EINVAL, "range is being unmapped");
+      } else if (a->host_invalid) {
+        bad = Error(EBUSY, "the host address of the range is being updated");
+      } else if (a->demand != nullptr) {
+        bad = Error(EINVAL, "an on-demand mapping cannot be pinned");
+      } else if ((a->prot & prot) != prot) {
+        bad = Error(EPERM, "mapping does not allow this access");
+      } else if (a->source.object()->synthetic()) {
+        bad = Error(ENXIO, "no memory behind a simulated mapping");
       }
-      areas[checked] = a;
-      if (counts.get(first_page + checked) == 0) {
-        fresh[checked] = 1;
-        ++fresh_count;
-        if (a != run_area) {
-          count_run();
-          run_area = a;
+      if (!bad) {
+        undo_checked();
+        return bad;
+      }
+      const uint64_t area_last =
+          first_page + std::min(npages - 1, i + ((a->range.last - at) >> kPageShift));
+      while (first_page + i <= area_last) {
+        const uint64_t page = first_page + i;
+        const bool fresh = counts.get(page) == 0;
+        const uint64_t end = counts.next(page, area_last, !fresh);  // first page of the other kind
+        runs.push_back({a, i, end - page, fresh});  // recorded before counted: undo sees it
+        if (fresh) {
+          a->access_pins.fetch_add(end - page, std::memory_order_acq_rel);
+          a->pins_in_flight.fetch_add(end - page, std::memory_order_acq_rel);
+          fresh_pages += end - page;
+        } else {
+          counts.add_range(page, end - 1);
         }
-        ++run_fresh;
-      } else {
-        counts.add(first_page + checked);
+        i = end - first_page;
       }
     }
-    count_run();
   } catch (const std::bad_alloc&) {
     undo_checked();
     return Error(ENOMEM, "out of memory");
@@ -227,20 +240,15 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
   pl.unlock();
 
   // Step 2. The areas are held by the access_pins raised above.
-  uint64_t done = npages;  // on failure: fresh pages before it are pinned
+  size_t failed_run = runs.size();  // on failure: fresh runs before it are pinned
   Status result;
-  for (uint64_t i = 0; i < npages && result;) {
-    if (fresh[i] == 0) {
-      ++i;
-      continue;
-    }
-    uint64_t end = i + 1;
-    while (end < npages && fresh[end] != 0 && areas[end] == areas[i]) ++end;
-    const Area& a = *areas[i];
-    result = a.source.object()->pin_pages(a.owner.get(), a.backing_offset(page_iova(i)),
-                                          (end - i) << kPageShift, (prot & kProtWrite) != 0);
-    if (!result) done = i;
-    i = end;
+  for (size_t k = 0; k < runs.size() && result; ++k) {
+    const access::PageRun& r = runs[k];
+    if (!r.fresh) continue;
+    result = r.area->source.object()->pin_pages(r.area->owner.get(),
+                                                r.area->backing_offset(page_iova(r.first)),
+                                                r.pages << kPageShift, (prot & kProtWrite) != 0);
+    if (!result) failed_run = k;
   }
 
   // Step 3.
@@ -255,61 +263,55 @@ Status Access::pin_pages(uint64_t iova, uint64_t npages, uint32_t prot, void** h
     }
   }
   uint64_t counted = 0;  // pages whose count this call took from 0
+  uint64_t dropped = 0;  // on failure: pages whose count fell back to 0
   {
     access::RunReleaser rel;
-    const Area* flight_area = nullptr;  // fresh pages leave flight per run of one area
-    uint64_t flight_pages = 0;
-    auto leave_flight = [&] {
-      if (flight_pages != 0)
-        flight_area->pins_in_flight.fetch_sub(flight_pages, std::memory_order_acq_rel);
-      flight_pages = 0;
-    };
-    for (uint64_t i = 0; i < npages; ++i) {
-      const Area& a = *areas[i];
-      const uint64_t page = first_page + i;
-      if (fresh[i] == 0) {
+    for (size_t k = 0; k < runs.size(); ++k) {
+      const access::PageRun& r = runs[k];
+      const uint64_t lo = first_page + r.first;
+      const uint64_t hi = lo + r.pages - 1;
+      if (!r.fresh) {
         if (result) continue;
         // Another call may have dropped its own count meanwhile.
-        if (counts.sub(page) == 0) {
-          rel.add(&a, page_iova(i));
-          as.page_pins.fetch_sub(1, std::memory_order_acq_rel);
-        }
+        dropped += counts.sub_range(lo, hi, 1, [&](uint64_t zlo, uint64_t zhi) {
+          rel.add(r.area, page_iova(zlo - first_page), zhi - zlo + 1);
+        });
         continue;
       }
+      // Pages leave flight before their area's access_pins can drop.
+      r.area->pins_in_flight.fetch_sub(r.pages, std::memory_order_acq_rel);
       if (!result) {
-        a.pins_in_flight.fetch_sub(1, std::memory_order_acq_rel);
-        if (i < done) {
-          rel.add(&a, page_iova(i));
+        if (k < failed_run) {
+          rel.add(r.area, page_iova(r.first), r.pages);
         } else {
-          a.access_pins.fetch_sub(1, std::memory_order_release);
+          r.area->access_pins.fetch_sub(r.pages, std::memory_order_release);
         }
         continue;
       }
-      // A page leaves flight before its area's access_pins can drop.
-      if (&a != flight_area) {
-        leave_flight();
-        flight_area = &a;
+      // Pages pinned by another call meanwhile: ours of them is dropped.
+      for (uint64_t p = counts.next(lo, hi, false); p <= hi;) {
+        const uint64_t end = counts.next(p, hi, true);
+        rel.add(r.area, page_iova(p - first_page), end - p);
+        p = counts.next(end, hi, false);
       }
-      ++flight_pages;
-      if (counts.add(page) == 0) {
-        ++counted;
-      } else {
-        leave_flight();
-        rel.add(&a, page_iova(i));  // pinned by another call meanwhile
-      }
+      counted += counts.add_range(lo, hi);
     }
-    leave_flight();
   }
   if (result) {
-    for (uint64_t i = 0; i < npages; ++i) {
-      host[i] = areas[i]->source.object()->host(areas[i]->backing_offset(page_iova(i)));
+    // One host() per run: an object's host addresses are contiguous.
+    for (const access::PageRun& r : runs) {
+      auto* base = static_cast<std::byte*>(
+          r.area->source.object()->host(r.area->backing_offset(page_iova(r.first))));
+      for (uint64_t j = 0; j < r.pages; ++j) host[r.first + j] = base + (j << kPageShift);
     }
     as.page_pins.fetch_add(counted, std::memory_order_acq_rel);
+  } else {
+    as.page_pins.fetch_sub(dropped, std::memory_order_acq_rel);
   }
   counts.release_blocks(first_page, last_page);
   counts.trim(first_page, last_page);
   pl.unlock();
-  if (fresh_count != 0) st.note_flight_exit();
+  if (fresh_pages != 0) st.note_flight_exit();
   return result;
 }
 
@@ -327,21 +329,15 @@ Status Access::unpin_pages(uint64_t iova, uint64_t npages) {
   if (as.page_counts.next(first_page, last_page, true) <= last_page) {
     return Error(EINVAL, "page is not pinned");
   }
-  IoasState& st = ioas::state_of(*as.ioas);
+  const IoasState& st = ioas::state_of(*as.ioas);
   std::shared_lock tree(st.tree_mu);
   const Area* a = nullptr;
   uint64_t released = 0;
   {
     access::RunReleaser rel;
-    for (uint64_t i = 0; i < npages; ++i) {
-      const uint64_t page_iova = iova + (i << kPageShift);
-      if (as.page_counts.sub(first_page + i) != 0) continue;
-      if (a == nullptr || page_iova < a->range.start || page_iova > a->range.last) {
-        a = access::area_at(st, page_iova);
-      }
-      rel.add(a, page_iova);
-      ++released;
-    }
+    released = as.page_counts.sub_range(first_page, last_page, 1, [&](uint64_t lo, uint64_t hi) {
+      access::release_run(st, a, rel, lo, hi);
+    });
   }
   as.page_pins.fetch_sub(released, std::memory_order_acq_rel);
   return {};

@@ -334,7 +334,8 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
   std::shared_lock window(window_mu_);
   // Past the end of a file that shrank, a fault fails; mlock would report
   // that as ENOMEM, indistinguishable from the memlock limit, so the size
-  // tells them apart.
+  // tells them apart. Both kinds of file read it only when the lock failed:
+  // an fstat is about a microsecond here, 1% of a 2 MiB pin.
   const uint64_t end = (last + 1) << page_shift();
   const auto shrunk = [&] {
     struct stat st {};
@@ -346,8 +347,9 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
   std::byte* addr = base_ + (first << page_shift());
   const uint64_t length = (last - first + 1) << page_shift();
   if (page_shift() == kPageShift) {
-    if (shrunk()) return past_the_end();
-    return lock_resident(addr, length);
+    Status st = lock_resident(addr, length);
+    if (!st && shrunk()) return past_the_end();
+    return st;
   }
   // A shared hugetlb mapping reserved its huge pages at mmap time, so inside
   // the file a fault cannot fail for lack of pages, and one past its end
@@ -419,7 +421,8 @@ bool FileObject::holds_every_page(const std::byte* range_end) const noexcept {
 // anything touched the offset since, cannot be told apart.
 void FileObject::count_discarded(std::byte* addr, uint64_t length) noexcept {
   if (page_shift() != kPageShift && holds_every_page(addr + length)) return;
-  constexpr uint64_t kBatch = 256;
+  // One call per 16 MiB (a 2 MiB unpin: one mincore).
+  constexpr uint64_t kBatch = 4096;
   unsigned char resident[kBatch];
   for (uint64_t done = 0; done < length;) {
     const uint64_t n = std::min(kBatch, (length - done) >> kPageShift);

@@ -48,6 +48,8 @@ class MemObject {
   // virtual address, or a synthetic address for simulated memory.
   [[nodiscard]] virtual uint64_t dma_address(uint64_t offset) const noexcept = 0;
   // Host pointer for byte `offset`, or nullptr when there is no memory.
+  // Where there is memory it is contiguous: host(offset + n) is host(offset)
+  // + n, so a run of pages needs one call.
   [[nodiscard]] virtual void* host(uint64_t offset) const noexcept = 0;
   // How a domain's DMA reaches host(): see mem/host_access.hpp.
   [[nodiscard]] virtual HostAccess host_access() const noexcept { return HostAccess::direct; }
@@ -107,6 +109,28 @@ class MemObject {
     uint64_t first;
     uint64_t last;
   };
+  // The granules [first, last] of a pin_pages/unpin_pages call, and who pays
+  // for them (nullptr when the object is not charged).
+  struct PageCall {
+    uint64_t first;
+    uint64_t last;
+    acct::Owner* payer;
+  };
+  // Enter such a call of [offset, offset + length): take mu_ into lk and
+  // wait until no other call works on its granules (a segment pin's
+  // pending run, another page call's op).
+  PageCall begin_page_call(acct::Owner* owner, uint64_t offset, uint64_t length,
+                           std::unique_lock<sync::RankedMutex>& lk) noexcept;
+  [[nodiscard]] uint64_t granule_pages() const noexcept {
+    return uint64_t{1} << (page_shift_ - kPageShift);
+  }
+  // Call f(lo, hi, pages) for the spans of granules [from, to] (inside the
+  // range of a page call of [offset, offset + length)) whose granules each
+  // hold the same number of the call's pages: only its first and last
+  // granule can hold fewer than a whole granule. In order, while f returns
+  // true; returns false if f did.
+  template <typename F>
+  bool each_span(uint64_t from, uint64_t to, uint64_t offset, uint64_t length, F&& f) const;
   // A pin_pages/unpin_pages call doing syscalls without mu_ on granules
   // [first, last]: other calls touching them wait. Lives on the caller's
   // stack, so unpin_pages needs no allocation to register it.

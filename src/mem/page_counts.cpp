@@ -13,6 +13,13 @@ constexpr uint64_t kMask = PageCounts::kBlockSize - 1;
 
 bool test_bit(const uint64_t* bits, uint64_t i) noexcept { return (bits[i >> 6] >> (i & 63)) & 1U; }
 
+// The bits of word w that fall in the in-block indices [lo, hi].
+uint64_t word_mask(unsigned w, unsigned lo, unsigned hi) noexcept {
+  const unsigned from = std::max(lo, w * 64) - w * 64;
+  const unsigned to = std::min(hi, w * 64 + 63) - w * 64;
+  return (~uint64_t{0} >> (63 - to)) & (~uint64_t{0} << from);
+}
+
 }  // namespace
 
 bool PageCounts::Block::idle() const noexcept {
@@ -154,25 +161,120 @@ bool PageCounts::any_nonzero(uint64_t first, uint64_t last) const {
   return next(first, last, false) <= last;
 }
 
-uint64_t PageCounts::next(uint64_t from, uint64_t last, bool want_zero) const noexcept {
-  uint64_t index = from;
-  while (index <= last) {
+uint64_t PageCounts::next_count(uint64_t from, uint64_t last, uint32_t value,
+                                bool equal) const noexcept {
+  for (uint64_t index = from; index <= last;) {
+    const uint64_t base = index & ~kMask;
+    const uint64_t block_last = std::min(last, base | kMask);
     const Block* b = find(index >> kBlockShift);
-    const uint64_t block_last = std::min(last, index | kMask);
     if (b == nullptr) {
-      if (want_zero) return index;
-      index = block_last + 1;
-      if (block_last == last) break;
-      continue;
-    }
-    for (; index <= block_last; ++index) {
-      if (test_bit(b->bits, index & kMask) != want_zero) return index;
-      if (index == block_last) break;
+      if ((value == 0) == equal) return index;
+    } else if (b->counts) {
+      for (uint64_t i = index; i <= block_last; ++i) {
+        if ((b->counts[i & kMask] == value) == equal) return i;
+      }
+    } else {
+      const auto lo = static_cast<unsigned>(index & kMask);
+      const auto hi = static_cast<unsigned>(block_last & kMask);
+      for (unsigned w = lo / 64; w <= hi / 64; ++w) {
+        // Indices of the word whose count (0 or 1) equals value.
+        uint64_t eq = value == 0 ? ~b->bits[w] : value == 1 ? b->bits[w] : 0;
+        if (!equal) eq = ~eq;
+        eq &= word_mask(w, lo, hi);
+        if (eq != 0) return base + w * 64 + static_cast<unsigned>(__builtin_ctzll(eq));
+      }
     }
     if (block_last == last) break;
     index = block_last + 1;
   }
   return last + 1;
+}
+
+uint64_t PageCounts::count_nonzero(uint64_t first, uint64_t last) const noexcept {
+  uint64_t n = 0;
+  for (auto it = blocks_.lower_bound(first >> kBlockShift);
+       it != blocks_.end() && it->first <= last >> kBlockShift; ++it) {
+    const uint64_t base = it->first << kBlockShift;
+    const auto lo = static_cast<unsigned>(std::max(first, base) - base);
+    const auto hi = static_cast<unsigned>(std::min(last, base | kMask) - base);
+    for (unsigned w = lo / 64; w <= hi / 64; ++w) {
+      n += static_cast<uint64_t>(__builtin_popcountll(it->second.bits[w] & word_mask(w, lo, hi)));
+    }
+  }
+  return n;
+}
+
+uint64_t PageCounts::add_range(uint64_t first, uint64_t last, uint32_t delta) noexcept {
+  IOMM_CHECK(delta > 0, "raising page counts by zero");
+  uint64_t was_zero = 0;
+  for (uint64_t key = first >> kBlockShift;; ++key) {
+    Block* b = find(key);
+    IOMM_CHECK(b != nullptr, "page count raised outside a prepared range");
+    const uint64_t base = key << kBlockShift;
+    const auto lo = static_cast<unsigned>(std::max(first, base) - base);
+    const auto hi = static_cast<unsigned>(std::min(last, base | kMask) - base);
+    if (b->counts) {
+      for (unsigned i = lo; i <= hi; ++i) {
+        const uint32_t before = b->counts[i];
+        IOMM_CHECK(before <= UINT32_MAX - delta, "page count overflow");
+        b->counts[i] = before + delta;
+        if (before <= 1 && before + delta > 1) ++b->above_one;
+        if (before == 0) ++was_zero;
+      }
+    }
+    for (unsigned w = lo / 64; w <= hi / 64; ++w) {
+      const uint64_t m = word_mask(w, lo, hi);
+      if (!b->counts) {
+        IOMM_CHECK(delta == 1 && (b->bits[w] & m) == 0,
+                   "page count raised above 1 without a count array");
+        was_zero += static_cast<uint64_t>(__builtin_popcountll(m));
+      }
+      b->bits[w] |= m;
+    }
+    if (key == last >> kBlockShift) break;
+  }
+  return was_zero;
+}
+
+uint64_t PageCounts::sub_in_block(uint64_t key, unsigned lo, unsigned hi, uint32_t delta,
+                                  uint64_t (&zeroed)[kWords]) noexcept {
+  auto it = cache_;
+  if (it == blocks_.end() || it->first != key) {
+    it = blocks_.find(key);
+    IOMM_CHECK(it != blocks_.end(), "page count underflow");
+    cache_ = it;
+  }
+  Block& b = it->second;
+  IOMM_CHECK(delta > 0, "lowering page counts by zero");
+  uint64_t n = 0;
+  if (b.counts) {
+    uint32_t left_one = 0;  // indices that fell to 1 or below
+    for (unsigned i = lo; i <= hi; ++i) {
+      const uint32_t before = b.counts[i];
+      IOMM_CHECK(before >= delta, "page count underflow");
+      const uint32_t after = before - delta;
+      b.counts[i] = after;
+      if (before > 1 && after <= 1) ++left_one;
+      if (after == 0) zeroed[i >> 6] |= uint64_t{1} << (i & 63);
+    }
+    b.above_one -= left_one;
+    if (left_one != 0 && b.above_one == 0) b.counts.reset();
+    for (unsigned w = lo / 64; w <= hi / 64; ++w) {
+      b.bits[w] &= ~zeroed[w];
+      n += static_cast<uint64_t>(__builtin_popcountll(zeroed[w]));
+    }
+  } else {
+    IOMM_CHECK(delta == 1, "page count underflow");
+    for (unsigned w = lo / 64; w <= hi / 64; ++w) {
+      const uint64_t m = word_mask(w, lo, hi);
+      IOMM_CHECK((b.bits[w] & m) == m, "page count underflow");
+      b.bits[w] &= ~m;
+      zeroed[w] = m;
+      n += static_cast<uint64_t>(__builtin_popcountll(m));
+    }
+  }
+  if (n != 0) erase_if_idle(it);
+  return n;
 }
 
 }  // namespace iomm::mem

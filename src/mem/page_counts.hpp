@@ -13,6 +13,7 @@
 // it, including the const members (they move a lookup cache).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -44,6 +45,22 @@ class PageCounts {
   // after. A block left with no count and not busy is freed.
   uint32_t sub(uint64_t index, uint32_t delta = 1) noexcept;
 
+  // Whole runs at once, a 64-bit word of the bitmap at a time where a block
+  // has no count array (every count in it is 0 or 1).
+  // Raise every index in [first, last] by delta > 0 (prepared); returns how
+  // many of them were zero.
+  uint64_t add_range(uint64_t first, uint64_t last, uint32_t delta = 1) noexcept;
+  // Lower every index in [first, last] by delta > 0 (each holds at least
+  // that); calls zeroed(lo, hi) for each maximal run of indices that fell to
+  // zero, in order, and returns how many did. Blocks left with no count and
+  // not busy are freed; never allocates. zeroed must not change the counts.
+  template <typename F>
+  uint64_t sub_range(uint64_t first, uint64_t last, uint32_t delta, F&& zeroed) noexcept;
+  uint64_t sub_range(uint64_t first, uint64_t last, uint32_t delta = 1) noexcept {
+    return sub_range(first, last, delta, [](uint64_t, uint64_t) {});
+  }
+  [[nodiscard]] uint64_t count_nonzero(uint64_t first, uint64_t last) const noexcept;
+
   // Keep the blocks of [first, last] (prepared) from being freed while a
   // caller works on them without the owner's lock, or let them go again.
   void hold_blocks(uint64_t first, uint64_t last) noexcept;
@@ -56,7 +73,13 @@ class PageCounts {
   [[nodiscard]] bool any_nonzero(uint64_t first, uint64_t last) const;
   // The first index in [from, last] whose count is (want_zero ? zero :
   // non-zero), or last + 1 (so last must be below UINT64_MAX).
-  [[nodiscard]] uint64_t next(uint64_t from, uint64_t last, bool want_zero) const noexcept;
+  [[nodiscard]] uint64_t next(uint64_t from, uint64_t last, bool want_zero) const noexcept {
+    return next_count(from, last, 0, want_zero);
+  }
+  // The first index in [from, last] whose count is (equal ? == : !=) value,
+  // or last + 1 (so last must be below UINT64_MAX).
+  [[nodiscard]] uint64_t next_count(uint64_t from, uint64_t last, uint32_t value,
+                                    bool equal) const noexcept;
 
   [[nodiscard]] bool empty() const noexcept { return blocks_.empty(); }
   void clear() noexcept {
@@ -77,6 +100,11 @@ class PageCounts {
 
   Block* find(uint64_t key) const noexcept;
   void erase_if_idle(Map::iterator it) noexcept;
+  // sub_range() within block key, in-block indices [lo, hi]: sets in
+  // zeroed[] the bits of the indices that fell to zero, returns how many
+  // did, and frees the block if it is left idle.
+  uint64_t sub_in_block(uint64_t key, unsigned lo, unsigned hi, uint32_t delta,
+                        uint64_t (&zeroed)[kWords]) noexcept;
 
   Map blocks_;
   mutable Map::iterator cache_ = blocks_.end();
@@ -97,6 +125,40 @@ void PageCounts::for_each_nonzero(uint64_t first, uint64_t last, F&& f) const {
       }
     }
   }
+}
+
+template <typename F>
+uint64_t PageCounts::sub_range(uint64_t first, uint64_t last, uint32_t delta, F&& zeroed) noexcept {
+  uint64_t total = 0;
+  uint64_t run_lo = 0;
+  uint64_t run_len = 0;  // a run of zeroed indices not yet reported
+  for (uint64_t key = first >> kBlockShift;; ++key) {
+    const uint64_t base = key << kBlockShift;
+    const auto lo = static_cast<unsigned>(std::max(first, base) - base);
+    const auto hi = static_cast<unsigned>(std::min(last, base + kBlockSize - 1) - base);
+    uint64_t bits[kWords] = {};
+    const uint64_t n = sub_in_block(key, lo, hi, delta, bits);
+    total += n;
+    for (unsigned w = lo / 64; n != 0 && w <= hi / 64; ++w) {
+      for (uint64_t m = bits[w]; m != 0;) {
+        const auto start = static_cast<unsigned>(__builtin_ctzll(m));
+        const uint64_t rest = ~(m >> start);  // zero only for a full word
+        const unsigned len = rest == 0 ? 64 : static_cast<unsigned>(__builtin_ctzll(rest));
+        const uint64_t at = base + w * 64 + start;
+        if (run_len != 0 && run_lo + run_len == at) {
+          run_len += len;
+        } else {
+          if (run_len != 0) zeroed(run_lo, run_lo + run_len - 1);
+          run_lo = at;
+          run_len = len;
+        }
+        m = len == 64 ? 0 : m & ~(((uint64_t{1} << len) - 1) << start);
+      }
+    }
+    if (key == last >> kBlockShift) break;
+  }
+  if (run_len != 0) zeroed(run_lo, run_lo + run_len - 1);
+  return total;
 }
 
 }  // namespace iomm::mem

@@ -43,14 +43,13 @@ void for_each_zero_zone(const IntervalCounts* counts, uint64_t first, uint64_t l
   if (g <= last) f(g, last);
 }
 
-// How many granules g of the zero zones of counts in [first, last] have
-// pred(g).
-template <typename P>
-uint64_t count_in_zero_zones(const IntervalCounts* counts, uint64_t first, uint64_t last,
-                             P&& pred) {
+// How many granules of the zero zones of counts in [first, last] have no
+// count in pages.
+uint64_t zeros_in_zero_zones(const IntervalCounts* counts, const PageCounts& pages, uint64_t first,
+                             uint64_t last) {
   uint64_t n = 0;
   for_each_zero_zone(counts, first, last, [&](uint64_t lo, uint64_t hi) {
-    for (uint64_t g = lo; g <= hi; ++g) n += pred(g) ? 1 : 0;
+    n += hi - lo + 1 - pages.count_nonzero(lo, hi);
     return true;
   });
   return n;
@@ -71,21 +70,45 @@ uint32_t MemObject::pages_in(uint64_t granule, uint64_t offset, uint64_t length)
   return static_cast<uint32_t>((end - start) >> kPageShift);
 }
 
+template <typename F>
+bool MemObject::each_span(uint64_t from, uint64_t to, uint64_t offset, uint64_t length,
+                          F&& f) const {
+  const uint64_t first = offset >> page_shift_;
+  const uint64_t last = (offset + length - 1) >> page_shift_;
+  const auto whole = static_cast<uint32_t>(granule_pages());
+  uint64_t lo = from;
+  if (const uint32_t head = pages_in(first, offset, length); lo == first && head != whole) {
+    if (!f(lo, lo, head)) return false;
+    if (lo == to) return true;
+    ++lo;
+  }
+  const uint32_t tail = pages_in(last, offset, length);
+  const bool cut_tail = to == last && tail != whole;
+  if (cut_tail && lo == last) return f(lo, lo, tail);
+  if (!f(lo, cut_tail ? last - 1 : to, whole)) return false;
+  return !cut_tail || f(last, last, tail);
+}
+
 size_t MemObject::collect_page_runs(uint64_t from, uint64_t last, uint64_t offset, uint64_t length,
                                     bool raised, std::span<Range> runs) const noexcept {
   size_t n = 0;
-  for_each_zero_zone(&physical_, from, last, [&](uint64_t lo, uint64_t hi) {
-    for (uint64_t g = lo; g <= hi; ++g) {
-      if (paged_.get(g) != (raised ? pages_in(g, offset, length) : 0)) continue;
-      if (n > 0 && runs[n - 1].last + 1 == g) {
-        runs[n - 1].last = g;
-      } else if (n < runs.size()) {
-        runs[n++] = {g, g};
-      } else {
-        return false;
-      }
-    }
-    return true;
+  for_each_zero_zone(&physical_, from, last, [&](uint64_t zone_lo, uint64_t zone_hi) {
+    return each_span(zone_lo, zone_hi, offset, length,
+                     [&](uint64_t lo, uint64_t hi, uint32_t pages) {
+                       const uint32_t want = raised ? pages : 0;
+                       for (uint64_t g = paged_.next_count(lo, hi, want, true); g <= hi;) {
+                         const uint64_t end = paged_.next_count(g, hi, want, false) - 1;
+                         if (n > 0 && runs[n - 1].last + 1 == g) {
+                           runs[n - 1].last = end;
+                         } else if (n < runs.size()) {
+                           runs[n++] = {g, end};
+                         } else {
+                           return false;
+                         }
+                         g = paged_.next_count(end + 1, hi, want, true);
+                       }
+                       return true;
+                     });
   });
   return n;
 }
@@ -106,31 +129,35 @@ void MemObject::finish_page_unlock(uint64_t first, uint64_t last, uint64_t offse
   }
 }
 
-Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length, bool write) {
-  IOMM_CHECK(length > 0 && (offset | length) % kPageSize == 0, "page pin not page aligned");
+MemObject::PageCall MemObject::begin_page_call(acct::Owner* owner, uint64_t offset, uint64_t length,
+                                               std::unique_lock<sync::RankedMutex>& lk) noexcept {
+  IOMM_CHECK(length > 0 && (offset | length) % kPageSize == 0, "page call not page aligned");
   const uint64_t first = offset >> page_shift_;
   const uint64_t last = (offset + length - 1) >> page_shift_;
-  const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
-  const auto most = static_cast<uint32_t>(std::min(granule_pages, length >> kPageShift));
-  if (!charged()) owner = nullptr;
-
-  std::unique_lock lk(mu_);
+  lk = std::unique_lock(mu_);
   unpended_.wait(
       lk, [&] { return !physical_.any_pending(first, last) && !page_op_overlaps(first, last); });
+  return {first, last, charged() ? owner : nullptr};
+}
+
+Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length, bool write) {
+  std::unique_lock<sync::RankedMutex> lk;
+  const auto [first, last, payer] = begin_page_call(owner, offset, length, lk);
+  const auto most = static_cast<uint32_t>(std::min(granule_pages(), length >> kPageShift));
 
   PageCounts* charges = nullptr;
   auto trim = [&] {
     paged_.trim(first, last);
     if (charges != nullptr) {
       charges->trim(first, last);
-      if (charges->empty()) paged_charged_.erase(owner);
+      if (charges->empty()) paged_charged_.erase(payer);
     }
   };
   try {
     if (IOMM_INJECT("mem.pin_pages_bookkeeping")) throw std::bad_alloc();
     paged_.prepare(first, last, most);
-    if (owner != nullptr) {
-      charges = &paged_charged_[owner];
+    if (payer != nullptr) {
+      charges = &paged_charged_[payer];
       charges->prepare(first, last, most);
     }
   } catch (const std::bad_alloc&) {
@@ -138,24 +165,32 @@ Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
     return Error(ENOMEM, "out of memory for pin bookkeeping");
   }
 
-  // Granules this owner is charged for by neither count yet.
+  // Counted before the counts rise: the granules this owner is charged for
+  // by neither count yet, and those no count locks yet.
   uint64_t fresh_charges = 0;
   if (charges != nullptr) {
-    fresh_charges = count_in_zero_zones(counts_of(charged_, owner), first, last,
-                                        [&](uint64_t g) { return charges->get(g) == 0; });
-    if (Status st = owner->charge(fresh_charges * granule_pages); !st) {
+    fresh_charges = zeros_in_zero_zones(counts_of(charged_, payer), *charges, first, last);
+    if (Status st = payer->charge(fresh_charges * granule_pages()); !st) {
       trim();
       return st;
     }
   }
-  for (uint64_t g = first; g <= last; ++g) {
-    const uint32_t n = pages_in(g, offset, length);
-    paged_.add(g, n);
-    if (charges != nullptr) charges->add(g, n);
-  }
-  const uint64_t newly_locked = count_in_zero_zones(&physical_, first, last, [&](uint64_t g) {
-    return paged_.get(g) == pages_in(g, offset, length);
-  });
+  const uint64_t newly_locked = zeros_in_zero_zones(&physical_, paged_, first, last);
+  // Raise this call's counts, or lower them again to undo it.
+  auto change_counts = [&](bool raise) {
+    each_span(first, last, offset, length, [&](uint64_t lo, uint64_t hi, uint32_t pages) {
+      for (PageCounts* c : {&paged_, charges}) {
+        if (c == nullptr) continue;
+        if (raise) {
+          c->add_range(lo, hi, pages);
+        } else {
+          c->sub_range(lo, hi, pages);
+        }
+      }
+      return true;
+    });
+  };
+  change_counts(true);
 
   PageOp op{first, last, page_ops_};
   page_ops_ = &op;
@@ -181,16 +216,13 @@ Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
   if (result) {
     account_physical(newly_locked, true);
   } else {
-    // Undo exactly this call: unlock what it locked, lower its counts,
-    // return its charge.
+    // Undo exactly this call: lower its counts, unlock what it locked (the
+    // granules before failed_at that no count holds again), return its
+    // charge.
+    change_counts(false);
     if (failed_at > first) finish_page_unlock(first, failed_at - 1, offset, length, lk);
-    for (uint64_t g = first; g <= last; ++g) {
-      const uint32_t n = pages_in(g, offset, length);
-      paged_.sub(g, n);
-      if (charges != nullptr) charges->sub(g, n);
-    }
     trim();
-    if (charges != nullptr) owner->uncharge(fresh_charges * granule_pages);
+    if (charges != nullptr) payer->uncharge(fresh_charges * granule_pages());
   }
   unlist();
   unpended_.notify_all();
@@ -198,36 +230,27 @@ Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
 }
 
 void MemObject::unpin_pages(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept {
-  IOMM_CHECK(length > 0 && (offset | length) % kPageSize == 0, "page unpin not page aligned");
-  const uint64_t first = offset >> page_shift_;
-  const uint64_t last = (offset + length - 1) >> page_shift_;
-  const uint64_t granule_pages = 1ULL << (page_shift_ - kPageShift);
-  if (!charged()) owner = nullptr;
-
-  std::unique_lock lk(mu_);
-  unpended_.wait(
-      lk, [&] { return !physical_.any_pending(first, last) && !page_op_overlaps(first, last); });
+  std::unique_lock<sync::RankedMutex> lk;
+  const auto [first, last, payer] = begin_page_call(owner, offset, length, lk);
 
   PageCounts* charges = nullptr;
-  if (owner != nullptr) {
-    auto it = paged_charged_.find(owner);
+  if (payer != nullptr) {
+    auto it = paged_charged_.find(payer);
     IOMM_CHECK(it != paged_charged_.end(), "page unpin without a charge");
     charges = &it->second;
   }
-  for (uint64_t g = first; g <= last; ++g) {
-    const uint32_t n = pages_in(g, offset, length);
-    paged_.sub(g, n);
-    if (charges != nullptr) charges->sub(g, n);
-  }
+  each_span(first, last, offset, length, [&](uint64_t lo, uint64_t hi, uint32_t pages) {
+    paged_.sub_range(lo, hi, pages);
+    if (charges != nullptr) charges->sub_range(lo, hi, pages);
+    return true;
+  });
   // Every granule of the range was held, so a zero count now is one this
   // call dropped.
-  const uint64_t released =
-      count_in_zero_zones(&physical_, first, last, [&](uint64_t g) { return paged_.get(g) == 0; });
+  const uint64_t released = zeros_in_zero_zones(&physical_, paged_, first, last);
   uint64_t uncharged = 0;
   if (charges != nullptr) {
-    uncharged = count_in_zero_zones(counts_of(charged_, owner), first, last,
-                                    [&](uint64_t g) { return charges->get(g) == 0; });
-    if (charges->empty()) paged_charged_.erase(owner);
+    uncharged = zeros_in_zero_zones(counts_of(charged_, payer), *charges, first, last);
+    if (charges->empty()) paged_charged_.erase(payer);
   }
 
   if (released != 0) {
@@ -240,7 +263,7 @@ void MemObject::unpin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
     account_physical(released, false);
   }
   // Memory first, then the charge (teardown order).
-  if (owner != nullptr) owner->uncharge(uncharged * granule_pages);
+  if (payer != nullptr) payer->uncharge(uncharged * granule_pages());
   unpended_.notify_all();
 }
 

@@ -105,7 +105,7 @@ uint64_t MemObject::paged_where(const IntervalCounts& counts, const PageCounts* 
   for (auto it = counts.segments().lower_bound(first);
        it != counts.segments().end() && it->first <= last; ++it) {
     if (it->second.count != count) continue;
-    pages->for_each_nonzero(it->first, std::min(it->second.last, last), [&](uint64_t) { ++n; });
+    n += pages->count_nonzero(it->first, std::min(it->second.last, last));
   }
   return n;
 }
