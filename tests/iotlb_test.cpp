@@ -19,14 +19,6 @@
 namespace iomm {
 namespace {
 
-using test::kHostA;
-using test::kHostB;
-using test::kReadWrite;
-using test::make_cache;
-using test::make_domain;
-using test::map;
-using test::UnmapRounds;
-
 void expect_same(const Translation& a, const Translation& b) {
   EXPECT_EQ(a.iova, b.iova);
   EXPECT_EQ(a.host, b.host);

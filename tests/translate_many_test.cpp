@@ -23,14 +23,6 @@
 namespace iomm {
 namespace {
 
-using test::kHostA;
-using test::kHostB;
-using test::kReadWrite;
-using test::make_cache;
-using test::make_domain;
-using test::map;
-using test::UnmapRounds;
-
 // The two ways to translate a batch, so that every test runs on both.
 enum class Through { domain, cache };
 

@@ -151,3 +151,14 @@ class UnmapRounds {
 };
 
 }  // namespace iomm::test
+
+// Both translation tests name these unqualified, inside namespace iomm.
+namespace iomm {
+using test::kHostA;
+using test::kHostB;
+using test::kReadWrite;
+using test::make_cache;
+using test::make_domain;
+using test::map;
+using test::UnmapRounds;
+}  // namespace iomm

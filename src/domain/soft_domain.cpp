@@ -321,11 +321,8 @@ Result<Translation> SoftDomain::translate(uint64_t iova, uint32_t access) {
 
 BatchResult SoftDomain::translate_many(std::span<const uint64_t> iovas, uint32_t access,
                                        std::span<uint64_t> addresses) {
-  if (!domain::valid_access(access)) {
-    return {.status = Error(EINVAL, "access must be kProtRead and/or kProtWrite")};
-  }
-  if (addresses.size() < iovas.size()) {
-    return {.status = Error(EINVAL, "fewer addresses than IOVAs to translate")};
+  if (Status checked = domain::check_batch(iovas, access, addresses); !checked.ok()) {
+    return {.status = std::move(checked)};
   }
   const auto batch = [&] {
     return domain::translate_batch(*this, iovas, access, addresses.data(),

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -100,6 +101,19 @@ Result<Translation> translate_leaf(SoftDomain& domain, uint64_t iova, uint32_t a
 // kProtRead and/or kProtWrite, nothing else.
 inline bool valid_access(uint32_t access) noexcept {
   return access != 0 && (access & ~uint32_t{kProtRead | kProtWrite}) == 0;
+}
+
+// The argument checks of both translate_many (SoftDomain's and
+// TranslationCache's), before either translates anything: EINVAL for an
+// access that is not kProtRead and/or kProtWrite, or fewer addresses than
+// IOVAs.
+inline Status check_batch(std::span<const uint64_t> iovas, uint32_t access,
+                          std::span<const uint64_t> addresses) {
+  if (!valid_access(access)) return Error(EINVAL, "access must be kProtRead and/or kProtWrite");
+  if (addresses.size() < iovas.size()) {
+    return Error(EINVAL, "fewer addresses than IOVAs to translate");
+  }
+  return {};
 }
 
 // SoftDomain::translate_many after its argument checks, inside the caller's

@@ -93,11 +93,8 @@ Result<Translation> TranslationCache::translate_missed(uint64_t iova, uint32_t a
 
 BatchResult TranslationCache::translate_many(std::span<const uint64_t> iovas, uint32_t access,
                                              std::span<uint64_t> addresses) {
-  if (!domain::valid_access(access)) {
-    return {.status = Error(EINVAL, "access must be kProtRead and/or kProtWrite")};
-  }
-  if (addresses.size() < iovas.size()) {
-    return {.status = Error(EINVAL, "fewer addresses than IOVAs to translate")};
+  if (Status checked = domain::check_batch(iovas, access, addresses); !checked.ok()) {
+    return {.status = std::move(checked)};
   }
   // The one generation load of the batch: while it is the entries' own, a
   // hit needs no other check.
@@ -134,11 +131,17 @@ BatchResult TranslationCache::translate_many(std::span<const uint64_t> iovas, ui
 BatchResult TranslationCache::translate_sampling(std::span<const uint64_t> iovas, size_t i,
                                                  uint32_t access, uint64_t* addresses) {
   const std::span<const uint64_t> rest = iovas.subspan(i);
+  static_assert(std::has_single_bit(kSampleInterval));
+  // The samples are the IOVAs at which since_sample_ would reach
+  // kSampleInterval if counted one by one: decided on the index, so the walk
+  // loop keeps no count in memory. A sample that resumes caching leaves the
+  // rest of the batch to the walk.
+  const size_t phase = since_sample_ + 1;
   // Every walk here began after the last generation load, so its samples
   // may fill.
-  const auto sample = [this, rest](size_t j, uint64_t entry, unsigned level) {
-    if (++since_sample_ < kSampleInterval) return;
-    since_sample_ = 0;
+  const auto sample = [this, rest, phase](size_t j, uint64_t entry, unsigned level) {
+    if (((j + phase) & (kSampleInterval - 1)) != 0) [[likely]]
+      return;
     const uint64_t iova = rest[j];
     Set& set = sets_[set_of(iova)];
     note_probe(set, iova);
@@ -154,6 +157,10 @@ BatchResult TranslationCache::translate_sampling(std::span<const uint64_t> iovas
     const RcuReadGuard guard;
     result = batch();
   }
+  // The count as if kept one by one over the IOVAs the walk visited (those
+  // it translated and the one that failed, if any).
+  const size_t visited = result.ok() ? result.translated : result.translated + 1;
+  since_sample_ = static_cast<unsigned>((since_sample_ + visited) & (kSampleInterval - 1));
   result.translated += i;
   return result;
 }
