@@ -70,6 +70,17 @@ struct RingFile {
   MemorySource source = MemorySource::simulated(1).value();
 };
 
+// One ring, generation `gen`, mapped at kIova, and a cache over it.
+struct MappedRing {
+  MappedRing(uint32_t gen, bool event_idx) : ring(gen) {
+    EXPECT_OK(ioas->map(ring.source, kRW, kIova));
+    cache = VringCache::create(ioas, layout_at(kIova, event_idx)).value();
+  }
+  RingFile ring;
+  std::shared_ptr<Ioas> ioas = Ioas::create({}).value();
+  std::unique_ptr<VringCache> cache;
+};
+
 // Two generations of a ring, the first mapped at kIova, and a cache over
 // it (the scenes that replace one mapping by another).
 struct TwoRings {
@@ -81,6 +92,33 @@ struct TwoRings {
   RingFile second{2};
   std::shared_ptr<Ioas> ioas = Ioas::create({}).value();
   std::unique_ptr<VringCache> cache;
+};
+
+// A descriptor table over two mappings of different files, which meet 8
+// bytes into descriptor 39 (no domain: byte-granular mappings); descriptor
+// i is {1000 + i, i}.
+struct SplitTable {
+  static constexpr uint64_t kCut = kRingBytes - 8;  // where the first mapping ends
+  static constexpr uint64_t kTable = kRingBytes - 640;
+  SplitTable() {
+    EXPECT_OK(ioas->map(first.source.slice(0, kCut), kRW, kIova));
+    EXPECT_OK(ioas->map(second, kRW, kIova + kCut));
+    std::vector<std::byte> table(16 * kSize);
+    for (uint16_t i = 0; i < kSize; ++i) {
+      VringDesc d{1000U + i, i, 0, 0};
+      std::memcpy(table.data() + 16ULL * i, &d, sizeof(d));
+    }
+    std::memcpy(first.host() + kTable, table.data(), kCut - kTable);
+    std::memcpy(second.host_address(), table.data() + (kCut - kTable),
+                table.size() - (kCut - kTable));
+  }
+  [[nodiscard]] Result<std::unique_ptr<VringCache>> cache() const {
+    return VringCache::create(ioas, {kIova + kTable, kIova + kAvail, kIova + kUsed, kSize, false});
+  }
+  RingFile first{2};
+  test::Memfd second_fd{kPageSize};
+  MemorySource second = MemorySource::from_file(second_fd.fd(), 0, kPageSize).value();
+  std::shared_ptr<Ioas> ioas = Ioas::create({}).value();
 };
 
 TEST(VringCache, CreateChecksTheLayout) {
@@ -150,10 +188,8 @@ TEST(VringCache, AccessesGoThroughCachedPointers) {
 }
 
 TEST(VringCache, BatchAccessesGoThroughCachedPointers) {
-  RingFile ring(4);
-  auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
-  auto cache = VringCache::create(ioas, layout_at(kIova, true)).value();
+  MappedRing mapped(4, /*event_idx=*/true);
+  auto& [ring, ioas, cache] = mapped;
   {
     VringCache::Batch b = cache->batch();
     EXPECT_TRUE(b.cached());
@@ -202,10 +238,8 @@ TEST(VringCache, BatchAccessesGoThroughCachedPointers) {
 // writes are not performed (nothing more reaches the used ring), and a
 // later, different error does not replace it.
 TEST(VringCache, BatchErrorSticksAndStopsWrites) {
-  RingFile ring(3);
-  auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
-  auto cache = VringCache::create(ioas, layout_at(kIova, false)).value();
+  MappedRing mapped(3, /*event_idx=*/false);
+  auto& [ring, ioas, cache] = mapped;
   {
     VringCache::Batch b = cache->batch();
     ASSERT_TRUE(b.cached());
@@ -247,10 +281,8 @@ TEST(VringCache, BatchErrorSticksAndStopsWrites) {
 }
 
 TEST(VringCache, EventIdxFieldsNeedTheFeature) {
-  RingFile ring(1);
-  auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
-  auto cache = VringCache::create(ioas, layout_at(kIova, false)).value();
+  MappedRing mapped(1, /*event_idx=*/false);
+  auto& [ring, ioas, cache] = mapped;
   EXPECT_ERRNO(cache->used_event(), EINVAL);
   EXPECT_ERRNO(cache->set_avail_event(1), EINVAL);
 }
@@ -260,23 +292,8 @@ TEST(VringCache, EventIdxFieldsNeedTheFeature) {
 // run is cached separately; the descriptor cut by the boundary is copied
 // run by run through the cached pointers, in a batch as well as alone.
 TEST(VringCache, RingsSpanningMappingsUseEachRun) {
-  RingFile a(2);
-  test::Memfd second_fd(kPageSize);
-  auto second = MemorySource::from_file(second_fd.fd(), 0, kPageSize).value();
-  constexpr uint64_t kCut = kRingBytes - 8;  // where the first mapping ends
-  constexpr uint64_t kTable = kRingBytes - 640;
-  auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(a.source.slice(0, kCut), kRW, kIova));
-  ASSERT_OK(ioas->map(second, kRW, kIova + kCut));
-  std::vector<std::byte> table(16 * kSize);
-  for (uint16_t i = 0; i < kSize; ++i) {
-    VringDesc d{1000U + i, i, 0, 0};
-    std::memcpy(table.data() + 16ULL * i, &d, sizeof(d));
-  }
-  std::memcpy(a.host() + kTable, table.data(), kCut - kTable);
-  std::memcpy(second.host_address(), table.data() + (kCut - kTable),
-              table.size() - (kCut - kTable));
-  auto c = VringCache::create(ioas, {kIova + kTable, kIova + kAvail, kIova + kUsed, kSize, false});
+  SplitTable split;
+  auto c = split.cache();
   ASSERT_OK(c);
   EXPECT_TRUE((*c)->cached());
   for (uint16_t i = 0; i < kSize; ++i) {
@@ -309,10 +326,8 @@ constexpr bool is_direct(const View& /*view*/) {
 // view: the same accesses as the batch's, through the cached pointers, and
 // what the visitor returns.
 TEST(VringCache, BatchRunGivesADirectViewOverSingleRuns) {
-  RingFile ring(4);
-  auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
-  auto cache = VringCache::create(ioas, layout_at(kIova, true)).value();
+  MappedRing mapped(4, /*event_idx=*/true);
+  auto& [ring, ioas, cache] = mapped;
   {
     VringCache::Batch b = cache->batch();
     bool direct = false;
@@ -363,10 +378,8 @@ TEST(VringCache, BatchRunGivesADirectViewOverSingleRuns) {
 // ring (the sink), a later, different error does not replace it, and run()
 // records it in the batch, whose own accesses then stop too.
 TEST(VringCache, BatchRunDirectErrorSticksAndStopsWrites) {
-  RingFile ring(3);
-  auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
-  auto cache = VringCache::create(ioas, layout_at(kIova, true)).value();
+  MappedRing mapped(3, /*event_idx=*/true);
+  auto& [ring, ioas, cache] = mapped;
   {
     VringCache::Batch b = cache->batch();
     bool direct = false;
@@ -438,10 +451,8 @@ TEST(VringCache, BatchRunDirectErrorSticksAndStopsWrites) {
 // Without event_idx a Direct view refuses those fields with the batch's
 // error, which sticks.
 TEST(VringCache, BatchRunDirectEventIdxFieldsNeedTheFeature) {
-  RingFile ring(1);
-  auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(ring.source, kRW, kIova));
-  auto cache = VringCache::create(ioas, layout_at(kIova, false)).value();
+  MappedRing mapped(1, /*event_idx=*/false);
+  auto& [ring, ioas, cache] = mapped;
   for (const bool write : {false, true}) {
     VringCache::Batch b = cache->batch();
     b.run([&](auto& r) {
@@ -467,23 +478,8 @@ TEST(VringCache, BatchRunDirectEventIdxFieldsNeedTheFeature) {
 // over two mappings) or the batch holds no cached pointers (unmapped): the
 // same visitor, with the batch's tests per access.
 TEST(VringCache, BatchRunGivesTheBatchOtherwise) {
-  RingFile a(2);
-  test::Memfd second_fd(kPageSize);
-  auto second = MemorySource::from_file(second_fd.fd(), 0, kPageSize).value();
-  constexpr uint64_t kCut = kRingBytes - 8;
-  constexpr uint64_t kTable = kRingBytes - 640;
-  auto ioas = Ioas::create({}).value();
-  ASSERT_OK(ioas->map(a.source.slice(0, kCut), kRW, kIova));
-  ASSERT_OK(ioas->map(second, kRW, kIova + kCut));
-  std::vector<std::byte> table(16 * kSize);
-  for (uint16_t i = 0; i < kSize; ++i) {
-    VringDesc d{1000U + i, i, 0, 0};
-    std::memcpy(table.data() + 16ULL * i, &d, sizeof(d));
-  }
-  std::memcpy(a.host() + kTable, table.data(), kCut - kTable);
-  std::memcpy(second.host_address(), table.data() + (kCut - kTable),
-              table.size() - (kCut - kTable));
-  auto c = VringCache::create(ioas, {kIova + kTable, kIova + kAvail, kIova + kUsed, kSize, false});
+  SplitTable split;
+  auto c = split.cache();
   ASSERT_OK(c);
   auto pass = [](auto& r) {
     uint64_t sum = 0;
@@ -502,7 +498,7 @@ TEST(VringCache, BatchRunGivesTheBatchOtherwise) {
   }
   EXPECT_EQ((*c)->stats().slow_accesses, 0U);
 
-  ASSERT_OK(ioas->unmap(kIova, kRingBytes - 8));
+  ASSERT_OK(split.ioas->unmap(kIova, kRingBytes - 8));
   VringCache::Batch b = (*c)->batch();
   EXPECT_FALSE(b.cached());
   b.run([](auto& r) {
