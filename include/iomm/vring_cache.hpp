@@ -152,6 +152,19 @@ struct VringDesc {
   uint16_t next = 0;
 };
 
+namespace vring {
+// A descriptor at p in a ring the guest may write meanwhile: each field one
+// relaxed load, as the device side of a split ring reads it.
+inline VringDesc load_desc(const std::byte* p) {
+  VringDesc d;
+  d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
+  d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
+  d.flags = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 12), __ATOMIC_RELAXED);
+  d.next = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 14), __ATOMIC_RELAXED);
+  return d;
+}
+}  // namespace vring
+
 inline constexpr uint16_t kVringDescFNext = 1;
 inline constexpr uint16_t kVringDescFWrite = 2;
 inline constexpr uint16_t kVringDescFIndirect = 4;
@@ -278,12 +291,7 @@ class IOMM_API VringCache::Batch {
       return d;
     }
     p += offset;
-    VringDesc d;
-    d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
-    d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
-    d.flags = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 12), __ATOMIC_RELAXED);
-    d.next = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 14), __ATOMIC_RELAXED);
-    return d;
+    return vring::load_desc(p);
   }
 
   void set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
@@ -411,12 +419,7 @@ class IOMM_API VringCache::Batch::Direct {
       return {};
     }
     const std::byte* p = desc_ + vring::kDescBytes * (index & mask_);
-    VringDesc d;
-    d.addr = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
-    d.len = __atomic_load_n(reinterpret_cast<const uint32_t*>(p + 8), __ATOMIC_RELAXED);
-    d.flags = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 12), __ATOMIC_RELAXED);
-    d.next = __atomic_load_n(reinterpret_cast<const uint16_t*>(p + 14), __ATOMIC_RELAXED);
-    return d;
+    return vring::load_desc(p);
   }
 
   void set_used_entry(uint16_t slot, uint32_t id, uint32_t len) {
