@@ -142,7 +142,12 @@ MemObject::PageCall MemObject::begin_page_call(acct::Owner* owner, uint64_t offs
 
 Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length, bool write) {
   std::unique_lock<sync::RankedMutex> lk;
-  const auto [first, last, payer] = begin_page_call(owner, offset, length, lk);
+  // Named, not a structured binding: lambdas below capture them, which
+  // clang before 16 (the fuzz build's) rejects for bindings.
+  const PageCall call = begin_page_call(owner, offset, length, lk);
+  const uint64_t first = call.first;
+  const uint64_t last = call.last;
+  acct::Owner* const payer = call.payer;
   const auto most = static_cast<uint32_t>(std::min(granule_pages(), length >> kPageShift));
 
   PageCounts* charges = nullptr;
@@ -231,7 +236,10 @@ Status MemObject::pin_pages(acct::Owner* owner, uint64_t offset, uint64_t length
 
 void MemObject::unpin_pages(acct::Owner* owner, uint64_t offset, uint64_t length) noexcept {
   std::unique_lock<sync::RankedMutex> lk;
-  const auto [first, last, payer] = begin_page_call(owner, offset, length, lk);
+  const PageCall call = begin_page_call(owner, offset, length, lk);
+  const uint64_t first = call.first;
+  const uint64_t last = call.last;
+  acct::Owner* const payer = call.payer;
 
   PageCounts* charges = nullptr;
   if (payer != nullptr) {
