@@ -109,6 +109,18 @@ class MemObject {
     uint64_t first;
     uint64_t last;
   };
+  // Append granules [lo, hi] to runs[0, n), merged into the last run when
+  // they follow it; false when runs is full (a caller resumes at lo in its
+  // next batch).
+  static bool append_run(std::span<Range> runs, size_t& n, uint64_t lo, uint64_t hi) noexcept {
+    if (n > 0 && runs[n - 1].last + 1 == lo) {
+      runs[n - 1].last = hi;
+      return true;
+    }
+    if (n == runs.size()) return false;
+    runs[n++] = {lo, hi};
+    return true;
+  }
   // The granules [first, last] of a pin_pages/unpin_pages call, and who pays
   // for them (nullptr when the object is not charged).
   struct PageCall {

@@ -98,13 +98,7 @@ size_t MemObject::collect_page_runs(uint64_t from, uint64_t last, uint64_t offse
                        const uint32_t want = raised ? pages : 0;
                        for (uint64_t g = paged_.next_count(lo, hi, want, true); g <= hi;) {
                          const uint64_t end = paged_.next_count(g, hi, want, false) - 1;
-                         if (n > 0 && runs[n - 1].last + 1 == g) {
-                           runs[n - 1].last = end;
-                         } else if (n < runs.size()) {
-                           runs[n++] = {g, end};
-                         } else {
-                           return false;
-                         }
+                         if (!append_run(runs, n, g, end)) return false;
                          g = paged_.next_count(end + 1, hi, want, true);
                        }
                        return true;

@@ -85,13 +85,7 @@ size_t MemObject::collect_runs(uint64_t op, uint64_t first, uint64_t last,
       const uint64_t lo = paged_.empty() ? g : paged_.next(g, hi, true);
       if (lo > hi) break;
       const uint64_t end = paged_.empty() ? hi : paged_.next(lo, hi, false) - 1;
-      if (n > 0 && runs[n - 1].last + 1 == lo) {
-        runs[n - 1].last = end;
-      } else if (n < runs.size()) {
-        runs[n++] = {lo, end};
-      } else {
-        return n;
-      }
+      if (!append_run(runs, n, lo, end)) return n;
       g = end + 1;
     }
   }
