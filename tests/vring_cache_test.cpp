@@ -59,6 +59,27 @@ void fill_ring(std::byte* base, uint32_t gen) {
   std::memcpy(base + kAvail + 4 + 2ULL * kSize, &used_event, 2);
 }
 
+// The used ring in memory, as the driver reads it.
+class UsedRingView {
+ public:
+  explicit UsedRingView(const void* ring_base)
+      : used_(static_cast<const std::byte*>(ring_base) + kUsed) {}
+  [[nodiscard]] uint16_t flags() const { return read<uint16_t>(0); }
+  [[nodiscard]] uint16_t idx() const { return read<uint16_t>(2); }
+  [[nodiscard]] uint32_t id(uint16_t slot) const { return read<uint32_t>(4 + 8ULL * slot); }
+  [[nodiscard]] uint32_t len(uint16_t slot) const { return read<uint32_t>(8 + 8ULL * slot); }
+  [[nodiscard]] uint16_t avail_event() const { return read<uint16_t>(4 + 8ULL * kSize); }
+
+ private:
+  template <typename T>
+  [[nodiscard]] T read(uint64_t offset) const {
+    T value;
+    std::memcpy(&value, used_ + offset, sizeof(value));
+    return value;
+  }
+  const std::byte* used_;
+};
+
 // A sealed memfd holding one ring.
 struct RingFile {
   explicit RingFile(uint32_t gen, uint64_t size = kRingBytes) : mfd(size) {
@@ -169,15 +190,11 @@ TEST(VringCache, AccessesGoThroughCachedPointers) {
   ASSERT_OK(cache.set_used_flags(1));
   ASSERT_OK(cache.set_avail_event(11));
   EXPECT_EQ(*cache.used_idx(), 3);
-  uint32_t elem[2];
-  std::memcpy(elem, ring.host() + kUsed + 4 + 8 * 2, sizeof(elem));
-  EXPECT_EQ(elem[0], 9U);
-  EXPECT_EQ(elem[1], 77U);
-  uint16_t v = 0;
-  std::memcpy(&v, ring.host() + kUsed + 2, 2);
-  EXPECT_EQ(v, 3);
-  std::memcpy(&v, ring.host() + kUsed + 4 + 8 * kSize, 2);
-  EXPECT_EQ(v, 11);
+  const UsedRingView used(ring.host());
+  EXPECT_EQ(used.id(2), 9U);
+  EXPECT_EQ(used.len(2), 77U);
+  EXPECT_EQ(used.idx(), 3);
+  EXPECT_EQ(used.avail_event(), 11);
   const VringCacheStats s = cache.stats();
   EXPECT_EQ(s.slow_accesses, 0U);
   EXPECT_EQ(s.cached_batches, 11U);  // one per access
@@ -210,10 +227,9 @@ TEST(VringCache, BatchAccessesGoThroughCachedPointers) {
     // Counted when it opened; its accesses count nothing.
     EXPECT_EQ(cache->stats().cached_batches, 1U);
   }
-  uint32_t elem[2];
-  std::memcpy(elem, ring.host() + kUsed + 4 + 8 * 63, sizeof(elem));
-  EXPECT_EQ(elem[0], 63U);
-  EXPECT_EQ(elem[1], 4U + 63U);
+  const UsedRingView used(ring.host());
+  EXPECT_EQ(used.id(63), 63U);
+  EXPECT_EQ(used.len(63), 4U + 63U);
   const VringCacheStats s = cache->stats();
   EXPECT_EQ(s.cached_batches, 1U);
   EXPECT_EQ(s.uncached_batches, 0U);
@@ -264,16 +280,13 @@ TEST(VringCache, BatchErrorSticksAndStopsWrites) {
     EXPECT_EQ(st.code(), EINVAL);
     EXPECT_EQ(st.error().message(), "descriptor index past the queue size");
   }
-  uint32_t elem[4];
-  std::memcpy(elem, ring.host() + kUsed + 4, sizeof(elem));
-  EXPECT_EQ(elem[0], 4U);  // before the error
-  EXPECT_EQ(elem[1], 40U);
-  EXPECT_EQ(elem[2], 0U);  // after it: not written
-  EXPECT_EQ(elem[3], 0U);
-  uint16_t header[2];
-  std::memcpy(header, ring.host() + kUsed, sizeof(header));
-  EXPECT_EQ(header[0], 0);
-  EXPECT_EQ(header[1], 0);
+  const UsedRingView used(ring.host());
+  EXPECT_EQ(used.id(0), 4U);  // before the error
+  EXPECT_EQ(used.len(0), 40U);
+  EXPECT_EQ(used.id(1), 0U);  // after it: not written
+  EXPECT_EQ(used.len(1), 0U);
+  EXPECT_EQ(used.flags(), 0);
+  EXPECT_EQ(used.idx(), 0);
   // The next batch starts clean.
   VringCache::Batch b = cache->batch();
   EXPECT_EQ(b.desc(1).addr, (3ULL << 32) | 1);
@@ -357,17 +370,12 @@ TEST(VringCache, BatchRunGivesADirectViewOverSingleRuns) {
     EXPECT_EQ(sum, 4U * kSize);
     EXPECT_OK(b.status());
   }
-  uint32_t elem[2];
-  std::memcpy(elem, ring.host() + kUsed + 4 + 8 * 63, sizeof(elem));
-  EXPECT_EQ(elem[0], 63U);
-  EXPECT_EQ(elem[1], 4U + 63U);
-  uint16_t header[2];
-  std::memcpy(header, ring.host() + kUsed, sizeof(header));
-  EXPECT_EQ(header[0], 1);
-  EXPECT_EQ(header[1], kSize);
-  uint16_t avail_event = 0;
-  std::memcpy(&avail_event, ring.host() + kUsed + 4 + 8 * kSize, 2);
-  EXPECT_EQ(avail_event, 5);
+  const UsedRingView used(ring.host());
+  EXPECT_EQ(used.id(63), 63U);
+  EXPECT_EQ(used.len(63), 4U + 63U);
+  EXPECT_EQ(used.flags(), 1);
+  EXPECT_EQ(used.idx(), kSize);
+  EXPECT_EQ(used.avail_event(), 5);
   const VringCacheStats s = cache->stats();
   EXPECT_EQ(s.cached_batches, 1U);
   EXPECT_EQ(s.slow_accesses, 0U);
@@ -424,18 +432,16 @@ TEST(VringCache, BatchRunDirectErrorSticksAndStopsWrites) {
     EXPECT_EQ(st.code(), EINVAL);
     EXPECT_EQ(st.error().message(), "descriptor index past the queue size");
   }
-  uint32_t elem[6];
-  std::memcpy(elem, ring.host() + kUsed + 4, sizeof(elem));
-  EXPECT_EQ(elem[0], 4U);  // before the error
-  EXPECT_EQ(elem[1], 40U);
-  for (int i = 2; i < 6; ++i) EXPECT_EQ(elem[i], 0U) << i;  // after it: not written
-  uint16_t header[2];
-  std::memcpy(header, ring.host() + kUsed, sizeof(header));
-  EXPECT_EQ(header[0], 0);
-  EXPECT_EQ(header[1], 1);  // before the error
-  uint16_t avail_event = 1;
-  std::memcpy(&avail_event, ring.host() + kUsed + 4 + 8 * kSize, 2);
-  EXPECT_EQ(avail_event, 0);
+  const UsedRingView used(ring.host());
+  EXPECT_EQ(used.id(0), 4U);  // before the error
+  EXPECT_EQ(used.len(0), 40U);
+  for (uint16_t slot = 1; slot < 3; ++slot) {  // after it: not written
+    EXPECT_EQ(used.id(slot), 0U) << slot;
+    EXPECT_EQ(used.len(slot), 0U) << slot;
+  }
+  EXPECT_EQ(used.flags(), 0);
+  EXPECT_EQ(used.idx(), 1);  // before the error
+  EXPECT_EQ(used.avail_event(), 0);
   // The dead ring read by failed views is still all zeros.
   for (std::byte x : vring::kDeadRing) EXPECT_EQ(x, std::byte{0});
   // The next batch starts clean, with a Direct view again.
@@ -469,9 +475,7 @@ TEST(VringCache, BatchRunDirectEventIdxFieldsNeedTheFeature) {
     EXPECT_EQ(st.code(), EINVAL);
     EXPECT_EQ(st.error().message(), "VIRTIO_RING_F_EVENT_IDX not negotiated");
   }
-  uint16_t used_idx = 1;
-  std::memcpy(&used_idx, ring.host() + kUsed + 2, 2);
-  EXPECT_EQ(used_idx, 0);
+  EXPECT_EQ(UsedRingView(ring.host()).idx(), 0);
 }
 
 // run() gives the batch itself where a ring is not one host run (a table
@@ -545,9 +549,7 @@ TEST(VringCache, BatchFallsBackToCopiesAndTheNextRevalidates) {
     b.set_used_idx(9);
     EXPECT_ERRNO(b.status(), ENOENT);
   }
-  uint16_t used_idx = 1;
-  std::memcpy(&used_idx, second.host() + kUsed + 2, 2);
-  EXPECT_EQ(used_idx, 0);  // the failed batch wrote nothing
+  EXPECT_EQ(UsedRingView(second.host()).idx(), 0);  // the failed batch wrote nothing
   EXPECT_EQ(cache->stats().slow_accesses, 0U);
   ASSERT_OK(ioas->unmap(kIova, kRingBytes));
   {
@@ -603,10 +605,9 @@ TEST(VringCache, InvalidationIsSeenBetweenBatchesOnly) {
   }
   mapper.join();
   ASSERT_TRUE(replaced.load());
-  uint32_t elem[2];
-  std::memcpy(elem, first.host() + kUsed + 4, sizeof(elem));
-  EXPECT_EQ(elem[0], 5U);
-  EXPECT_EQ(elem[1], 77U);
+  const UsedRingView used(first.host());
+  EXPECT_EQ(used.id(0), 5U);
+  EXPECT_EQ(used.len(0), 77U);
   VringCacheStats s = cache->stats();
   EXPECT_EQ(s.refusals, 3U);
   EXPECT_EQ(s.invalidations, 3U);
@@ -649,9 +650,7 @@ TEST(VringCache, UserMemoryIsCopiedNeverCached) {
   EXPECT_FALSE(cache->cached());
   EXPECT_EQ(cache->desc(2)->addr, (3ULL << 32) | 2);
   ASSERT_OK(cache->set_used_entry(0, 2, 9));
-  uint32_t id = 0;
-  std::memcpy(&id, static_cast<std::byte*>(mem) + kUsed + 4, 4);
-  EXPECT_EQ(id, 2U);
+  EXPECT_EQ(UsedRingView(mem).id(0), 2U);
   EXPECT_EQ(cache->stats().cached_batches, 0U);
   EXPECT_EQ(cache->stats().uncached_batches, 2U);
   EXPECT_EQ(cache->stats().slow_accesses, 2U);
