@@ -6,7 +6,7 @@
 // - Ownership: a cache holds a reference to its domain (the domain lives at
 //   least as long as the cache) and is registered with it from create() to
 //   its destruction. It is not shared: one thread uses a cache at a time (no
-//   locking, no atomic read-modify-write on a hit). About 32 KiB; create it
+//   locking, no atomic read-modify-write on a hit). About 34 KiB; create it
 //   once per thread or queue, not per lookup.
 // - Exactness: translate() gives what SoftDomain::translate gives for the
 //   same IOVA and access, and never returns a translation removed or
@@ -102,7 +102,7 @@ class IOMM_API TranslationCache {
   // Translate a batch, as SoftDomain::translate_many does (same results,
   // errors and faults): addresses[i] is the address of iovas[i]; the
   // translation stops at the first IOVA that fails. Each translation has
-  // translate()'s guarantee. A hit is a probe of both ways of one set;
+  // translate()'s guarantee. A hit is translate()'s probe, way 0 first;
   // misses are walked one by one while the cache is filling, and the rest of
   // the batch with SoftDomain::translate_many's pipelined walk (every
   // kSampleInterval-th IOVA sampled) once it has stopped.
@@ -170,9 +170,11 @@ class IOMM_API TranslationCache {
   // After fills from walks that began after epoch was read: drops them all
   // if an unmap emptied the cache since (its emptying may have missed them).
   void settle(uint64_t epoch) noexcept;
-  // Empties the cache; called by the owner (settle) and by unmaps of the
-  // domain on any thread (domain::Iotlb), under the registry lock.
+  // Empties the cache: by the owner (settle, and when filling resumes) and
+  // by invalidate().
   void clear() noexcept;
+  // An unmap's, on any thread, under the domain's registry lock: bumps the
+  // epoch, then clear() (the ordering argument is in domain/iotlb.hpp).
   void invalidate() noexcept;
   // translate_many from index i on, while not filling: the domain's
   // pipelined walk, then the samples among the IOVAs it visited.
