@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <vector>
 
 #include "domain/page_table.hpp"
 #include "domain/soft_domain_impl.hpp"
@@ -94,6 +96,43 @@ TEST(Iotlb, UnmapIsSeenByTheNextLookup) {
   ASSERT_EQ(faults.size(), 1U);
   EXPECT_EQ(faults[0].reason, FaultReason::not_present);
   EXPECT_EQ(faults[0].iova, 0x40010U);
+}
+
+// Every cache of the domain is registered from create() to its destruction,
+// and each unmap empties all of them before it returns, whatever order they
+// were created and destroyed in; a cache of another domain keeps its entries.
+TEST(Iotlb, AnUnmapEmptiesEveryCacheOfTheDomain) {
+  auto domain = make_domain();
+  auto other_domain = make_domain();
+  ASSERT_OK(map(*domain, 0x40000, kHostA, 2 * kPageSize, kReadWrite));
+  ASSERT_OK(map(*other_domain, 0x40000, kHostB, kPageSize, kReadWrite));
+  std::vector<std::unique_ptr<TranslationCache>> caches;
+  for (int i = 0; i < 5; ++i) caches.push_back(make_cache(domain));
+  auto other = make_cache(other_domain);
+  // Unregistered from the head, the middle and the tail of the registry.
+  caches.erase(caches.begin() + 4);
+  caches.erase(caches.begin() + 2);
+  caches.erase(caches.begin());
+  caches.push_back(make_cache(domain));
+  for (auto& cache : caches) {
+    for (int i = 0; i < 2; ++i) {  // fills, then hits
+      ASSERT_OK(cache->translate(0x40010, kProtWrite));
+      ASSERT_OK(cache->translate(0x41010, kProtRead));
+    }
+  }
+  ASSERT_OK(other->translate(0x40010, kProtRead));
+  EXPECT_EQ(domain::page_table_of(*domain).unmap(0x40000, kPageSize), kPageSize);
+  for (auto& cache : caches) {
+    EXPECT_ERRNO(cache->translate(0x40010, kProtWrite), EFAULT);
+    auto kept = cache->translate(0x41010, kProtRead);  // walked again, same answer
+    ASSERT_OK(kept);
+    EXPECT_EQ(kept->address, kHostA + kPageSize + 0x10);
+  }
+  auto t = other->translate(0x40010, kProtRead);
+  ASSERT_OK(t);
+  EXPECT_EQ(t->address, kHostB + 0x10);
+  EXPECT_EQ(domain->take_faults().size(), caches.size());
+  EXPECT_TRUE(other_domain->take_faults().empty());
 }
 
 // Live update replaces a leaf in place (unmap keeping the tables, then map):

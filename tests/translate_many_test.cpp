@@ -191,7 +191,9 @@ TEST_P(TranslateMany, UnmapAndReplaceAreSeenByTheNextBatch) {
 // answers stay the walk's, an unmap is seen at once, and a hot set brings
 // the filling back.
 TEST(TranslateManyCache, SamplesOnRandomBatchesAndStaysExact) {
-  constexpr uint64_t kPages = 8 * TranslationCache::kSets * TranslationCache::kWays;
+  // Far more pages than the cache holds: a hit (one lookup in 64) seldom
+  // breaks a run of kMissesToStop misses.
+  constexpr uint64_t kPages = 64 * TranslationCache::kSets * TranslationCache::kWays;
   constexpr uint64_t kBase = 0x10000000;
   DomainConfig config;
   config.page_sizes = kPageSize;

@@ -1,21 +1,30 @@
 #include "domain/iotlb.hpp"
 
+#include "iomm/translation_cache.hpp"
+
 namespace iomm::domain {
 
-namespace {
-
-std::atomic<uint64_t> g_last_generation{0};
-
-uint64_t fresh_generation() noexcept {
-  return g_last_generation.fetch_add(1, std::memory_order_relaxed) + 1;
+void Iotlb::invalidate() noexcept {
+  const std::lock_guard lock(mu_);
+  for (TranslationCache* cache = first_; cache != nullptr; cache = cache->next_) {
+    cache->invalidate();
+  }
 }
 
-}  // namespace
+void Iotlb::add(TranslationCache& cache) const noexcept {
+  const std::lock_guard lock(mu_);
+  cache.prev_ = nullptr;
+  cache.next_ = first_;
+  if (first_ != nullptr) first_->prev_ = &cache;
+  first_ = &cache;
+}
 
-Iotlb::Iotlb() noexcept : generation_(fresh_generation()) {}
-
-void Iotlb::invalidate() noexcept {
-  generation_.store(fresh_generation(), std::memory_order_seq_cst);
+void Iotlb::remove(TranslationCache& cache) const noexcept {
+  const std::lock_guard lock(mu_);
+  (cache.prev_ != nullptr ? cache.prev_->next_ : first_) = cache.next_;
+  if (cache.next_ != nullptr) cache.next_->prev_ = cache.prev_;
+  cache.prev_ = nullptr;
+  cache.next_ = nullptr;
 }
 
 }  // namespace iomm::domain
