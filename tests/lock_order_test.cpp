@@ -111,6 +111,7 @@ TEST(LockOrder, RanksFollowTheDesignDocument) {
       {LockRank::fault_log, "fault log"},
       {LockRank::notifier_seq, "`notify::Registry::seq_mu_`"},
       {LockRank::notifier_node, "`notify::Node::mu`"},
+      {LockRank::table_pool, "`TablePool::mu_`"},
   };
   size_t last_pos = 0;
   LockRank last_rank = LockRank::compat_unmap_notifier;

@@ -58,6 +58,7 @@ enum class LockRank : uint16_t {
   notifier_node = 106,        //     notify::Node::mu
   monitor_start = 107,        //     the memory monitor's start mutex
   vring_cache = 108,          //     a VringCache's mu
+  table_pool = 109,           //     a page table's TablePool::mu_
 };
 
 namespace lock_order {
