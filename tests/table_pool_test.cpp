@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include "domain/page_table.hpp"
@@ -191,6 +192,33 @@ TEST(TablePool, MapOutOfTablesIsAllOrNothing) {
   const TablePoolCounts pool_after = table->pool_counts();
   EXPECT_EQ(pool_after.single_tables + pool_after.chunk_tables,
             pool_before.single_tables + pool_before.chunk_tables);
+}
+
+TEST(TablePool, ConcurrentMapsAndUnmapsShareThePool) {
+  auto created = PageTable::create(k48BitLast, kPageSize);
+  ASSERT_TRUE(created.ok());
+  const std::unique_ptr<PageTable> table = std::move(created).value();
+  constexpr uint64_t kThreads = 4;
+  constexpr uint64_t kLeafTablesEach = 64;
+  std::vector<std::thread> threads;
+  for (uint64_t t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&table, t] {
+      // Each thread its own 1 GiB: a level-1 table and 64 leaf tables.
+      const uint64_t base = (t + 1) * kPageSize1G;
+      for (int round = 0; round < 3; ++round) {
+        for (uint64_t i = 0; i < kLeafTablesEach; ++i) {
+          EXPECT_OK(table->map(base + i * k2M, i * k4K, k4K, kReadWrite, mem::HostAccess::direct));
+        }
+        EXPECT_EQ(table->unmap(base, kPageSize1G), kLeafTablesEach * k4K);
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  table->free_retired(PageTable::retire_horizon());
+  const TablePoolCounts counts = table->pool_counts();
+  EXPECT_EQ(table->counters().table_pages, 1U);
+  EXPECT_EQ(counts.single_tables + counts.chunk_tables, 1U);
+  EXPECT_GT(counts.chunks, 0U);
 }
 
 }  // namespace

@@ -19,6 +19,11 @@
 // read (retire_horizon()). So the table count follows what is mapped, and an
 // emptied slot takes a large leaf again.
 //
+// Memory: tables come from the page table's own TablePool (table_pool.hpp;
+// past 64 tables, 2 MiB huge-page chunks), and "freed" above means given
+// back to it, which may hand the table out again at once: never before the
+// grace period.
+//
 // Translation caches (iomm::TranslationCache) check the domain's IOTLB
 // generation (iotlb.hpp) before they walk. Every path that clears or
 // replaces a leaf ends in unmap_keeping_tables(), which invalidates it after
@@ -115,7 +120,7 @@ class PageTable {
   // iovas[i] (decode it with leaf_of) or 0 when nothing is mapped there;
   // stops early when visit returns false. Returns how many were visited.
   // Inside an RCU read-side section, like lookup().
-  static constexpr size_t kLookahead = 16;
+  static constexpr size_t kLookahead = 32;
   template <typename Visit>
   size_t lookup_many(const uint64_t* iovas, size_t n, Visit&& visit) const noexcept;
   // The leaf of lookup_many's visit: a present leaf entry at level, for iova.
