@@ -112,6 +112,7 @@ TEST(LockOrder, RanksFollowTheDesignDocument) {
       {LockRank::notifier_seq, "`notify::Registry::seq_mu_`"},
       {LockRank::notifier_node, "`notify::Node::mu`"},
       {LockRank::iotlb_caches, "`domain::Iotlb::mu_`"},
+      {LockRank::table_pool, "`TablePool::mu_`"},
   };
   size_t last_pos = 0;
   LockRank last_rank = LockRank::compat_unmap_notifier;

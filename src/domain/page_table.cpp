@@ -5,7 +5,6 @@
 #include <mutex>
 #include <new>
 
-#include "fault/inject.hpp"
 #include "iomm/domain.hpp"
 #include "iomm/range.hpp"
 
@@ -51,26 +50,27 @@ Result<std::unique_ptr<PageTable>> PageTable::create(uint64_t aperture_last, uin
   if ((page_sizes & kPageSize) == 0 || (page_sizes & ~kSupportedPageSizes) != 0) {
     return Error(EINVAL, "page_sizes must include 4 KiB and may add only 2 MiB and 1 GiB");
   }
-  auto* root = IOMM_INJECT("domain.table_alloc") ? nullptr : new (std::nothrow) Table();
-  if (root == nullptr) return Error(ENOMEM, "cannot allocate the root page table");
   std::unique_ptr<PageTable> table(new (std::nothrow)
-                                       PageTable(root, levels_for(aperture_last), page_sizes));
-  if (table == nullptr) {
-    delete root;
-    return Error(ENOMEM, "cannot allocate the page table");
-  }
+                                       PageTable(levels_for(aperture_last), page_sizes));
+  if (table == nullptr) return Error(ENOMEM, "cannot allocate the page table");
+  table->root_ = table->allocate_table();
+  if (table->root_ == nullptr) return Error(ENOMEM, "cannot allocate the root page table");
   return table;
 }
 
-PageTable::PageTable(Table* root, unsigned levels, uint64_t page_sizes)
-    : root_(root),
-      levels_(levels),
+PageTable::PageTable(unsigned levels, uint64_t page_sizes)
+    : levels_(levels),
       page_sizes_(page_sizes),
       covered_last_(level_shift(levels) >= 64 ? UINT64_MAX : level_size(levels) - 1) {}
 
+PageTable::Table* PageTable::allocate_table() noexcept {
+  void* memory = pool_.allocate();
+  return memory == nullptr ? nullptr : new (memory) Table();
+}
+
 PageTable::~PageTable() {
   free_retired(UINT64_MAX);
-  free_table(root_, levels_ - 1);
+  if (root_ != nullptr) free_table(root_, levels_ - 1);
 }
 
 uint64_t PageTable::retire_horizon() noexcept {
@@ -85,7 +85,7 @@ void PageTable::free_retired(uint64_t horizon) noexcept {
     const auto next = reinterpret_cast<Table*>(table->entries[0].load(std::memory_order_relaxed));
     if ((table->entries[1].load(std::memory_order_relaxed) >> 1) <= horizon) {
       *link = next;
-      delete table;
+      pool_.release(table);
       table_pages_.fetch_sub(1, std::memory_order_relaxed);
     } else {
       link = reinterpret_cast<Table**>(&table->entries[0]);
@@ -100,7 +100,7 @@ void PageTable::free_table(Table* table, unsigned level) noexcept {
       if (is_table(entry)) free_table(table_of(entry), level - 1);
     }
   }
-  delete table;
+  pool_.release(table);
 }
 
 bool PageTable::leaf_fits(unsigned level, uint64_t iova, uint64_t address,
@@ -189,7 +189,7 @@ Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64
       return done;
     }
     if (entry == 0) {
-      auto* fresh = IOMM_INJECT("domain.table_alloc") ? nullptr : new (std::nothrow) Table();
+      Table* fresh = allocate_table();
       if (fresh == nullptr) return Error(ENOMEM, "cannot allocate a page table");
       const uint64_t fresh_entry = reinterpret_cast<uint64_t>(fresh) | kPresent | kIsTable;
       // Concurrent maps of disjoint ranges may race for the same slot; the
@@ -199,7 +199,7 @@ Result<uint64_t> PageTable::map_one_leaf(uint64_t iova, uint64_t address, uint64
         table_pages_.fetch_add(1, std::memory_order_relaxed);
         entry = fresh_entry;
       } else {
-        delete fresh;
+        pool_.release(fresh);  // never published
       }
     }
     if (!is_table(entry)) return Error(EEXIST, "page table slot already holds a leaf");

@@ -19,6 +19,11 @@
 // read (retire_horizon()). So the table count follows what is mapped, and an
 // emptied slot takes a large leaf again.
 //
+// Memory: tables come from the page table's own TablePool (table_pool.hpp;
+// past 64 tables, 2 MiB huge-page chunks), and "freed" above means given
+// back to it, which may hand the table out again at once: never before the
+// grace period.
+//
 // Translation caches (iomm::TranslationCache) check the domain's IOTLB
 // generation (iotlb.hpp) before they walk. Every path that clears or
 // replaces a leaf ends in unmap_keeping_tables(), which invalidates it after
@@ -31,6 +36,7 @@
 #include <shared_mutex>
 
 #include "domain/iotlb.hpp"
+#include "domain/table_pool.hpp"
 #include "iomm/result.hpp"
 #include "mem/host_access.hpp"
 #include "sync/ranked_mutex.hpp"
@@ -114,7 +120,7 @@ class PageTable {
   // iovas[i] (decode it with leaf_of) or 0 when nothing is mapped there;
   // stops early when visit returns false. Returns how many were visited.
   // Inside an RCU read-side section, like lookup().
-  static constexpr size_t kLookahead = 16;
+  static constexpr size_t kLookahead = 32;
   template <typename Visit>
   size_t lookup_many(const uint64_t* iovas, size_t n, Visit&& visit) const noexcept;
   // The leaf of lookup_many's visit: a present leaf entry at level, for iova.
@@ -129,13 +135,18 @@ class PageTable {
   [[nodiscard]] const Iotlb& iotlb() const noexcept { return iotlb_; }
 
   [[nodiscard]] PageTableCounters counters() const noexcept;
+  // Where the tables' memory comes from (table_pool.hpp).
+  [[nodiscard]] TablePoolCounts pool_counts() const noexcept { return pool_.counts(); }
   [[nodiscard]] unsigned levels() const noexcept { return levels_; }
 
  private:
   struct alignas(4096) Table {
     std::atomic<uint64_t> entries[pte::kEntriesPerTable];
   };
-  PageTable(Table* root, unsigned levels, uint64_t page_sizes);
+  static_assert(sizeof(Table) == TablePool::kTableBytes);
+  PageTable(unsigned levels, uint64_t page_sizes);
+  // A table from pool_, all entries empty; nullptr when out of memory.
+  Table* allocate_table() noexcept;
 
   // Leaves placed or cleared by one call, by level: the shared counters are
   // updated once per call, not once per leaf (three atomic read-modify-writes
@@ -157,12 +168,22 @@ class PageTable {
   // Unlink and retire every table below `table` in [first, last] that is
   // empty. structure_mu_ held exclusively.
   void retire_empty(Table* table, unsigned level, uint64_t first, uint64_t last) noexcept;
-  static void free_table(Table* table, unsigned level) noexcept;
+  // Releases table and the tables below it to pool_.
+  void free_table(Table* table, unsigned level) noexcept;
   static Table* table_of(uint64_t entry) noexcept {
     return reinterpret_cast<Table*>(entry & pte::kAddressMask);
   }
 
-  Table* root_;
+  // The slot lookup_many reads for an IOVA the levels do not cover.
+  static constexpr std::atomic<uint64_t> kNothing{0};
+  // Levels of a table covering the 64-bit space.
+  static constexpr unsigned kMaxLevels = 6;
+  template <unsigned Levels, typename Visit>
+  size_t lookup_many_at(const uint64_t* iovas, size_t n, Visit& visit) const noexcept;
+
+  // Declared first: destroyed after the destructor released every table.
+  TablePool pool_;
+  Table* root_ = nullptr;
   unsigned levels_;
   uint64_t page_sizes_;
   // Highest IOVA the levels can index (the aperture may end below it).
@@ -215,43 +236,63 @@ inline bool PageTable::lookup(uint64_t iova, Leaf* out) const noexcept {
 
 template <typename Visit>
 size_t PageTable::lookup_many(const uint64_t* iovas, size_t n, Visit&& visit) const noexcept {
-  // A lookup in flight: the level-0 slot to read (prefetched), or, when the
-  // walk ended above level 0, the entry it ended on (a leaf or nothing).
-  struct Pending {
-    const std::atomic<uint64_t>* slot;
-    uint64_t entry;
-    unsigned level;
-  };
-  const auto start = [this](uint64_t iova) -> Pending {
-    if (iova > covered_last_) return {nullptr, 0, 0};
-    const Table* table = root_;
-    for (unsigned level = levels_ - 1;; --level) {
+  // One walk per depth, so that the upper levels unroll with constant
+  // shifts (the loop over a run-time depth was two thirds of the
+  // instructions per lookup).
+  switch (levels_) {
+    case 1:
+      return lookup_many_at<1>(iovas, n, visit);
+    case 2:
+      return lookup_many_at<2>(iovas, n, visit);
+    case 3:
+      return lookup_many_at<3>(iovas, n, visit);
+    case 4:
+      return lookup_many_at<4>(iovas, n, visit);
+    case 5:
+      return lookup_many_at<5>(iovas, n, visit);
+    default:
+      static_assert(kMaxLevels == 6);
+      return lookup_many_at<6>(iovas, n, visit);
+  }
+}
+
+template <unsigned Levels, typename Visit>
+size_t PageTable::lookup_many_at(const uint64_t* iovas, size_t n, Visit& visit) const noexcept {
+  // A lookup in flight, one word: the slot its walk ended on, or'ed with
+  // that slot's level (slots are 8-byte aligned, levels below 8). At level
+  // 0 the slot is prefetched; above it, it held a leaf or nothing and is
+  // read again when visited (a table installed there since reads as
+  // nothing: a miss that a concurrent map may cause anyway). Copies of the
+  // members: the acquire loads would make the compiler reload them.
+  const Table* const root = root_;
+  const uint64_t covered_last = covered_last_;
+  const auto start = [root, covered_last](uint64_t iova) -> uintptr_t {
+    if (iova > covered_last) return reinterpret_cast<uintptr_t>(&kNothing);
+    const Table* table = root;
+    for (unsigned level = Levels - 1; level > 0; --level) {
       const std::atomic<uint64_t>* slot =
           &table->entries[(iova >> pte::level_shift(level)) & (pte::kEntriesPerTable - 1)];
-      if (level == 0) {
-        __builtin_prefetch(slot);
-        return {slot, 0, 0};
-      }
       const uint64_t entry = slot->load(std::memory_order_acquire);
       if ((entry & (pte::kPresent | pte::kIsTable)) != (pte::kPresent | pte::kIsTable)) {
-        return {nullptr, (entry & pte::kPresent) != 0 ? entry : 0, level};
+        return reinterpret_cast<uintptr_t>(slot) | level;
       }
       table = table_of(entry);
     }
+    const std::atomic<uint64_t>* slot =
+        &table->entries[(iova >> pte::level_shift(0)) & (pte::kEntriesPerTable - 1)];
+    __builtin_prefetch(slot);
+    return reinterpret_cast<uintptr_t>(slot);
   };
-  Pending ring[kLookahead];
+  uintptr_t ring[kLookahead];
   const size_t ahead = n < kLookahead ? n : kLookahead;
   for (size_t i = 0; i < ahead; ++i) ring[i] = start(iovas[i]);
   for (size_t i = 0; i < n; ++i) {
-    Pending& pending = ring[i % kLookahead];
-    uint64_t entry = pending.entry;
-    if (pending.slot != nullptr) {
-      // A level-0 entry is a leaf or nothing (a retired table's entries
-      // have no kPresent bit).
-      entry = pending.slot->load(std::memory_order_acquire);
-      if ((entry & pte::kPresent) == 0) entry = 0;
-    }
-    const unsigned level = pending.level;
+    uintptr_t& pending = ring[i % kLookahead];
+    const auto* slot = reinterpret_cast<const std::atomic<uint64_t>*>(pending & ~uintptr_t{7});
+    const auto level = static_cast<unsigned>(pending & 7);
+    uint64_t entry = slot->load(std::memory_order_acquire);
+    // A leaf or nothing (a retired table's entries have no kPresent bit).
+    if ((entry & (pte::kPresent | pte::kIsTable)) != pte::kPresent) entry = 0;
     if (i + kLookahead < n) pending = start(iovas[i + kLookahead]);
     if (!visit(i, entry, level)) return i;
   }

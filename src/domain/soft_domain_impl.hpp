@@ -127,15 +127,16 @@ template <typename OnLeaf>
 BatchResult translate_batch(SoftDomain& domain, std::span<const uint64_t> iovas, uint32_t access,
                             uint64_t* addresses, OnLeaf&& on_leaf) {
   const auto& impl = Internals::impl(domain);
+  // One compare for the aperture: below its start wraps to above its span.
   const uint64_t aperture_start = impl.config.aperture_start;
-  const uint64_t aperture_last = impl.config.aperture_last;
+  const uint64_t aperture_span = impl.config.aperture_last - aperture_start;
   // kProtRead, kProtWrite -> pte::kReadable, pte::kWritable.
   const uint64_t need = pte::kPresent | (uint64_t{access} << 2);
   Status status;
   const size_t done = impl.page_table->lookup_many(
       iovas.data(), iovas.size(), [&](size_t i, uint64_t entry, unsigned level) {
         const uint64_t iova = iovas[i];
-        if ((entry & need) == need && iova >= aperture_start && iova <= aperture_last) [[likely]] {
+        if ((entry & need) == need && iova - aperture_start <= aperture_span) [[likely]] {
           const uint64_t size = uint64_t{1} << pte::level_shift(level);
           addresses[i] = (entry & pte::kAddressMask) + (iova & (size - 1));
           on_leaf(i, entry, level);

@@ -59,6 +59,7 @@ enum class LockRank : uint16_t {
   monitor_start = 107,        //     the memory monitor's start mutex
   vring_cache = 108,          //     a VringCache's mu
   iotlb_caches = 109,         //     a domain's cache registry, domain::Iotlb::mu_
+  table_pool = 110,           //     a page table's TablePool::mu_
 };
 
 namespace lock_order {
