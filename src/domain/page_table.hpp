@@ -24,10 +24,9 @@
 // back to it, which may hand the table out again at once: never before the
 // grace period.
 //
-// Translation caches (iomm::TranslationCache) check the domain's IOTLB
-// generation (iotlb.hpp) before they walk. Every path that clears or
-// replaces a leaf ends in unmap_keeping_tables(), which invalidates it after
-// clearing.
+// Translation caches (iomm::TranslationCache) register with the table's
+// Iotlb (iotlb.hpp). Every path that clears or replaces a leaf ends in
+// unmap_keeping_tables(), which empties them after clearing.
 #pragma once
 
 #include <atomic>
@@ -130,8 +129,8 @@ class PageTable {
   // covers max_bytes. Lets a DMA walk a contiguous range in one descent.
   bool lookup_run(uint64_t iova, uint64_t max_bytes, Leaf* out) const noexcept;
 
-  // The generation of the caches in front of lookup() (iotlb.hpp); replaced
-  // by every unmap.
+  // The registry of the caches in front of lookup() (iotlb.hpp), each of
+  // which every unmap empties.
   [[nodiscard]] const Iotlb& iotlb() const noexcept { return iotlb_; }
 
   [[nodiscard]] PageTableCounters counters() const noexcept;
