@@ -6,6 +6,7 @@
 // That unpin never allocates is checked in allocation_failure_test.cpp.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <utility>
 #include <vector>
@@ -254,6 +255,42 @@ TEST_F(PagePinStore, RunsSplitAtMappings) {
   ASSERT_OK(access->unpin_pages(kBase + 4 * kMiB - 2 * kPageSize, 1));
   ASSERT_OK(access->unpin_pages(kBase + 4 * kMiB + kPageSize, 1));
   EXPECT_EQ(pinned(), 0U);
+}
+
+// A fresh page pin of a 4 KiB file relies on mlock to report a page it
+// cannot fault in once an earlier pin has shown that mlock populates the
+// file's mapping (no mincore then): past the end of a file that shrank
+// after that first pin, the pin is still EFAULT and leaves nothing pinned,
+// charged or locked, and the pages still inside the file pin as before.
+TEST(PagePinStoreShrunk, FreshPinPastTheEndAfterAWorkingPinIsEfault) {
+  const test::WithoutIpcLock nocap;
+  ASSERT_OK(set_memlock_limit(AccountMode::per_process, 0, 16 * kMiB));
+  test::Memfd mfd(2 * kMiB, 0, test::Shrink::allowed);
+  auto ioas = Ioas::create({}).value();
+  constexpr uint64_t kBase = 0x400000;
+  ASSERT_OK(ioas->map(*MemorySource::from_file(mfd.fd(), 0, 2 * kMiB, FileSeal::allow_shrink), kRW,
+                      kBase));
+  {
+    auto access = Access::create(ioas, [](const IovaRange&) {}).value();
+    std::vector<void*> host(512);
+    ASSERT_OK(access->pin_pages(kBase, 512, kRW, host.data()));
+    ASSERT_OK(access->unpin_pages(kBase, 512));
+    ASSERT_EQ(ftruncate(mfd.fd(), kMiB), 0);
+    // Pages 200..299: the file now ends at page 256.
+    EXPECT_ERRNO(access->pin_pages(kBase + 200 * kPageSize, 100, kRW, host.data()), EFAULT);
+    EXPECT_EQ(access->page_pinned_count(), 0U);
+    EXPECT_EQ(counters().pinned_bytes, 0U);
+    EXPECT_EQ(counters().charged_bytes, 0U);
+    EXPECT_EQ(process_vmlck_bytes(), 0U);
+    ASSERT_OK(access->pin_pages(kBase, 256, kRW, host.data()));
+    EXPECT_EQ(counters().pinned_bytes, kMiB);
+    EXPECT_EQ(process_vmlck_bytes(), kMiB);
+    ASSERT_OK(access->unpin_pages(kBase, 256));
+    EXPECT_EQ(counters().pinned_bytes, 0U);
+    EXPECT_EQ(counters().charged_bytes, 0U);
+    EXPECT_EQ(process_vmlck_bytes(), 0U);
+  }
+  EXPECT_OK(ioas->unmap_all());
 }
 
 // Page pins of 2 MiB hugetlb memory: the pin store counts 4 KiB pages per

@@ -347,7 +347,14 @@ Status FileObject::lock_granules(uint64_t first, uint64_t last, bool /*write*/) 
   std::byte* addr = base_ + (first << page_shift());
   const uint64_t length = (last - first + 1) << page_shift();
   if (page_shift() == kPageShift) {
-    Status st = lock_resident(addr, length);
+    // Whether mlock populates this window is a property of the file's
+    // mapping, so one pin whose pages mlock made resident answers it for
+    // the object's life: later pins skip the mincore (a system call and a
+    // walk of the range, 2% of a 2 MiB pin), and a page they cannot fault
+    // in fails their mlock.
+    const bool verify = !mlock_populates_.load(std::memory_order_relaxed);
+    Status st = lock_resident(addr, length, verify);
+    if (st && verify) mlock_populates_.store(true, std::memory_order_relaxed);
     if (!st && shrunk()) return past_the_end();
     return st;
   }

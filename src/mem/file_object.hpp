@@ -100,6 +100,9 @@ class FileObject final : public MemObject {
   bool writable_;    // window_mu_
   std::atomic<bool> shrink_sealed_;
   std::atomic<uint64_t> discarded_pages_{0};
+  // 4 KiB files: a pin's mlock made every page of its range resident (see
+  // lock_resident), so mlock populates this window.
+  std::atomic<bool> mlock_populates_{false};
 };
 
 }  // namespace iomm::mem

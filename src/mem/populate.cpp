@@ -53,7 +53,7 @@ Status populate_and_lock(void* addr, uint64_t length, bool write) {
   return {};
 }
 
-Status lock_resident(void* addr, uint64_t length) {
+Status lock_resident(void* addr, uint64_t length, bool verify) {
   if (sys::mlock(addr, length) != 0) {
     const int err = errno;
     // mlock marks the range locked before it faults pages in, and a failed
@@ -62,7 +62,10 @@ Status lock_resident(void* addr, uint64_t length) {
     return Error(err == ENOMEM || err == EPERM || err == EAGAIN ? ENOMEM : pin_errno(err),
                  "mlock of " + std::to_string(length) + " bytes failed: " + errno_text(err));
   }
-  // mlock skips pages it cannot fault in and still succeeds; find them.
+  if (!verify) return {};
+  // mlock leaves alone what it does not populate (VM_IO and VM_PFNMAP
+  // mappings, which a regular file has only when a driver backs it) and
+  // still succeeds; find such pages.
   constexpr uint64_t kChunkPages = 4096;
   unsigned char resident[kChunkPages];
   auto* base = static_cast<std::byte*>(addr);
@@ -73,8 +76,7 @@ Status lock_resident(void* addr, uint64_t length) {
     if (!ok) {
       unlock_range(addr, length);
       return Error(EFAULT, "memory at offset " + std::to_string(off) +
-                               " of the range cannot be made resident (file shrunk, or no "
-                               "huge pages left?)");
+                               " of the range cannot be made resident");
     }
   }
   return {};

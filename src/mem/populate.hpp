@@ -19,12 +19,16 @@ Status populate_and_lock(void* addr, uint64_t length, bool write);
 Status populate_writable(void* addr, uint64_t length);
 
 // For a mapping the library made itself (a file mapped shared, read-write
-// when the fd allows it): mlock alone faults every page in, and mincore then
-// checks that all of them are resident. That walks the range once where
-// MADV_POPULATE + mlock walks it twice (measured at 0.6x of mlock alone).
-// EFAULT when a page cannot be made resident (past the end of a shrunk file,
-// an exhausted hugetlb pool); ENOMEM for the kernel's memlock limit.
-Status lock_resident(void* addr, uint64_t length);
+// when the fd allows it): mlock alone faults every page in. That walks the
+// range once where MADV_POPULATE + mlock walks it twice (measured at 0.6x of
+// mlock alone). mlock fails when a page cannot be faulted in (do_mlock
+// populates with __mm_populate(start, len, 0): errors are not ignored), so
+// past the end of a shrunk file it is ENOMEM, like the memlock limit (the
+// caller tells them apart). It succeeds without faulting anything in only
+// where it populates nothing (VM_IO, VM_PFNMAP): verify checks with mincore
+// that every page is resident, EFAULT otherwise. ENOMEM for the kernel's
+// memlock limit.
+Status lock_resident(void* addr, uint64_t length, bool verify);
 // munlock; never fails (the range was locked by populate_and_lock or
 // lock_resident).
 void unlock_range(void* addr, uint64_t length) noexcept;
