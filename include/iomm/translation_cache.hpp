@@ -173,8 +173,9 @@ class IOMM_API TranslationCache {
   // Empties the cache: by the owner (settle, and when filling resumes) and
   // by invalidate().
   void clear() noexcept;
-  // An unmap's, on any thread, under the domain's registry lock: bumps the
-  // epoch, then clear() (the ordering argument is in domain/iotlb.hpp).
+  // An unmap's, on any thread, under the domain's registry lock (shared: two
+  // unmaps may empty the same cache at once): bumps the epoch, then clear()
+  // (the ordering argument is in domain/iotlb.hpp).
   void invalidate() noexcept;
   // translate_many from index i on, while not filling: the domain's
   // pipelined walk, then the samples among the IOVAs it visited.

@@ -1,11 +1,17 @@
 #include "domain/iotlb.hpp"
 
+#include <mutex>
+#include <shared_mutex>
+
 #include "iomm/translation_cache.hpp"
 
 namespace iomm::domain {
 
 void Iotlb::invalidate() noexcept {
-  const std::lock_guard lock(mu_);
+  // Shared: unmaps of disjoint ranges empty the caches side by side (an
+  // empty is atomic stores and an atomic increment); only registration
+  // changes the list.
+  const std::shared_lock lock(mu_);
   for (TranslationCache* cache = first_; cache != nullptr; cache = cache->next_) {
     cache->invalidate();
   }

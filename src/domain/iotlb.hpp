@@ -53,7 +53,8 @@ class Iotlb {
   void remove(TranslationCache& cache) const noexcept;
 
  private:
-  mutable sync::RankedMutex mu_{sync::LockRank::iotlb_caches, "domain::Iotlb::mu_"};
+  // Shared by invalidate(), exclusive by add() and remove().
+  mutable sync::RankedSharedMutex mu_{sync::LockRank::iotlb_caches, "domain::Iotlb::mu_"};
   mutable TranslationCache* first_ = nullptr;  // guarded by mu_
 };
 
