@@ -96,6 +96,50 @@ TEST_P(TranslateMany, GivesWhatTranslateGives) {
   EXPECT_TRUE(domain_->take_faults().empty());
 }
 
+// The batch walk resumes below the upper levels while the IOVAs stay under
+// one level-2 table (512 GiB): batches that alternate between two such
+// regions, reach into a region with nothing mapped, or into one whose
+// tables an unmap retired, still give exactly what translate() gives.
+TEST_P(TranslateMany, BatchesAcrossUpperTablesGiveWhatTranslateGives) {
+  make();
+  constexpr uint64_t kRegion = uint64_t{1} << 39;
+  const uint64_t a = 0x10000;
+  const uint64_t b = 2 * kRegion + a;  // same offsets under its tables as a
+  ASSERT_OK(map(*domain_, a, kHostA, 4 * kPageSize, kReadWrite));
+  ASSERT_OK(map(*domain_, b, kHostB, 4 * kPageSize, kReadWrite));
+  std::vector<uint64_t> iovas;
+  for (uint64_t i = 0; i < 40; ++i) iovas.push_back((i % 2 == 0 ? a : b) + (i % 4) * kPageSize + i);
+  for (int pass = 0; pass < 2; ++pass) expect_as_translate(iovas, kProtRead);
+
+  std::vector<uint64_t> addresses(iovas.size(), 0);
+  std::vector<uint64_t> reaching = iovas;
+  reaching[5] = kRegion + 0x10000;  // no table under this region
+  BatchResult r = translate_many(reaching, kProtRead, addresses);
+  EXPECT_ERRNO(r.status, EFAULT);
+  EXPECT_EQ(r.translated, 5U);
+  auto faults = domain_->take_faults();
+  ASSERT_EQ(faults.size(), 1U);
+  EXPECT_EQ(faults[0].iova, reaching[5]);
+  EXPECT_EQ(faults[0].reason, FaultReason::not_present);
+
+  // Emptying region b retires its tables, the level-2 one included.
+  domain::PageTable& table = domain::page_table_of(*domain_);
+  const uint64_t tables_before = table.counters().table_pages;
+  EXPECT_EQ(table.unmap(b, 4 * kPageSize), 4 * kPageSize);
+  table.free_retired(domain::PageTable::retire_horizon());  // no reader is left
+  EXPECT_EQ(table.counters().table_pages, tables_before - 3);
+  r = translate_many(iovas, kProtRead, addresses);
+  EXPECT_ERRNO(r.status, EFAULT);
+  EXPECT_EQ(r.translated, 1U);
+  faults = domain_->take_faults();
+  ASSERT_EQ(faults.size(), 1U);
+  EXPECT_EQ(faults[0].iova, iovas[1]);
+
+  ASSERT_OK(map(*domain_, b, kHostA + kPageSize1G, 4 * kPageSize, kReadWrite));
+  for (int pass = 0; pass < 2; ++pass) expect_as_translate(iovas, kProtRead);
+  EXPECT_TRUE(domain_->take_faults().empty());
+}
+
 TEST_P(TranslateMany, BadArgumentsAreEinvalAndTranslateNothing) {
   make();
   ASSERT_OK(map(*domain_, 0x10000, kHostA, kPageSize, kReadWrite));

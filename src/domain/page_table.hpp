@@ -119,7 +119,7 @@ class PageTable {
   // iovas[i] (decode it with leaf_of) or 0 when nothing is mapped there;
   // stops early when visit returns false. Returns how many were visited.
   // Inside an RCU read-side section, like lookup().
-  static constexpr size_t kLookahead = 32;
+  static constexpr size_t kLookahead = 64;
   template <typename Visit>
   size_t lookup_many(const uint64_t* iovas, size_t n, Visit&& visit) const noexcept;
   // The leaf of lookup_many's visit: a present leaf entry at level, for iova.
@@ -265,20 +265,47 @@ size_t PageTable::lookup_many_at(const uint64_t* iovas, size_t n, Visit& visit) 
   // members: the acquire loads would make the compiler reload them.
   const Table* const root = root_;
   const uint64_t covered_last = covered_last_;
-  const auto start = [root, covered_last](uint64_t iova) -> uintptr_t {
+  // The walk resumes from the level-2 table the previous walk went through
+  // when the IOVA lies under it (the same 512 GiB), as an IOMMU's
+  // paging-structure cache skips the upper levels: it saves the loads above
+  // it, which every lookup of a batch repeats. Inside the caller's RCU
+  // read-side section the table stays readable; one unlinked meanwhile was
+  // empty and reads as nothing, so its lookups miss into translate's walk.
+  constexpr unsigned kResumeLevel = 2;
+  uint64_t resume_tag = ~uint64_t{0};  // no IOVA shifted right has every bit set
+  const Table* resume_table = root;
+  const auto walk = [](const Table* table, uint64_t iova, unsigned level) {
+    return &table->entries[(iova >> pte::level_shift(level)) & (pte::kEntriesPerTable - 1)];
+  };
+  const auto start = [&](uint64_t iova) -> uintptr_t {
     if (iova > covered_last) return reinterpret_cast<uintptr_t>(&kNothing);
     const Table* table = root;
-    for (unsigned level = Levels - 1; level > 0; --level) {
-      const std::atomic<uint64_t>* slot =
-          &table->entries[(iova >> pte::level_shift(level)) & (pte::kEntriesPerTable - 1)];
+    if constexpr (Levels > kResumeLevel + 1) {
+      const uint64_t tag = iova >> pte::level_shift(kResumeLevel + 1);
+      if (tag != resume_tag) [[unlikely]] {
+        for (unsigned level = Levels - 1; level > kResumeLevel; --level) {
+          const std::atomic<uint64_t>* slot = walk(table, iova, level);
+          const uint64_t entry = slot->load(std::memory_order_acquire);
+          if ((entry & (pte::kPresent | pte::kIsTable)) != (pte::kPresent | pte::kIsTable)) {
+            return reinterpret_cast<uintptr_t>(slot) | level;
+          }
+          table = table_of(entry);
+        }
+        resume_table = table;
+        resume_tag = tag;
+      }
+      table = resume_table;
+    }
+#pragma GCC unroll 8
+    for (unsigned level = std::min(Levels - 1, kResumeLevel); level > 0; --level) {
+      const std::atomic<uint64_t>* slot = walk(table, iova, level);
       const uint64_t entry = slot->load(std::memory_order_acquire);
       if ((entry & (pte::kPresent | pte::kIsTable)) != (pte::kPresent | pte::kIsTable)) {
         return reinterpret_cast<uintptr_t>(slot) | level;
       }
       table = table_of(entry);
     }
-    const std::atomic<uint64_t>* slot =
-        &table->entries[(iova >> pte::level_shift(0)) & (pte::kEntriesPerTable - 1)];
+    const std::atomic<uint64_t>* slot = walk(table, iova, 0);
     __builtin_prefetch(slot);
     return reinterpret_cast<uintptr_t>(slot);
   };
