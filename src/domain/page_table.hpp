@@ -29,6 +29,7 @@
 // unmap_keeping_tables(), which empties them after clearing.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
