@@ -23,7 +23,11 @@
 // before U returned, so no lookup that begins after an unmap returned sees
 // a translation it removed. A walk whose first epoch read saw U's bump
 // also sees U's cleared leaves: the read synchronises with the bump, which
-// is sequenced after the clearing.
+// is sequenced after the clearing. A fill also moves way 0's entry to way 1,
+// a copy of a tag U may be clearing even when the epoch read came after U's
+// bump; U fences between clearing way 0 and reading way 1, and R fences
+// after the copy and reads way 0 again, dropping the copy if it was
+// emptied: one of the two sees the other (TranslationCache::fill).
 #pragma once
 
 #include <mutex>

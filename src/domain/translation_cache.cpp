@@ -29,13 +29,20 @@ TranslationCache::TranslationCache(std::shared_ptr<SoftDomain> domain) noexcept
 TranslationCache::~TranslationCache() { domain::page_table_of(*domain_).iotlb().remove(*this); }
 
 void TranslationCache::clear() noexcept {
-  for (auto& way : tags_) {
-    for (auto& tag : way) {
+  const auto clear_way = [](std::atomic<uint64_t>* way) {
+    for (unsigned set = 0; set < kSets; ++set) {
       // Only what is set: a line with nothing cached is not written, so an
       // unmap does not take it from its owner's cache.
-      if (tag.load(std::memory_order_relaxed) != 0) tag.store(0, std::memory_order_relaxed);
+      if (way[set].load(std::memory_order_relaxed) != 0) {
+        way[set].store(0, std::memory_order_relaxed);
+      }
     }
-  }
+  };
+  clear_way(tags_[0]);
+  // Way 0 emptied before way 1 is read: fill() moves an entry from way 0 to
+  // way 1 and then checks way 0 (see fill()).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  clear_way(tags_[1]);
 }
 
 void TranslationCache::invalidate() noexcept {
@@ -90,8 +97,19 @@ void TranslationCache::fill(unsigned set, uint64_t iova, const domain::Leaf& lea
   if (first < config.aperture_start || first + (kPageSize - 1) > config.aperture_last) return;
   const uint64_t newest = tags_[0][set].load(std::memory_order_relaxed);
   if (newest != 0 && ((newest ^ first) & kAddressMask) != 0) {
-    tags_[1][set].store(newest, std::memory_order_relaxed);
     deltas_[1][set] = deltas_[0][set];
+    tags_[1][set].store(newest, std::memory_order_relaxed);
+    // An unmap emptying the cache now may have read way 1 before this copy
+    // and emptied way 0 after newest was read: the copy would bring back
+    // what it removed, and the epoch cannot tell when the unmap's increment
+    // came before the walk. Either the unmap's fence between the ways comes
+    // first in the total order of seq_cst fences, and this load sees way 0
+    // emptied, or this fence does, and the unmap's read of way 1 sees the
+    // copy and empties it.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (tags_[0][set].load(std::memory_order_relaxed) != newest) {
+      tags_[1][set].store(0, std::memory_order_relaxed);
+    }
   }
   deltas_[0][set] = leaf.address - iova;
   tags_[0][set].store(first | (leaf.prot & kProtBits) |
